@@ -1,0 +1,62 @@
+"""torchgraft: load pretrained weights from any common checkpoint into any PyTorch model.
+
+    >>> import torchgraft as tg
+    >>> src = tg.open("all-MiniLM-L6-v2/")          # lazy: names, shapes, dtypes
+    >>> plan = tg.plan(model, src)                   # dry run, nothing loaded
+    >>> report = tg.load(model, src)                 # one pass, transactional
+    >>> print(report)
+
+The public names are re-exported here; torch is imported only when a function needs it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import AdapterError, CheckpointError, LoadError, PlanError, UnsafeCheckpointError
+from .sources import Source, TensorRef
+from .sources import open as open
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "open",
+    "plan",
+    "load",
+    "Plan",
+    "Entry",
+    "LoadReport",
+    "Source",
+    "TensorRef",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "LoadError",
+    "PlanError",
+    "AdapterError",
+    "__version__",
+]
+
+if TYPE_CHECKING:
+    from .apply import load
+    from .plan import Entry, Plan, plan
+    from .report import LoadReport
+
+_LAZY = {
+    "load": ("apply", "load"),
+    "plan": ("plan", "plan"),
+    "Plan": ("plan", "Plan"),
+    "Entry": ("plan", "Entry"),
+    "LoadReport": ("report", "LoadReport"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import torch-heavy parts on first use, so ``import torchgraft`` stays fast."""
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'torchgraft' has no attribute {name!r}")

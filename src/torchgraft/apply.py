@@ -1,0 +1,340 @@
+"""Executing a plan: stage every tensor, then commit into the model as one transaction.
+
+Stage (nothing in the model changes): read each planned source tensor once (memory-mapped
+where the format allows), run its adapter, cast and move it when it will be assigned.
+Any read error stops here.
+
+Commit (undone completely on any error):
+  1. materialise and initialise the modules that miss weights (fast init);
+  2. hand each module its entries through its own ``_load_from_state_dict`` with the
+     checkpoint's metadata (version hooks such as BatchNorm's run as in ``load_state_dict``),
+     copying in place, or assigning where the model lives on the meta device or the dtype
+     changes;
+  3. restore tied weights, check that no meta tensor is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LoadError
+from .initialize import initialise_module
+from .keys import split_key
+from .plan import Entry, Plan
+from .plan import plan as make_plan
+from .report import LoadReport
+from .rules import RuleSpec
+from .sources import Source
+from .sources import open as open_source
+from .target import TargetView
+
+__all__ = ["load"]
+
+logger = logging.getLogger("torchgraft")
+
+
+class _Undo:
+    """Remembers what the commit changes so that a failure puts everything back."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, tuple[nn.Module, dict[str, Any], dict[str, Any]]] = {}
+        self._values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def slots(self, module: nn.Module) -> None:
+        if id(module) not in self._slots:
+            self._slots[id(module)] = (module, dict(module._parameters), dict(module._buffers))
+
+    def values(self, tensor: torch.Tensor | None) -> None:
+        if tensor is not None and not tensor.is_meta and id(tensor) not in self._values:
+            self._values[id(tensor)] = (tensor, tensor.detach().clone())
+
+    def rollback(self) -> None:
+        with torch.no_grad():
+            for tensor, saved in self._values.values():
+                tensor.copy_(saved)
+        for module, params, buffers in self._slots.values():
+            module._parameters.clear()
+            module._parameters.update(params)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+
+
+def _float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def _final_dtype(current: torch.dtype, source: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
+    if wanted is not None and _float(current):
+        return wanted
+    return current
+
+
+def load(
+    model: nn.Module,
+    source: str | os.PathLike[str] | Source | Mapping[str, Any],
+    *,
+    strict: bool = False,
+    rules: RuleSpec | None = None,
+    prefix: str | None = None,
+    ignore_missing: Iterable[str] = (),
+    ignore_unexpected: Iterable[str] = (),
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    plan: Plan | None = None,
+    init_missing: bool = True,
+) -> LoadReport:
+    """Load a checkpoint into ``model``, initialise only what is missing, and report what happened.
+
+    Args:
+        model: any ``nn.Module``, built normally or on the meta device
+            (``with torch.device("meta"): model = Net()``).
+        source: a path (file, directory, ``*.index.json``), an open ``Source`` or a state dict.
+        strict: raise :class:`~torchgraft.LoadError` listing every missing, unexpected and
+            mismatched key instead of loading.
+        rules, prefix, ignore_missing, ignore_unexpected: as for :func:`torchgraft.plan`.
+        dtype: floating-point tensors end up in this dtype (cast while loading); by default
+            each tensor takes the dtype the model already has.
+        device: where tensors of a meta-device model are materialised (default ``"cpu"``);
+            tensors already on a device stay there.
+        plan: execute this plan (from :func:`torchgraft.plan` or :meth:`Plan.load`) instead of
+            making one; it is checked against the model and checkpoint first.
+        init_missing: initialise the modules whose weights are missing (fast init). When
+            false they keep their current values.
+
+    Returns:
+        A :class:`~torchgraft.LoadReport`; warnings about unused and newly initialised
+        weights also go to the ``torchgraft`` logger.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be read (the model is unchanged).
+        LoadError: ``strict=True`` and the checkpoint does not fit, a module's loading hook
+            failed, or meta tensors would be left (the model is unchanged).
+        PlanError: ``plan`` was made for another model or checkpoint layout.
+
+    Example:
+        >>> import torch, torchgraft as tg
+        >>> from transformers import BertConfig, BertForTokenClassification
+        >>> config = BertConfig.from_pretrained("all-MiniLM-L6-v2", num_labels=2)
+        >>> with torch.device("meta"):
+        ...     model = BertForTokenClassification(config)
+        >>> report = tg.load(model, "all-MiniLM-L6-v2/")
+        >>> report.missing
+        ['classifier.weight', 'classifier.bias']
+    """
+    started = time.perf_counter()
+    src = open_source(source)
+    view = TargetView.of(model)
+    if plan is None:
+        plan = make_plan(model, src, rules=rules, prefix=prefix, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected)
+    else:
+        plan.check_fits(view, src)
+    if strict and (problems := plan.problems()):
+        raise LoadError(f"Checkpoint {src.describe()} does not fit {type(model).__name__} (strict=True):", problems)
+
+    materialise_on = torch.device(device) if device is not None else torch.device("cpu")
+    staged, assign_modules = _stage(model, view, plan, src, dtype, materialise_on)
+
+    undo = _Undo()
+    init_methods: dict[str, str] = {}
+    try:
+        with torch.no_grad():
+            init_methods = _initialise(model, view, plan, undo, materialise_on, dtype, init_missing)
+            _commit(model, view, plan, src, staged, assign_modules, undo)
+            _retie(model, view, undo)
+            _check_complete(model, view)
+    except BaseException:
+        undo.rollback()
+        raise
+    report = LoadReport.from_plan(
+        plan,
+        model=model,
+        source=src,
+        initialised=init_methods,
+        dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+        seconds=time.perf_counter() - started,
+    )
+    report.log(logger)
+    return report
+
+
+def _stage(
+    model: nn.Module,
+    view: TargetView,
+    plan: Plan,
+    src: Source,
+    dtype: torch.dtype | None,
+    materialise_on: torch.device,
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Read every planned tensor once; adapt; cast/move those that will be assigned."""
+    live = {**model.state_dict(keep_vars=True)}
+    for name in view.nonpersistent:
+        live[name] = view.module_of(name)._buffers[split_key(name)[1]]
+    assign_modules: set[str] = set()
+    for name, e in plan.entries.items():
+        if not e.loads:
+            continue
+        current = live[name]
+        if current.is_meta or _final_dtype(current.dtype, current.dtype, dtype) != current.dtype:
+            assign_modules.add(split_key(name)[0])
+    staged: dict[str, torch.Tensor] = {}
+    for name, e in plan.entries.items():
+        if not e.loads:
+            continue
+        assert e.source is not None
+        tensor = src[e.source].load()
+        if e.action == "adapt":
+            tensor = _run_adapter(e, tensor, model)
+        current = live[name]
+        if tuple(tensor.shape) != tuple(current.shape):
+            if current.dim() == 0 and tensor.numel() == 1:
+                tensor = tensor.reshape(())
+            else:
+                raise LoadError(
+                    f"Checkpoint {src.describe()} changed since it was planned:",
+                    [f"{e.source!r} has shape {list(tensor.shape)}, the model's {name!r} needs {list(current.shape)}"],
+                )
+        if split_key(name)[0] in assign_modules:
+            target_dtype = _final_dtype(current.dtype, tensor.dtype, dtype)
+            target_device = materialise_on if current.is_meta else current.device
+            tensor = tensor.to(device=target_device, dtype=target_dtype)
+        staged[name] = tensor
+    return staged, assign_modules
+
+
+def _run_adapter(entry: Entry, tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    from . import adapters
+
+    assert entry.adapter is not None
+    return adapters.run(entry.adapter, tensor, target_shape=entry.shape, model=model, target=entry.target)
+
+
+def _modules_to_initialise(view: TargetView, plan: Plan) -> dict[str, list[str]]:
+    """Module path -> its entries that need values the checkpoint does not give."""
+    todo: dict[str, list[str]] = defaultdict(list)
+    for name, e in plan.entries.items():
+        if e.action == "init" or (e.action == "tied" and plan.entries.get(view.tied.get(name, ""), e).action == "init"):
+            todo[split_key(name)[0]].append(name)
+    loaded_buffers = {n for n, e in plan.entries.items() if e.buffer}
+    for name, info in view.nonpersistent.items():
+        if info.meta and name not in loaded_buffers:
+            todo[split_key(name)[0]].append(name)
+    return todo
+
+
+def _initialise(
+    model: nn.Module,
+    view: TargetView,
+    plan: Plan,
+    undo: _Undo,
+    materialise_on: torch.device,
+    dtype: torch.dtype | None,
+    init_missing: bool,
+) -> dict[str, str]:
+    methods: dict[str, str] = {}
+    for path, names in _modules_to_initialise(view, plan).items():
+        module = view.modules[path]
+        undo.slots(module)
+        for t in [*module.parameters(), *module.buffers()]:
+            undo.values(t)
+        for sub in module.modules():
+            undo.slots(sub)
+        _materialise(module, materialise_on)
+        if init_missing:
+            methods[path] = initialise_module(model, module)
+        else:
+            methods[path] = "kept"
+        if dtype is not None:
+            for store in (module._parameters, module._buffers):
+                for key, t in store.items():
+                    if t is not None and _float(t.dtype) and t.dtype != dtype:
+                        store[key] = _like(t, t.to(dtype))
+    return methods
+
+
+def _like(old: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    if isinstance(old, nn.Parameter):
+        return nn.Parameter(value, requires_grad=old.requires_grad)
+    return value
+
+
+def _materialise(module: nn.Module, device: torch.device) -> None:
+    """Give the module's own meta tensors real (zeroed) storage, ready for its initialiser."""
+    for store in (module._parameters, module._buffers):
+        for key, t in store.items():
+            if t is not None and t.is_meta:
+                store[key] = _like(t, torch.zeros(t.shape, dtype=t.dtype, device=device))
+
+
+def _commit(
+    model: nn.Module,
+    view: TargetView,
+    plan: Plan,
+    src: Source,
+    staged: dict[str, torch.Tensor],
+    assign_modules: set[str],
+    undo: _Undo,
+) -> None:
+    by_module: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for name, tensor in staged.items():
+        by_module[split_key(name)[0]][name] = tensor
+    # BatchNorm-style "default" entries are filled by the module's hook: it must be called
+    for name, e in plan.entries.items():
+        if e.action == "default":
+            by_module.setdefault(split_key(name)[0], {})
+    errors: list[str] = []
+    for path, local in by_module.items():
+        module = view.modules[path]
+        undo.slots(module)
+        assign = path in assign_modules
+        if not assign:
+            for name in local:
+                undo.values(_slot(module, split_key(name)[1]))
+        prefix = f"{path}." if path else ""
+        src_module = plan.metadata_map.get(path)
+        metadata = dict(src.module_metadata.get(src_module, {})) if src_module is not None else {}
+        metadata["assign_to_params_buffers"] = assign
+        # non-persistent buffers are invisible to _load_from_state_dict: set them directly
+        for name in [n for n in local if n in view.nonpersistent]:
+            module._buffers[split_key(name)[1]] = local.pop(name)
+        missing: list[str] = []
+        unexpected: list[str] = []
+        module._load_from_state_dict(local, prefix, metadata, False, missing, unexpected, errors)
+    if errors:
+        raise LoadError(f"Loading into {type(model).__name__} failed; the model is unchanged:", errors)
+
+
+def _slot(module: nn.Module, attr: str) -> torch.Tensor | None:
+    return module._parameters.get(attr, module._buffers.get(attr))
+
+
+def _retie(model: nn.Module, view: TargetView, undo: _Undo) -> None:
+    """Names that shared one tensor before the load share one again (assignment breaks ties)."""
+    for name, owner in view.tied.items():
+        owner_module, owner_attr = view.module_of(owner), split_key(owner)[1]
+        module, attr = view.module_of(name), split_key(name)[1]
+        value = _slot(owner_module, owner_attr)
+        store = module._parameters if attr in module._parameters else module._buffers
+        if store.get(attr) is not value:
+            undo.slots(module)
+            store[attr] = value
+
+
+def _check_complete(model: nn.Module, view: TargetView) -> None:
+    had_meta = any(i.meta for i in view.entries.values()) or any(i.meta for i in view.nonpersistent.values())
+    if not had_meta:
+        return
+    left = [n for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)] if t.is_meta]
+    if left:
+        raise LoadError(
+            f"{type(model).__name__} would keep tensors on the meta device (no checkpoint value, no way to initialise them); "
+            "the model is unchanged. Give them values in the checkpoint, or build these modules outside torch.device('meta'):",
+            left,
+        )

@@ -1,0 +1,45 @@
+"""Atomic file writes: a temporary file in the destination folder, then a rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path", "atomic_write_text"]
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest``; on success it replaces ``dest`` in one rename.
+
+    On any error the temporary file is removed and ``dest`` is untouched.
+
+    Raises:
+        FileExistsError: ``dest`` exists and ``overwrite`` is false.
+    """
+    dest = Path(dest)
+    if not overwrite and dest.exists():
+        raise FileExistsError(f"{dest} exists; pass force/overwrite to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        if not overwrite and dest.exists():
+            raise FileExistsError(f"{dest} appeared while writing; refusing to replace it")
+        os.replace(tmp_path, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
+def atomic_write_text(dest: str | os.PathLike[str], text: str, *, overwrite: bool = True) -> None:
+    """Write ``text`` to ``dest`` atomically (UTF-8)."""
+    with atomic_path(dest, overwrite=overwrite) as tmp:
+        tmp.write_text(text, encoding="utf-8")

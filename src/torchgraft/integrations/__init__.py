@@ -1,0 +1,1 @@
+"""What torchgraft knows about model families (duck-typed: nothing here imports them)."""

@@ -1,0 +1,255 @@
+"""What a load did, for people (grouped tables, plain-words guidance) and for programs (JSON)."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .keys import collapse_keys
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .plan import Plan
+    from .sources import Source
+
+__all__ = ["LoadReport", "render_plan"]
+
+_MAX_LINES = 12
+
+
+def _keys_cell(keys: Sequence[str], limit: int = _MAX_LINES) -> str:
+    lines = collapse_keys(keys)
+    if len(lines) > limit:
+        lines = lines[: limit - 1] + [f"... and {len(lines) - limit + 1} more groups"]
+    return "\n".join(lines)
+
+
+def _render(title: str, rows: Iterable[tuple[str, Sequence[str], str]], footer: Sequence[str] = (), *, width: int = 110) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_lines=True, expand=False)
+    table.add_column("what", no_wrap=True)
+    table.add_column("n", justify="right")
+    table.add_column("keys (model names; {a..b} = repeated layers)", overflow="fold")
+    for label, keys, extra in rows:
+        if keys:
+            cell = _keys_cell(keys)
+            table.add_row(label, str(len(keys)), cell + (f"\n{extra}" if extra else ""))
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, force_terminal=False, color_system=None, highlight=False)
+    console.print(table)
+    for line in footer:
+        console.print(line, soft_wrap=True)
+    return buf.getvalue().rstrip() + "\n"
+
+
+def _prefix_line(prefix: dict[str, str]) -> str:
+    if not prefix:
+        return ""
+    if prefix["mode"] == "add":
+        return f"base-model prefix: added {prefix['prefix']!r} to checkpoint names"
+    return f"base-model prefix: removed {prefix['prefix']!r} from checkpoint names"
+
+
+@dataclass
+class LoadReport:
+    """What :func:`torchgraft.load` did. ``str(report)`` is a grouped table; ``to_dict()`` is JSON-ready.
+
+    Attributes:
+        loaded: model entries that received a checkpoint tensor.
+        missing: model entries the checkpoint did not have; their modules were initialised
+            (entries the model or caller marked as ignorable are in ``ignored`` instead).
+        unexpected: checkpoint entries nothing used, in the checkpoint's own names.
+        mismatched: ``{"key", "shape", "source", "source_shape"}`` for names that matched with
+            other shapes (initialised, not loaded).
+        renamed: checkpoint name -> model name, for every name that changed.
+        adapted: model name -> ``{"name": adapter, "args": {...}}``.
+        initialised: module path -> how it was initialised (``"reset_parameters"``, ...).
+        tied: model name -> the entry it shares a tensor with.
+        ignored: name -> why it is not reported (ignore pattern, non-persistent buffer, ...).
+
+    Example:
+        >>> report = tg.load(model, "all-MiniLM-L6-v2/")
+        >>> print(report)
+        >>> report.missing, report.unexpected
+        (['classifier.weight', 'classifier.bias'], ['pooler.dense.weight', 'pooler.dense.bias'])
+    """
+
+    model: str
+    source: str
+    format: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[dict[str, Any]] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)
+    adapted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    initialised: dict[str, str] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)
+    prefix: dict[str, str] = field(default_factory=dict)
+    container: str = ""
+    dtype: str | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_plan(
+        cls,
+        plan: Plan,
+        *,
+        model: nn.Module,
+        source: Source,
+        initialised: dict[str, str],
+        dtype: str | None,
+        seconds: float,
+    ) -> LoadReport:
+        ignored = dict(plan.ignored)
+        for k in plan.missing_ignored:
+            ignored[k] = plan.entries[k].note
+        return cls(
+            model=type(model).__name__,
+            source=source.path or "state dict",
+            format=source.format,
+            loaded=plan.loaded,
+            missing=plan.missing,
+            unexpected=list(plan.unexpected),
+            mismatched=[
+                {"key": e.target, "shape": list(e.shape), "source": e.source, "source_shape": list(e.source_shape or ())}
+                for e in plan.mismatched
+            ],
+            renamed=dict(plan.renamed),
+            adapted=plan.adapted,
+            initialised=initialised,
+            tied=plan.tied,
+            ignored=ignored,
+            prefix=dict(plan.prefix),
+            container=source.container,
+            dtype=dtype,
+            seconds=seconds,
+            notes=list(plan.notes),
+        )
+
+    @property
+    def ok(self) -> bool:
+        """True when every model entry came from the checkpoint and every checkpoint entry was used."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary of every field."""
+        return {
+            "model": self.model,
+            "source": self.source,
+            "format": self.format,
+            "container": self.container,
+            "prefix": self.prefix,
+            "dtype": self.dtype,
+            "seconds": round(self.seconds, 4),
+            "loaded": self.loaded,
+            "missing": self.missing,
+            "unexpected": self.unexpected,
+            "mismatched": self.mismatched,
+            "renamed": self.renamed,
+            "adapted": self.adapted,
+            "initialised": self.initialised,
+            "tied": self.tied,
+            "ignored": self.ignored,
+            "notes": self.notes,
+        }
+
+    # Words ---------------------------------------------------------------
+    def unused_message(self) -> str:
+        m = self.model
+        return (
+            f"Some weights of the checkpoint at {self.source} were not used when initialising {m}: "
+            f"{', '.join(collapse_keys(self.unexpected))}.\n"
+            f"- This IS expected if you are initialising {m} from a checkpoint trained on another task or with another "
+            "architecture (e.g. a BertForSequenceClassification from a BertForPreTraining checkpoint).\n"
+            f"- This IS NOT expected if the checkpoint comes from a model you expect to be exactly identical to {m}."
+        )
+
+    def missing_message(self) -> str:
+        return (
+            f"Some weights of {self.model} were not in the checkpoint at {self.source} and are newly initialised: "
+            f"{', '.join(collapse_keys(self.missing))}.\n"
+            "You should probably TRAIN this model on a downstream task before using it for predictions and inference."
+        )
+
+    def mismatched_message(self) -> str:
+        lines = [f"  {m['key']}: checkpoint {m['source_shape']}, model {m['shape']}" for m in self.mismatched]
+        return (
+            f"Some weights of {self.model} were newly initialised because their shapes differ from the checkpoint at "
+            f"{self.source}:\n" + "\n".join(lines) + "\nPass adapt=... to adapt them instead, if that is what you want."
+        )
+
+    def log(self, logger: logging.Logger) -> None:
+        """Warn about unused, missing and mismatched weights; one info line when all fit."""
+        if self.unexpected:
+            logger.warning(self.unused_message())
+        if self.missing:
+            logger.warning(self.missing_message())
+        if self.mismatched:
+            logger.warning(self.mismatched_message())
+        if self.ok:
+            logger.info(
+                "All weights of %s were loaded from %s and all checkpoint weights were used; "
+                "if your task is the one the checkpoint was trained for, the model is ready for predictions.",
+                self.model,
+                self.source,
+            )
+
+    def __str__(self) -> str:
+        title = f"{self.source} ({self.format}{', ' + self.container if self.container else ''}) -> {self.model}"
+        inits = sorted({v for v in self.initialised.values()})
+        rows = [
+            ("loaded", self.loaded, ""),
+            ("adapted", list(self.adapted), ""),
+            ("missing (initialised)", self.missing, f"by {', '.join(inits)}" if inits else ""),
+            ("shape mismatch (initialised)", [m["key"] for m in self.mismatched], ""),
+            ("unused (checkpoint names)", self.unexpected, ""),
+            ("tied", list(self.tied), ""),
+            ("ignored", list(self.ignored), ""),
+        ]
+        footer = [line for line in [_prefix_line(self.prefix), f"renamed: {len(self.renamed)} keys" if self.renamed else ""] if line]
+        if self.missing:
+            footer.append("Newly initialised: train these on a downstream task before relying on predictions.")
+        if self.unexpected:
+            footer.append(
+                "Unused: expected when loading a checkpoint trained for another task or architecture; "
+                "not expected if the checkpoint's model should be identical."
+            )
+        if self.mismatched:
+            footer.append("Shape mismatches were initialised, not loaded: pass adapt=... to adapt them.")
+        if self.ok:
+            footer.append("Every weight came from the checkpoint and every checkpoint weight was used.")
+        return _render(title, rows, footer)
+
+
+def render_plan(plan: Plan) -> str:
+    """``str(plan)``: what each group of tensors will go through, before anything is read."""
+    by_action: dict[str, list[str]] = {}
+    for name, e in plan.entries.items():
+        label = {
+            "copy": "load",
+            "adapt": "adapt",
+            "init": "initialise (shape mismatch)" if e.mismatched else ("initialise (ignored)" if e.ignored else "initialise (missing)"),
+            "tied": "tied",
+            "default": "module default",
+        }[e.action]
+        by_action.setdefault(label, []).append(name)
+    casts = [n for n, e in plan.entries.items() if e.loads and e.source_dtype and e.source_dtype != e.dtype]
+    rows = [(label, keys, "") for label, keys in by_action.items()]
+    if casts:
+        rows.append(("cast", casts, ""))
+    rows.append(("unused (checkpoint names)", plan.unexpected, ""))
+    rows.append(("ignored (checkpoint names)", list(plan.ignored), ""))
+    footer = [line for line in [_prefix_line(plan.prefix)] if line]
+    if plan.renamed:
+        footer.append(f"renamed: {len(plan.renamed)} keys (plan.renamed)")
+    footer += plan.notes
+    return _render(f"plan: {plan.source} ({plan.source_format}) -> {plan.model}", rows, footer)

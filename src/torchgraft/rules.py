@@ -1,0 +1,197 @@
+"""Key renames as data: ordered tables of templates and regexes, applied by one function.
+
+User rules come first and always apply. Built-in rules (legacy names, wrapper prefixes,
+weight-norm layouts) are careful: they never rename a key the model already expects, so a
+LayerScale ``ls1.gamma`` or a ``beta_proj`` Linear stays as it is (transformers bug #29554).
+
+Templates (torchtune style): ``"layers.{}.attn.q.weight": "blocks.{}.q.weight"``, where ``{}``
+stands for a layer number, ``None`` drops the key, and a template that names a module path
+(``"backbone": "features"``) renames everything under it. Regex rules are
+``re.Pattern -> replacement`` pairs (``re.compile(r"^enc\\.(\\d+)\\.")``: ``r"encoder.\\1."``).
+
+Example:
+    >>> rules = compile_rules({"old.{}.fc": "new.{}.proj", "aux_head": None})
+    >>> apply_rules(["old.3.fc.weight", "aux_head.bias"], rules).mapping
+    {'old.3.fc.weight': 'new.3.proj.weight', 'aux_head.bias': None}
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Rule",
+    "RuleSpec",
+    "BUILTIN_RULES",
+    "compile_rules",
+    "apply_rules",
+    "invert_rules",
+    "RenameResult",
+    "suffix_matcher",
+]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rename: ``pattern`` is searched in a key and replaced (``None`` drops the key).
+
+    ``builtin`` rules never rename a key the model expects as it is; ``needs_target``
+    rules apply only when the renamed key is one the model expects.
+    """
+
+    name: str
+    pattern: re.Pattern[str]
+    replacement: str | None
+    builtin: bool = False
+    needs_target: bool = False
+    repeat: bool = False
+
+    def apply(self, key: str) -> str | None:
+        if self.replacement is None:
+            return None
+        return self.pattern.sub(self.replacement, key, count=0 if self.repeat else 1)
+
+
+_NORM = r"(?:[A-Za-z_]*[Nn]orm[A-Za-z0-9_]*|ln(?:_?[A-Za-z0-9]+)?|LayerNorm[A-Za-z0-9_]*)"
+
+#: Rules every load applies (after the user's), in order.
+BUILTIN_RULES: tuple[Rule, ...] = (
+    Rule("wrapper prefix", re.compile(r"(?:^|(?<=\.))(?:module|_orig_mod)\."), "", builtin=True, repeat=True),
+    Rule("legacy LayerNorm.gamma", re.compile(rf"(^|\.)({_NORM})\.gamma$"), r"\1\2.weight", builtin=True),
+    Rule("legacy LayerNorm.beta", re.compile(rf"(^|\.)({_NORM})\.beta$"), r"\1\2.bias", builtin=True),
+    Rule("weight_norm g -> parametrizations", re.compile(r"(^|\.)weight_g$"), r"\1parametrizations.weight.original0", builtin=True, needs_target=True),
+    Rule("weight_norm v -> parametrizations", re.compile(r"(^|\.)weight_v$"), r"\1parametrizations.weight.original1", builtin=True, needs_target=True),
+    Rule("parametrizations -> weight_norm g", re.compile(r"(^|\.)parametrizations\.weight\.original0$"), r"\1weight_g", builtin=True, needs_target=True),
+    Rule("parametrizations -> weight_norm v", re.compile(r"(^|\.)parametrizations\.weight\.original1$"), r"\1weight_v", builtin=True, needs_target=True),
+)  # fmt: skip
+
+RuleSpec = Mapping["str | re.Pattern[str]", "str | None"] | Sequence[tuple["str | re.Pattern[str]", "str | None"]]
+
+
+def _template_rule(template: str, replacement: str | None) -> Rule:
+    if template.count("{}") == 0:
+        pattern = re.escape(template)
+    else:
+        pattern = r"(\d+)".join(re.escape(part) for part in template.split("{}"))
+    # whole key, or a module path prefix that ends at a dot
+    regex = re.compile(rf"^{pattern}(?=\.|$)")
+    repl = None
+    if replacement is not None:
+        n = template.count("{}")
+        if replacement.count("{}") != n:
+            raise ValueError(f"rule {template!r} -> {replacement!r}: both sides need the same number of '{{}}' placeholders")
+        parts = replacement.replace("\\", "\\\\").split("{}")
+        repl = parts[0] + "".join(rf"\g<{i + 1}>" + p for i, p in enumerate(parts[1:]))
+    return Rule(f"{template} -> {replacement}", regex, repl)
+
+
+def compile_rules(spec: RuleSpec | None) -> list[Rule]:
+    """Turn a user table into rules, in order. Strings are templates, ``re.Pattern`` keys regexes."""
+    if spec is None:
+        return []
+    items = spec.items() if isinstance(spec, Mapping) else spec
+    rules: list[Rule] = []
+    for src, dst in items:
+        if isinstance(src, re.Pattern):
+            rules.append(Rule(f"/{src.pattern}/ -> {dst}", src, dst))
+        elif isinstance(src, str):
+            rules.append(_template_rule(src, dst))
+        else:
+            raise TypeError(f"rule keys must be str templates or re.Pattern, got {type(src).__name__}: {src!r}")
+        if dst is not None and not isinstance(dst, str):
+            raise TypeError(f"rule {src!r}: the replacement must be a string or None, got {type(dst).__name__}")
+    return rules
+
+
+def invert_rules(spec: Mapping[str, str | None]) -> dict[str, str]:
+    """The reverse direction of a template table (drops are left out)."""
+    inverted: dict[str, str] = {}
+    for src, dst in spec.items():
+        if dst is None:
+            continue
+        if dst in inverted:
+            raise ValueError(f"cannot invert: {inverted[dst]!r} and {src!r} both map to {dst!r}")
+        inverted[dst] = src
+    return inverted
+
+
+def suffix_matcher(expected: Iterable[str]) -> Callable[[str], bool]:
+    """A predicate: is ``key`` expected, up to a leading module prefix on either side?
+
+    ``embeddings.x`` matches an expected ``bert.embeddings.x`` and ``bert.embeddings.x``
+    matches an expected ``embeddings.x``. Used by built-in rules before the base-model
+    prefix is resolved.
+    """
+    exact = set(expected)
+    suffixes = set()
+    for k in exact:
+        parts = k.split(".")
+        for i in range(len(parts)):
+            suffixes.add(".".join(parts[i:]))
+
+    def is_expected(key: str) -> bool:
+        if key in suffixes:
+            return True
+        parts = key.split(".")
+        return any(".".join(parts[i:]) in exact for i in range(1, len(parts)))
+
+    return is_expected
+
+
+@dataclass
+class RenameResult:
+    """What the rules did: ``mapping`` original -> new name (``None`` = dropped), and why."""
+
+    mapping: dict[str, str | None]
+    reasons: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def renamed(self) -> dict[str, str]:
+        return {k: v for k, v in self.mapping.items() if v is not None and v != k}
+
+    @property
+    def dropped(self) -> list[str]:
+        return [k for k, v in self.mapping.items() if v is None]
+
+
+def apply_rules(
+    keys: Iterable[str],
+    rules: Sequence[Rule] = (),
+    *,
+    builtin: bool = True,
+    is_expected: Callable[[str], bool] | None = None,
+) -> RenameResult:
+    """Rename every key: the user's ``rules`` in order, then :data:`BUILTIN_RULES`.
+
+    Args:
+        keys: source names.
+        rules: compiled user rules (:func:`compile_rules`); each applies at most once per key.
+        builtin: also apply :data:`BUILTIN_RULES`.
+        is_expected: tells which names the target model expects (see :func:`suffix_matcher`);
+            without it built-in rules apply wherever their pattern matches, except those
+            that need a target.
+    """
+    table = list(rules) + (list(BUILTIN_RULES) if builtin else [])
+    result = RenameResult(mapping={})
+    for original in keys:
+        key: str | None = original
+        applied: list[str] = []
+        for rule in table:
+            if key is None:
+                break
+            if not rule.pattern.search(key):
+                continue
+            if rule.builtin and is_expected is not None and is_expected(key):
+                continue
+            new = rule.apply(key)
+            if rule.needs_target and (is_expected is None or new is None or not is_expected(new)):
+                continue
+            if new != key:
+                applied.append(rule.name)
+                key = new
+        result.mapping[original] = key
+        if applied:
+            result.reasons[original] = applied
+    return result

@@ -1,0 +1,116 @@
+"""Opening checkpoints: one reader per format, chosen from a registry by content, never by if/elif."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from .base import DTYPE_SIZES, Source, TensorRef, dtype_name
+from .directory import open_directory, open_index
+from .safetensors_reader import looks_like_safetensors, open_safetensors
+from .torch_reader import open_torch
+
+__all__ = ["Reader", "READERS", "register_reader", "open", "Source", "TensorRef", "DTYPE_SIZES", "dtype_name"]
+
+_HEAD_BYTES = 16
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A checkpoint format: how to recognise it and how to open it.
+
+    ``matches(path, head, size)`` gets the first bytes of a file (``b""`` for a directory)
+    and says whether this reader handles it; ``open(path, **options)`` returns a :class:`Source`.
+    """
+
+    name: str
+    matches: Callable[[Path, bytes, int], bool]
+    open: Callable[..., Source]
+
+
+READERS: list[Reader] = [
+    Reader("directory", lambda p, head, size: p.is_dir(), open_directory),
+    Reader("index", lambda p, head, size: p.name.endswith(".index.json"), open_index),
+    Reader("safetensors", lambda p, head, size: looks_like_safetensors(head, size), open_safetensors),
+    Reader("torch-zip", lambda p, head, size: head[:4] == b"PK\x03\x04", open_torch),
+    # pickle protocol 2+ starts with PROTO (0x80); torch's legacy format is a series of pickles
+    Reader("torch-legacy", lambda p, head, size: head[:1] == b"\x80", open_torch),
+]
+
+
+def register_reader(reader: Reader, *, first: bool = True) -> None:
+    """Add a format. ``first=True`` lets it claim files before the built-in readers."""
+    READERS[:] = [r for r in READERS if r.name != reader.name]
+    READERS.insert(0 if first else len(READERS), reader)
+
+
+def open(
+    path: str | os.PathLike[str] | Source | Mapping[str, Any],
+    *,
+    format: str | None = None,
+    container: str | None = None,
+    allow_globals: Iterable[str | Any] | None = None,
+) -> Source:
+    """Open a checkpoint lazily: names, shapes and dtypes now, tensor bytes on demand.
+
+    Args:
+        path: a file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``, ``.ckpt``), a sharded
+            checkpoint's ``*.index.json``, a model directory, an open :class:`Source`
+            (returned as is) or an in-memory state dict.
+        format: force a reader by name (see :data:`READERS`) instead of sniffing the content.
+        container: where the state dict sits inside a training checkpoint, as a dotted
+            path (``"state_dict"``, ``"model_ema"``, ``"model.module"``). By default the
+            weights are found by the rule in :func:`torchgraft.sources.containers.find_state_dict`.
+        allow_globals: extra classes (objects or ``"module.Name"`` strings) that pickle-based
+            files may contain, for trusted files only, e.g. ``["argparse.Namespace"]``.
+
+    Returns:
+        A read-only mapping ``name -> TensorRef``.
+
+    Raises:
+        CheckpointError: missing, unreadable, corrupt or unsupported input (an ``OSError``).
+        UnsafeCheckpointError: a pickle that wants globals the safe loader refuses.
+
+    Example:
+        >>> import torchgraft as tg
+        >>> src = tg.open("all-MiniLM-L6-v2/")
+        >>> src.format, len(src), src["pooler.dense.weight"].shape
+        ('safetensors', 104, (384, 384))
+    """
+    if isinstance(path, Source):
+        return path
+    if isinstance(path, Mapping):
+        return Source.from_state_dict(path)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(
+            p,
+            "no such file or directory",
+            hint="check the path; for a Hugging Face model pass the local directory that holds config.json and the weights",
+        )
+    head, size = b"", 0
+    if p.is_file():
+        size = p.stat().st_size
+        if size == 0:
+            raise CheckpointError(p, "the file is empty", hint="the download or save was interrupted: fetch it again")
+        with p.open("rb") as f:
+            head = f.read(_HEAD_BYTES)
+    options = {"container": container, "allow_globals": allow_globals}
+    if format is not None:
+        reader = next((r for r in READERS if r.name == format), None)
+        if reader is None:
+            raise CheckpointError(p, f"unknown format {format!r}", hint=f"use one of {[r.name for r in READERS]}")
+        return reader.open(p, **options)
+    for reader in READERS:
+        if reader.matches(p, head, size):
+            return reader.open(p, **options)
+    raise CheckpointError(
+        p,
+        f"not a safetensors file, a torch checkpoint or a checkpoint directory (first bytes: {head[:8]!r})",
+        hint="supported: .safetensors, torch .bin/.pt/.pth/.ckpt (zip or legacy), *.index.json shards, "
+        "model directories. A TensorFlow .h5 or Flax .msgpack file must be converted first (from_tf=True)",
+    )

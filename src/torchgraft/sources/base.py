@@ -1,0 +1,185 @@
+"""The lazy, read-only view of a checkpoint that every reader returns."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported lazily: listing a safetensors file must not pay for it
+    import torch
+
+__all__ = ["TensorRef", "Source", "DTYPE_SIZES", "dtype_name"]
+
+#: Bytes per element for every dtype name a reader may report (torch's names, without "torch.").
+DTYPE_SIZES: dict[str, float] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1,
+    "complex128": 16, "complex64": 8, "complex32": 4,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+    "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
+}  # fmt: skip
+
+
+def dtype_name(dtype: Any) -> str:
+    """``torch.float32`` -> ``"float32"``; strings pass through."""
+    return str(dtype).removeprefix("torch.")
+
+
+class TensorRef:
+    """One entry of a checkpoint: its shape and dtype now, its values on demand.
+
+    Example:
+        >>> ref = tg.open("model.safetensors")["embeddings.word_embeddings.weight"]
+        >>> ref.shape, ref.dtype
+        ((30522, 384), 'float32')
+        >>> tensor = ref.load()          # reads (or maps) the bytes now
+    """
+
+    __slots__ = ("name", "shape", "dtype", "_loader")
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: str, loader: Callable[[], torch.Tensor]):
+        self.name = name
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = dtype
+        self._loader = loader
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.numel * DTYPE_SIZES.get(self.dtype, 0))
+
+    def load(self) -> torch.Tensor:
+        """Return the tensor (CPU; memory-mapped where the format allows)."""
+        return self._loader()
+
+    def __repr__(self) -> str:
+        return f"TensorRef({self.name!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+class Source(Mapping[str, TensorRef]):
+    """A checkpoint opened lazily: a read-only mapping ``name -> TensorRef``.
+
+    Built by :func:`torchgraft.open`; names, shapes and dtypes are known without
+    reading tensor bytes wherever the format allows (safetensors, torch zip).
+
+    Attributes:
+        path: file or directory it was opened from (``None`` for an in-memory state dict).
+        format: the reader that opened it (``"safetensors"``, ``"torch-zip"``, ``"torch-legacy"``,
+            ``"sharded-safetensors"``, ``"sharded-torch"``, ``"state-dict"``).
+        metadata: file-level string metadata (safetensors header ``__metadata__``).
+        module_metadata: per-module ``_metadata`` saved by ``torch.save(model.state_dict())``
+            (``{"features.0.1": {"version": 2}, ...}``), used by modules' version hooks.
+        container: where in the file the state dict was found (``"state_dict"``), or ``""``.
+        containers: every candidate state dict the file holds.
+        skipped: entries that are not tensors and were left out (name -> type name).
+
+    Example:
+        >>> src = tg.open("checkpoint_dir/")
+        >>> len(src), src.format
+        (104, 'safetensors')
+        >>> src["pooler.dense.weight"].shape
+        (384, 384)
+    """
+
+    def __init__(
+        self,
+        entries: Mapping[str, TensorRef],
+        *,
+        path: str | None,
+        format: str,
+        metadata: Mapping[str, str] | None = None,
+        module_metadata: Mapping[str, Mapping[str, Any]] | None = None,
+        container: str = "",
+        containers: list[str] | None = None,
+        skipped: Mapping[str, str] | None = None,
+        files: list[str] | None = None,
+        closer: Callable[[], None] | None = None,
+    ) -> None:
+        self._entries = dict(entries)
+        self.path = path
+        self.format = format
+        self.metadata = dict(metadata or {})
+        self.module_metadata = {k: dict(v) for k, v in (module_metadata or {}).items()}
+        self.container = container
+        self.containers = list(containers or [])
+        self.skipped = dict(skipped or {})
+        self.files = list(files or ([path] if path else []))
+        self._closer = closer
+
+    # Mapping protocol
+    def __getitem__(self, name: str) -> TensorRef:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not in {self.describe()}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # Summaries
+    @property
+    def parameters(self) -> int:
+        """Total number of elements over all entries."""
+        return sum(r.numel for r in self._entries.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self._entries.values())
+
+    def describe(self) -> str:
+        where = self.path or "in-memory state dict"
+        inner = f" [{self.container}]" if self.container else ""
+        return f"{where}{inner} ({self.format})"
+
+    def fingerprint(self) -> str:
+        """A short hash of names, shapes and dtypes: identifies the layout, not the values."""
+        h = hashlib.sha256()
+        for name in sorted(self._entries):
+            r = self._entries[name]
+            h.update(json.dumps([name, r.shape, r.dtype]).encode())
+        return h.hexdigest()[:16]
+
+    def close(self) -> None:
+        """Release file handles and memory maps (tensors already loaded stay valid)."""
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Source {self.describe()}: {len(self)} tensors>"
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Any], *, name: str | None = None) -> Source:
+        """Wrap an in-memory state dict (as returned by ``model.state_dict()``)."""
+        import torch
+
+        entries: dict[str, TensorRef] = {}
+        skipped: dict[str, str] = {}
+        for key, value in state_dict.items():
+            if isinstance(value, torch.Tensor):
+                entries[key] = TensorRef(key, tuple(value.shape), dtype_name(value.dtype), _constant(value))
+            else:
+                skipped[key] = type(value).__name__
+        meta = getattr(state_dict, "_metadata", None)
+        return cls(entries, path=name, format="state-dict", module_metadata=meta, skipped=skipped)
+
+
+def _constant(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: t

@@ -1,0 +1,144 @@
+"""safetensors files: header parsed for names/shapes, bytes mapped by the safetensors library."""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from .base import DTYPE_SIZES, Source, TensorRef
+
+__all__ = ["read_header", "open_safetensors", "looks_like_safetensors", "SAFETENSORS_DTYPES"]
+
+FORMAT = "safetensors"
+
+#: safetensors dtype codes -> torch dtype names
+SAFETENSORS_DTYPES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "F4": "float4_e2m1fn_x2", "C64": "complex64", "C128": "complex128",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+}  # fmt: skip
+
+#: The safetensors library refuses headers larger than this; so do we, before allocating.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def looks_like_safetensors(head: bytes, size: int) -> bool:
+    """True when the first bytes are a plausible safetensors header (length + ``{``)."""
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 0 < n <= size - 8 and head[8:9] == b"{"
+
+
+def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
+    """Read and validate a safetensors header without importing torch.
+
+    Returns:
+        ``(tensors, metadata, data_start)``: ``tensors`` maps names to
+        ``{"dtype", "shape", "data_offsets"}`` as stored, ``metadata`` is the
+        ``__metadata__`` dict, ``data_start`` the byte offset of the data block.
+
+    Raises:
+        CheckpointError: truncated file, header too large, invalid JSON, unknown dtype,
+            or offsets that disagree with shapes or the file size.
+    """
+    path = Path(path)
+
+    def bad(reason: str, hint: str = "the file is damaged or not safetensors; download or convert it again") -> CheckpointError:
+        return CheckpointError(path, reason, format=FORMAT, hint=hint)
+
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"the file is {size} bytes long, too short for a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise bad(f"the header claims {n} bytes, more than the {MAX_HEADER_BYTES} the format allows")
+        if n > size - 8:
+            raise bad(f"the header claims {n} bytes but the file holds only {size - 8} after the length field (truncated?)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("'__metadata__' must map strings to strings")
+    data_len = size - 8 - n
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise bad(f"entry {name!r} lacks dtype, shape or data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise bad(f"entry {name!r} has unknown dtype {dtype!r}", hint="upgrade torchgraft/safetensors, or re-save the file")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise bad(f"entry {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise bad(f"entry {name!r} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        numel = 1
+        for d in shape:
+            numel *= d
+        expected = int(numel * DTYPE_SIZES[SAFETENSORS_DTYPES[dtype]])
+        if not 0 <= begin <= end <= data_len:
+            raise bad(f"entry {name!r} points at bytes {begin}..{end}, outside the {data_len}-byte data block (truncated?)")
+        if end - begin != expected:
+            raise bad(f"entry {name!r} has shape {shape} ({expected} bytes as {dtype}) but spans {end - begin} bytes")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b1, e1, n1), (b2, _e2, n2) in zip(spans, spans[1:]):
+        if b2 < e1:
+            raise bad(f"entries {n1!r} and {n2!r} overlap in the data block")
+    return header, metadata, 8 + n
+
+
+class _LazySafeOpen:
+    """Opens the file with ``safetensors.safe_open`` on first use (that imports torch)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle: Any = None
+        self._lock = threading.Lock()
+
+    def get(self, name: str):
+        if self._handle is None:
+            with self._lock:
+                if self._handle is None:
+                    from safetensors import SafetensorError, safe_open
+
+                    try:
+                        self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+                    except (SafetensorError, OSError) as e:
+                        raise CheckpointError(self.path, str(e), format=FORMAT, hint="re-download or re-convert the file") from None
+        try:
+            return self._handle.get_tensor(name)
+        except Exception as e:  # the library's own error types vary by version
+            raise CheckpointError(self.path, f"reading {name!r} failed: {e}", format=FORMAT) from None
+
+    def close(self) -> None:
+        self._handle = None
+
+
+def open_safetensors(path: Path, **_: Any) -> Source:
+    """Open one ``.safetensors`` file lazily (zero-copy: tensors are memory-mapped)."""
+    header, metadata, _ = read_header(path)
+    handle = _LazySafeOpen(path)
+    entries = {
+        name: TensorRef(name, tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], _getter(handle, name))
+        for name, info in header.items()
+    }
+    return Source(entries, path=str(path), format=FORMAT, metadata=metadata, closer=handle.close)
+
+
+def _getter(handle: _LazySafeOpen, name: str):
+    return lambda: handle.get(name)

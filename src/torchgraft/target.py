@@ -1,0 +1,77 @@
+"""What a model expects: its state-dict entries, tied groups, non-persistent buffers, module types.
+
+Computed once from ``model.state_dict(keep_vars=True)`` (cheap: references, no copies; works on
+the meta device).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .keys import split_key
+from .sources.base import dtype_name
+
+__all__ = ["TargetInfo", "TargetView"]
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    shape: tuple[int, ...]
+    dtype: str
+    meta: bool
+    is_param: bool
+
+
+@dataclass
+class TargetView:
+    """The model's side of a plan.
+
+    Attributes:
+        entries: state-dict names in model order -> shape, dtype, on meta or not.
+        tied: name -> the first name holding the same tensor (only for the later names).
+        nonpersistent: buffers the model computes itself and does not save (``position_ids``).
+        modules: module path -> module, for hooks and initialisation.
+    """
+
+    entries: dict[str, TargetInfo]
+    tied: dict[str, str]
+    nonpersistent: dict[str, TargetInfo]
+    modules: dict[str, nn.Module] = field(repr=False)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> TargetView:
+        modules = dict(model.named_modules(remove_duplicate=False))
+        state = model.state_dict(keep_vars=True)
+        param_ids = {id(p) for _, p in model.named_parameters(remove_duplicate=False)}
+        entries: dict[str, TargetInfo] = {}
+        first_by_id: dict[int, str] = {}
+        tied: dict[str, str] = {}
+        for name, t in state.items():
+            if not hasattr(t, "shape"):  # _extra_state objects
+                continue
+            entries[name] = TargetInfo(tuple(t.shape), dtype_name(t.dtype), t.device.type == "meta", id(t) in param_ids)
+            owner = first_by_id.setdefault(id(t), name)
+            if owner != name:
+                tied[name] = owner
+        nonpersistent: dict[str, TargetInfo] = {}
+        for path, module in modules.items():
+            for bname in getattr(module, "_non_persistent_buffers_set", ()):
+                b = module._buffers.get(bname)
+                if b is not None:
+                    key = f"{path}.{bname}" if path else bname
+                    nonpersistent[key] = TargetInfo(tuple(b.shape), dtype_name(b.dtype), b.device.type == "meta", False)
+        return cls(entries, tied, nonpersistent, modules)
+
+    def module_of(self, key: str) -> nn.Module:
+        return self.modules[split_key(key)[0]]
+
+    def fingerprint(self) -> str:
+        """Hash of names and shapes (not dtypes, not values)."""
+        h = hashlib.sha256()
+        for name, info in self.entries.items():
+            h.update(json.dumps([name, info.shape]).encode())
+        return h.hexdigest()[:16]
