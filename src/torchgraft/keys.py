@@ -6,7 +6,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 
-__all__ = ["split_key", "natural_key", "collapse_keys", "format_ranges"]
+__all__ = ["split_key", "natural_key", "collapse_keys", "collapse_groups", "format_ranges"]
 
 _NUM = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 
@@ -48,42 +48,47 @@ def collapse_keys(keys: Iterable[str]) -> list[str]:
         >>> collapse_keys(["a.0.w", "a.1.w", "a.0.b", "a.1.b", "c"])
         ['a.{0..1}.{b,w}', 'c']
     """
+    return [label for label, _ in collapse_groups(keys)]
+
+
+def collapse_groups(keys: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """Like :func:`collapse_keys`, with the keys each label stands for."""
     keys = list(dict.fromkeys(keys))
     # 1) leaves of the same module: module.{weight,bias}
     by_module: dict[str, list[str]] = defaultdict(list)
     for k in keys:
-        module, attr = split_key(k)
-        by_module[module].append(attr)
-    step1: list[str] = []
-    for module, attrs in by_module.items():
+        by_module[split_key(k)[0]].append(k)
+    step1: list[tuple[str, list[str]]] = []
+    for module, members in by_module.items():
+        attrs = [split_key(k)[1] for k in members]
         leaf = attrs[0] if len(attrs) == 1 else "{" + ",".join(sorted(attrs)) + "}"
-        step1.append(f"{module}.{leaf}" if module else leaf)
+        step1.append((f"{module}.{leaf}" if module else leaf, members))
     # 2) numbered copies: replace every number by a slot, collapse when the product is complete
-    groups: dict[str, list[tuple[int, ...]]] = defaultdict(list)
-    for k in step1:
-        nums = tuple(int(m.group()) for m in _NUM.finditer(k))
-        groups[_NUM.sub("#", k)].append(nums)
-    out: list[tuple[str, str]] = []
+    groups: dict[str, list[tuple[tuple[int, ...], list[str]]]] = defaultdict(list)
+    for label, members in step1:
+        nums = tuple(int(m.group()) for m in _NUM.finditer(label))
+        groups[_NUM.sub("#", label)].append((nums, members))
+    out: list[tuple[str, list[str]]] = []
     for template, rows in groups.items():
-        if len(rows) == 1 or not rows[0]:
-            for r in rows:
-                out.append((_fill(template, [str(n) for n in r]), ""))
+        if len(rows) == 1 or not rows[0][0]:
+            out.extend((_fill(template, [str(n) for n in r]), m) for r, m in rows)
             continue
-        columns = [sorted({r[i] for r in rows}) for i in range(len(rows[0]))]
+        columns = [sorted({r[i] for r, _ in rows}) for i in range(len(rows[0][0]))]
         size = 1
         for c in columns:
             size *= len(c)
         if size == len(rows):
             slots = [str(c[0]) if len(c) == 1 else "{" + format_ranges(c) + "}" for c in columns]
-            out.append((_fill(template, slots), ""))
-        else:  # incomplete product: collapse only the last number
-            sub: dict[tuple[int, ...], list[int]] = defaultdict(list)
-            for r in rows:
-                sub[r[:-1]].append(r[-1])
-            for head, lasts in sub.items():
-                last = str(lasts[0]) if len(lasts) == 1 else "{" + format_ranges(lasts) + "}"
-                out.append((_fill(template, [str(n) for n in head] + [last]), ""))
-    return sorted((o for o, _ in out), key=natural_key)
+            out.append((_fill(template, slots), [k for _, m in rows for k in m]))
+            continue
+        # incomplete product: collapse only the last number
+        sub: dict[tuple[int, ...], list[tuple[int, list[str]]]] = defaultdict(list)
+        for r, m in rows:
+            sub[r[:-1]].append((r[-1], m))
+        for head, lasts in sub.items():
+            last = str(lasts[0][0]) if len(lasts) == 1 else "{" + format_ranges(n for n, _ in lasts) + "}"
+            out.append((_fill(template, [str(n) for n in head] + [last]), [k for _, m in lasts for k in m]))
+    return sorted(out, key=lambda g: natural_key(g[0]))
 
 
 def _fill(template: str, values: list[str]) -> str:

@@ -253,6 +253,11 @@ class Plan:
 
         return render_plan(self)
 
+    def __rich__(self):
+        from .report import plan_renderable
+
+        return plan_renderable(self)
+
 
 # ---------------------------------------------------------------------------
 # Building a plan

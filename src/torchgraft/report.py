@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .keys import collapse_keys
+from .keys import collapse_groups, collapse_keys
 
 if TYPE_CHECKING:
     from torch import nn
@@ -22,30 +22,46 @@ _MAX_LINES = 12
 
 
 def _keys_cell(keys: Sequence[str], limit: int = _MAX_LINES) -> str:
+    """Collapsed keys; when that is still long, group by ever shorter module paths (``features.{1..17}.* (280)``)."""
     lines = collapse_keys(keys)
+    depth = max((k.count(".") for k in keys), default=0)
+    while len(lines) > limit and depth > 0:
+        heads: dict[str, int] = {}
+        for k in keys:
+            parts = k.split(".")
+            head = ".".join(parts[:depth]) + (".*" if len(parts) > depth else "")
+            heads[head] = heads.get(head, 0) + 1
+        lines = [
+            f"{label} ({sum(heads[h] for h in members)})" if label.endswith("*") else label
+            for label, members in collapse_groups(heads)
+        ]
+        depth -= 1
     if len(lines) > limit:
         lines = lines[: limit - 1] + [f"... and {len(lines) - limit + 1} more groups"]
     return "\n".join(lines)
 
 
-def _render(title: str, rows: Iterable[tuple[str, Sequence[str], str]], footer: Sequence[str] = (), *, width: int = 110) -> str:
-    from rich.console import Console
+def _renderable(title: str, rows: Iterable[tuple[str, Sequence[str], str]], footer: Sequence[str] = ()):
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left", show_lines=True, expand=False)
+    table = Table(show_lines=True, expand=False)
     table.add_column("what", no_wrap=True)
     table.add_column("n", justify="right")
     table.add_column("keys (model names; {a..b} = repeated layers)", overflow="fold")
     for label, keys, extra in rows:
         if keys:
-            cell = _keys_cell(keys)
-            table.add_row(label, str(len(keys)), cell + (f"\n{extra}" if extra else ""))
+            table.add_row(label, str(len(keys)), _keys_cell(keys) + (f"\n{extra}" if extra else ""))
+    return Group(Text(title, style="bold"), table, *(Text(line) for line in footer))
+
+
+def _render(renderable, *, width: int = 120) -> str:
+    from rich.console import Console
+
     buf = io.StringIO()
-    console = Console(file=buf, width=width, force_terminal=False, color_system=None, highlight=False)
-    console.print(table)
-    for line in footer:
-        console.print(line, soft_wrap=True)
-    return buf.getvalue().rstrip() + "\n"
+    Console(file=buf, width=width, force_terminal=False, color_system=None, highlight=False).print(renderable)
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
 
 
 def _prefix_line(prefix: dict[str, str]) -> str:
@@ -203,7 +219,7 @@ class LoadReport:
                 self.source,
             )
 
-    def __str__(self) -> str:
+    def _renderable(self):
         title = f"{self.source} ({self.format}{', ' + self.container if self.container else ''}) -> {self.model}"
         inits = sorted({v for v in self.initialised.values()})
         rows = [
@@ -227,11 +243,22 @@ class LoadReport:
             footer.append("Shape mismatches were initialised, not loaded: pass adapt=... to adapt them.")
         if self.ok:
             footer.append("Every weight came from the checkpoint and every checkpoint weight was used.")
-        return _render(title, rows, footer)
+        return _renderable(title, rows, footer)
+
+    def __rich__(self):
+        return self._renderable()
+
+    def __str__(self) -> str:
+        return _render(self._renderable())
 
 
 def render_plan(plan: Plan) -> str:
     """``str(plan)``: what each group of tensors will go through, before anything is read."""
+    return _render(plan_renderable(plan))
+
+
+def plan_renderable(plan: Plan):
+    """A rich renderable of the plan (``console.print(plan)`` uses it)."""
     by_action: dict[str, list[str]] = {}
     for name, e in plan.entries.items():
         label = {
@@ -252,4 +279,4 @@ def render_plan(plan: Plan) -> str:
     if plan.renamed:
         footer.append(f"renamed: {len(plan.renamed)} keys (plan.renamed)")
     footer += plan.notes
-    return _render(f"plan: {plan.source} ({plan.source_format}) -> {plan.model}", rows, footer)
+    return _renderable(f"plan: {plan.source} ({plan.source_format}) -> {plan.model}", rows, footer)
