@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import AdapterError, CheckpointError, LoadError, PlanError, UnsafeCheckpointError
+from .plan import Entry, Plan, plan  # torch-free at import; binding the names here keeps `tg.plan` the function
 from .sources import Source, TensorRef
 from .sources import open as open
 
@@ -38,14 +39,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .apply import load
-    from .plan import Entry, Plan, plan
     from .report import LoadReport
 
 _LAZY = {
     "load": ("apply", "load"),
-    "plan": ("plan", "plan"),
-    "Plan": ("plan", "Plan"),
-    "Entry": ("plan", "Entry"),
     "LoadReport": ("report", "LoadReport"),
 }
 

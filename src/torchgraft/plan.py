@@ -24,9 +24,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import PlanError
 from .integrations import hf
@@ -35,6 +33,9 @@ from .rules import RuleSpec, apply_rules, compile_rules, suffix_matcher
 from .sources import Source
 from .sources import open as open_source
 from .target import TargetView
+
+if TYPE_CHECKING:  # torch is imported where it is used, so `import torchgraft` stays light
+    from torch import nn
 
 __all__ = ["Entry", "Plan", "plan", "PLAN_VERSION"]
 
@@ -431,7 +432,7 @@ def plan(
         e = Entry(name, "copy", info.shape, info.dtype, src_name, ref.shape, ref.dtype)
         if renames.reasons.get(src_name) or src_name != name:
             e.note = "; ".join(renames.reasons.get(src_name, []) + ([f"prefix {pfx.mode} {pfx.prefix!r}"] if pfx.mode and pfx.to_target(live[src_name], expected) != live[src_name] else []))
-        if ref.shape != info.shape:
+        if ref.shape != info.shape and not (info.shape == () and ref.shape == (1,)):  # (1,) -> () as load_state_dict allows
             e.action, e.mismatched = "init", True
         entries[name] = e
 

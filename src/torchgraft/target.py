@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .keys import split_key
 from .sources.base import dtype_name
+
+if TYPE_CHECKING:  # torch is imported where it is used, so `import torchgraft` stays light
+    from torch import nn
 
 __all__ = ["TargetInfo", "TargetView"]
 

@@ -9,8 +9,11 @@ only the modules whose weights are missing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used, so `import torchgraft` stays light
+    from torch import nn
+
 
 __all__ = ["is_hf_model", "base_model_prefix", "ignore_patterns", "init_weights_fn"]
 

@@ -22,7 +22,9 @@ _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def torch_format(path: Path) -> str:
-    return "torch-zip" if zipfile.is_zipfile(path) else "torch-legacy"
+    """``torch-zip`` when the file starts like a zip archive (even a truncated one), else ``torch-legacy``."""
+    with open(path, "rb") as f:
+        return "torch-zip" if f.read(4) == b"PK\x03\x04" else "torch-legacy"
 
 
 def _resolve_global(name: str) -> Any:
