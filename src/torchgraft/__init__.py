@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import AdapterError, CheckpointError, LoadError, PlanError, UnsafeCheckpointError
 from .plan import Entry, Plan, plan  # torch-free at import; binding the names here keeps `tg.plan` the function
+from .convert import convert  # torch-free at import, like diff and scan; bound here for the same reason
+from .diff import diff
+from .scan import scan
 from .sources import Source, TensorRef
 from .sources import open as open
 
@@ -34,16 +37,24 @@ __all__ = [
     "LoadError",
     "PlanError",
     "AdapterError",
+    "convert",
+    "diff",
+    "scan",
+    "surgery",
+    "adapters",
     "__version__",
 ]
 
 if TYPE_CHECKING:
+    from . import adapters, surgery
     from .apply import load
     from .report import LoadReport
 
 _LAZY = {
     "load": ("apply", "load"),
     "LoadReport": ("report", "LoadReport"),
+    "surgery": ("surgery", ""),  # "" = the module itself
+    "adapters": ("adapters", ""),
 }
 
 
@@ -53,7 +64,8 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        imported = importlib.import_module(f".{module}", __name__)
+        value = getattr(imported, attr) if attr else imported
         globals()[name] = value
         return value
     raise AttributeError(f"module 'torchgraft' has no attribute {name!r}")

@@ -20,7 +20,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from .initialize import initialise_module
 from .keys import split_key
 from .plan import Entry, Plan
 from .plan import plan as make_plan
+from .policy import AdaptSpec
 from .report import LoadReport
 from .rules import RuleSpec
 from .sources import Source
@@ -71,10 +72,9 @@ def _float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
 
-def _final_dtype(current: torch.dtype, source: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
-    if wanted is not None and _float(current):
-        return wanted
-    return current
+def _final_dtype(current: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
+    """The dtype an entry ends up in: ``wanted`` for floating-point entries, else unchanged."""
+    return wanted if wanted is not None and _float(current) else current
 
 
 def load(
@@ -90,6 +90,10 @@ def load(
     device: torch.device | str | None = None,
     plan: Plan | None = None,
     init_missing: bool = True,
+    adapt: AdaptSpec | None = None,
+    check_finite: Literal["warn", "error", False] | None = "warn",
+    allow_globals: Iterable[str | Any] | None = None,
+    align: bool = False,
 ) -> LoadReport:
     """Load a checkpoint into ``model``, initialise only what is missing, and report what happened.
 
@@ -108,6 +112,19 @@ def load(
             making one; it is checked against the model and checkpoint first.
         init_missing: initialise the modules whose weights are missing (fast init). When
             false they keep their current values.
+        adapt: adapt shape mismatches instead of initialising them: ``"auto"`` or
+            ``{glob: adapter}`` (see :func:`torchgraft.plan`); every adaptation is in
+            ``report.adapted``. Part of planning, so ignored when ``plan=`` is given.
+        check_finite: look for NaN / Inf in every floating-point tensor as it will be stored
+            (after adapting and casting, so a cast that overflows counts too). ``"warn"``
+            (default): list them in ``report.nonfinite`` and warn; ``"error"``: raise
+            :class:`~torchgraft.LoadError` naming them, the model unchanged; ``False``: skip
+            the check (it reads every loaded tensor once more).
+        allow_globals: when ``source`` is a path: classes a trusted pickle may hold
+            (``["argparse.Namespace"]``), as for :func:`torchgraft.open`.
+        align: pair differently named entries by structure (see :func:`torchgraft.plan`);
+            ``report.aligned`` says which, with confidence and reason. Part of planning,
+            so ignored when ``plan=`` is given (a saved plan keeps its alignment).
 
     Returns:
         A :class:`~torchgraft.LoadReport`; warnings about unused and newly initialised
@@ -116,8 +133,10 @@ def load(
     Raises:
         CheckpointError: the checkpoint cannot be read (the model is unchanged).
         LoadError: ``strict=True`` and the checkpoint does not fit, a module's loading hook
-            failed, or meta tensors would be left (the model is unchanged).
-        PlanError: ``plan`` was made for another model or checkpoint layout.
+            failed, meta tensors would be left, or ``check_finite="error"`` found NaN / Inf
+            (the model is unchanged).
+        PlanError: ``plan`` was made for another model or checkpoint layout, or ``adapt`` is malformed.
+        AdapterError: an ``adapt`` adapter cannot produce the model's shape (the model is unchanged).
 
     Example:
         >>> import torch, torchgraft as tg
@@ -130,10 +149,13 @@ def load(
         ['classifier.weight', 'classifier.bias']
     """
     started = time.perf_counter()
-    src = open_source(source)
+    if check_finite not in ("warn", "error", False, None):
+        raise ValueError(f"check_finite must be 'warn', 'error' or False, not {check_finite!r}")
+    src = open_source(source, allow_globals=allow_globals)
     view = TargetView.of(model)
     if plan is None:
-        plan = make_plan(model, src, rules=rules, prefix=prefix, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected)
+        plan = make_plan(model, src, rules=rules, prefix=prefix, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected, adapt=adapt,
+                         align=align)
     else:
         plan.check_fits(view, src)
     if strict and (problems := plan.problems()):
@@ -141,6 +163,12 @@ def load(
 
     materialise_on = torch.device(device) if device is not None else torch.device("cpu")
     staged, assign_modules = _stage(model, view, plan, src, dtype, materialise_on)
+    nonfinite = _find_nonfinite(staged, view, dtype) if check_finite else {}
+    if nonfinite and check_finite == "error":
+        raise LoadError(
+            f"Checkpoint {src.describe()} holds NaN or Inf values (check_finite='error'); the model is unchanged:",
+            [f"{name}: {c['nan']} NaN, {c['inf']} Inf" for name, c in nonfinite.items()],
+        )
 
     undo = _Undo()
     init_methods: dict[str, str] = {}
@@ -161,6 +189,7 @@ def load(
         dtype=None if dtype is None else str(dtype).removeprefix("torch."),
         seconds=time.perf_counter() - started,
     )
+    report.nonfinite = nonfinite
     report.log(logger)
     return report
 
@@ -182,7 +211,7 @@ def _stage(
         if not e.loads:
             continue
         current = live[name]
-        if current.is_meta or _final_dtype(current.dtype, current.dtype, dtype) != current.dtype:
+        if current.is_meta or _final_dtype(current.dtype, dtype) != current.dtype:
             assign_modules.add(split_key(name)[0])
     staged: dict[str, torch.Tensor] = {}
     for name, e in plan.entries.items():
@@ -202,11 +231,41 @@ def _stage(
                     [f"{e.source!r} has shape {list(tensor.shape)}, the model's {name!r} needs {list(current.shape)}"],
                 )
         if split_key(name)[0] in assign_modules:
-            target_dtype = _final_dtype(current.dtype, tensor.dtype, dtype)
+            target_dtype = _final_dtype(current.dtype, dtype)
             target_device = materialise_on if current.is_meta else current.device
             tensor = tensor.to(device=target_device, dtype=target_dtype)
         staged[name] = tensor
     return staged, assign_modules
+
+
+def _find_nonfinite(staged: dict[str, torch.Tensor], view: TargetView, dtype: torch.dtype | None) -> dict[str, dict[str, int]]:
+    """Model name -> ``{"nan": n, "inf": n}`` for staged tensors that are not finite in their final dtype."""
+    out: dict[str, dict[str, int]] = {}
+    for name, tensor in staged.items():
+        if not _float(tensor.dtype):
+            continue
+        info = view.entries.get(name) or view.nonpersistent.get(name)
+        final = _final_dtype(getattr(torch, info.dtype), dtype) if info is not None else tensor.dtype
+        if final != tensor.dtype and _float(final):
+            tensor = tensor.to(final)  # copy_ casts the same way at commit: overflow becomes Inf
+        counts = _count_nonfinite(tensor)
+        if counts is not None:
+            out[name] = counts
+    return out
+
+
+def _count_nonfinite(tensor: torch.Tensor) -> dict[str, int] | None:
+    try:
+        if bool(torch.isfinite(tensor).all()):
+            return None
+    except (RuntimeError, TypeError, NotImplementedError):  # float8 and friends: count in float32
+        try:
+            tensor = tensor.float()
+            if bool(torch.isfinite(tensor).all()):
+                return None
+        except (RuntimeError, TypeError, NotImplementedError):  # packed float4 holds no NaN or Inf
+            return None
+    return {"nan": int(torch.isnan(tensor).sum()), "inf": int(torch.isinf(tensor).sum())}
 
 
 def _run_adapter(entry: Entry, tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:

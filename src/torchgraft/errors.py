@@ -9,11 +9,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 __all__ = [
+    "AdapterError",
     "CheckpointError",
-    "UnsafeCheckpointError",
     "LoadError",
     "PlanError",
-    "AdapterError",
+    "UnsafeCheckpointError",
 ]
 
 
@@ -72,15 +72,25 @@ class UnsafeCheckpointError(CheckpointError):
         format: str | None = None,
         detail: str | None = None,
     ) -> None:
+        from .sources.pickle_scan import dangerous_globals
+
         self.globals = list(globals)
+        #: those of ``globals`` that run code or commands: the file is hostile, never allow-list them
+        self.dangerous = dangerous_globals(self.globals)
         names = ", ".join(self.globals) if self.globals else "unknown globals"
         reason = f"the file is a pickle that references globals the safe loader refuses: {names}"
         if detail and not self.globals:
             reason += f" ({detail})"
-        hint = (
-            "nothing in it was executed. If you trust the file and these are plain data classes, "
-            "pass them in allow_globals=[...]; otherwise convert it to safetensors with a trusted tool"
-        )
+        if self.dangerous:
+            hint = (
+                f"nothing in it was executed. {', '.join(self.dangerous)} would run code or commands: treat the file "
+                "as malicious and do not load it any other way (never allow-list these)"
+            )
+        else:
+            hint = (
+                "nothing in it was executed. If you trust the file and these are plain data classes, "
+                "pass them in allow_globals=[...]; otherwise convert it to safetensors with a trusted tool"
+            )
         super().__init__(path, reason, format=format, hint=hint)
 
     def __reduce__(self):

@@ -31,12 +31,22 @@ def atomic_path(dest: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, _final_mode(dest))  # mkstemp makes 0600; give the file the mode a plain write would
         if not overwrite and dest.exists():
             raise FileExistsError(f"{dest} appeared while writing; refusing to replace it")
         os.replace(tmp_path, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+def _final_mode(dest: Path) -> int:
+    """The replaced file's mode, or 0666 minus the umask for a new file."""
+    with contextlib.suppress(OSError):
+        return dest.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write_text(dest: str | os.PathLike[str], text: str, *, overwrite: bool = True) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .integrations import hf
 
-__all__ = ["Initializer", "INITIALIZERS", "register_initializer", "initialise_module"]
+__all__ = ["INITIALIZERS", "Initializer", "initialise_module", "register_initializer"]
 
 
 @dataclass(frozen=True)

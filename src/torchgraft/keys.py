@@ -6,7 +6,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 
-__all__ = ["split_key", "natural_key", "collapse_keys", "collapse_groups", "format_ranges"]
+__all__ = ["collapse_groups", "collapse_keys", "format_ranges", "natural_key", "split_key"]
 
 _NUM = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 

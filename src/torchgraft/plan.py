@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import PlanError
 from .integrations import hf
-from .keys import collapse_keys, split_key
+from .keys import split_key
 from .rules import RuleSpec, apply_rules, compile_rules, suffix_matcher
 from .sources import Source
 from .sources import open as open_source
@@ -37,7 +37,9 @@ from .target import TargetView
 if TYPE_CHECKING:  # torch is imported where it is used, so `import torchgraft` stays light
     from torch import nn
 
-__all__ = ["Entry", "Plan", "plan", "PLAN_VERSION"]
+    from .policy import AdaptSpec
+
+__all__ = ["PLAN_VERSION", "Entry", "Plan", "plan"]
 
 PLAN_VERSION = 1
 Action = Literal["copy", "adapt", "init", "tied", "default"]
@@ -58,6 +60,7 @@ class Entry:
         ignored: missing, but the model or the caller said that is expected.
         buffer: a non-persistent buffer (loaded only to materialise a model built on meta).
         note: why, in words (rename rule, prefix, tie partner...).
+        aligned: ``{"confidence": float, "reason": str}`` when ``align=True`` paired it by structure.
     """
 
     target: str
@@ -72,6 +75,7 @@ class Entry:
     ignored: bool = False
     buffer: bool = False
     note: str = ""
+    aligned: dict[str, Any] | None = None
 
     @property
     def loads(self) -> bool:
@@ -118,6 +122,7 @@ class Plan:
     model_fingerprint: str = ""
     source_fingerprint: str = ""
     notes: list[str] = field(default_factory=list)
+    ambiguous: list[dict[str, Any]] = field(default_factory=list)
 
     # Views ---------------------------------------------------------------
     def _where(self, pred) -> list[str]:
@@ -130,8 +135,8 @@ class Plan:
 
     @property
     def missing(self) -> list[str]:
-        """Model entries with no checkpoint tensor (initialised), minus the ignored ones."""
-        return self._where(lambda e: e.action == "init" and not e.mismatched and not e.ignored)
+        """Model entries with no checkpoint tensor (initialised), minus the ignored and the re-initialised ones."""
+        return self._where(lambda e: e.action == "init" and not e.mismatched and not e.ignored and not e.adapter)
 
     @property
     def missing_ignored(self) -> list[str]:
@@ -147,11 +152,28 @@ class Plan:
 
     @property
     def adapted(self) -> dict[str, dict[str, Any]]:
-        return {k: e.adapter for k, e in self.entries.items() if e.action == "adapt" and e.adapter}
+        """Model name -> ``{"name", "args"}`` for every entry the ``adapt=`` policy changed (``reinit`` included)."""
+        return {k: e.adapter for k, e in self.entries.items() if e.action in ("adapt", "init") and e.adapter}
 
     @property
     def tied(self) -> dict[str, str]:
         return {k: e.note for k, e in self.entries.items() if e.action == "tied"}
+
+    @property
+    def aligned(self) -> dict[str, dict[str, Any]]:
+        """Model name -> ``{"source", "confidence", "reason"}`` for entries ``align=True`` paired by structure."""
+        return {k: {"source": e.source, **e.aligned} for k, e in self.entries.items() if e.aligned}
+
+    def rules(self) -> dict[str, str]:
+        """The aligned pairs as a rules table to paste into ``rules=`` (``{}`` = layer number).
+
+        Example:
+            >>> tg.plan(model, ckpt, align=True).rules()
+            {'encoder.layer.{}.attention.self.query': 'blocks.{}.attn.q', ...}
+        """
+        from .align import plan_rules
+
+        return plan_rules(self)
 
     def problems(self) -> list[str]:
         """Every missing, unexpected and mismatched key, one line each (what ``strict=True`` refuses)."""
@@ -167,7 +189,7 @@ class Plan:
         counts = Counter(e.action for e in self.entries.values())
         return {
             "loaded": counts["copy"] + counts["adapt"],
-            "adapted": counts["adapt"],
+            "adapted": len(self.adapted),
             "initialised": counts["init"],
             "tied": counts["tied"],
             "missing": len(self.missing),
@@ -175,6 +197,8 @@ class Plan:
             "unexpected": len(self.unexpected),
             "ignored": len(self.ignored) + len(self.missing_ignored),
             "renamed": len(self.renamed),
+            "aligned": len(self.aligned),
+            "ambiguous": len(self.ambiguous),
         }
 
     # Serialisation -------------------------------------------------------
@@ -196,6 +220,7 @@ class Plan:
             "rename_reasons": self.rename_reasons,
             "metadata_map": self.metadata_map,
             "notes": self.notes,
+            "ambiguous": self.ambiguous,
         }
 
     @classmethod
@@ -219,6 +244,7 @@ class Plan:
             model_fingerprint=d.get("model_fingerprint", ""),
             source_fingerprint=d.get("source_fingerprint", ""),
             notes=list(d.get("notes", [])),
+            ambiguous=[dict(a) for a in d.get("ambiguous", [])],
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -346,6 +372,9 @@ def plan(
     prefix: str | None = None,
     ignore_missing: Iterable[str | re.Pattern[str]] = (),
     ignore_unexpected: Iterable[str | re.Pattern[str]] = (),
+    adapt: AdaptSpec | None = None,
+    allow_globals: Iterable[str | Any] | None = None,
+    align: bool = False,
 ) -> Plan:
     """Decide what loading ``source`` into ``model`` would do, without reading tensor bytes.
 
@@ -360,13 +389,25 @@ def plan(
             still initialised). Added to the model's own ``_keys_to_ignore_on_load_missing``.
         ignore_unexpected: regexes for checkpoint entries that may go unused silently.
             Added to ``_keys_to_ignore_on_load_unexpected``.
+        adapt: what to do with shape mismatches (see :mod:`torchgraft.policy`): ``None``
+            reports them; ``"auto"`` adapts by role (first conv, classifier, embeddings,
+            positions); ``{"features.0.0.weight": "luminance", "classifier.*": "reinit"}``
+            names adapters per glob pattern. Decisions are in ``plan.adapted``.
+        allow_globals: when ``source`` is a path: classes a trusted pickle may hold
+            (``["argparse.Namespace"]``), as for :func:`torchgraft.open`.
+        align: after rules and prefixes, pair the leftovers on both sides by structure
+            (:mod:`torchgraft.align`): module tree, shapes, order where trustworthy, names.
+            Pairs are in ``plan.aligned`` with a confidence and a reason; same-shaped
+            candidates that cannot be told apart stay missing and are in ``plan.ambiguous``.
 
     Returns:
         A :class:`Plan`.
 
     Raises:
-        CheckpointError: the source cannot be opened.
-        PlanError: an invalid ignore pattern or rule.
+        CheckpointError: the source cannot be opened (``UnsafeCheckpointError``: its pickle
+            wants globals the safe loader refuses).
+        PlanError: an invalid ignore pattern, rule or ``adapt`` pattern.
+        AdapterError: an ``adapt`` adapter is unknown or cannot produce the model's shape.
 
     Example:
         >>> from transformers import BertConfig, BertForTokenClassification
@@ -375,7 +416,7 @@ def plan(
         >>> p.prefix, p.missing
         ({'mode': 'add', 'prefix': 'bert.'}, ['classifier.weight', 'classifier.bias'])
     """
-    src = open_source(source)
+    src = open_source(source, allow_globals=allow_globals)
     view = TargetView.of(model)
     try:
         user_rules = compile_rules(rules)
@@ -430,8 +471,10 @@ def plan(
         ref = src[src_name]
         metadata_map.setdefault(split_key(name)[0], split_key(src_name)[0])
         e = Entry(name, "copy", info.shape, info.dtype, src_name, ref.shape, ref.dtype)
-        if renames.reasons.get(src_name) or src_name != name:
-            e.note = "; ".join(renames.reasons.get(src_name, []) + ([f"prefix {pfx.mode} {pfx.prefix!r}"] if pfx.mode and pfx.to_target(live[src_name], expected) != live[src_name] else []))
+        why = list(renames.reasons.get(src_name, []))
+        if live[src_name] != name:
+            why.append(f"prefix {pfx.mode} {pfx.prefix!r}")
+        e.note = "; ".join(why)
         if ref.shape != info.shape and not (info.shape == () and ref.shape == (1,)):  # (1,) -> () as load_state_dict allows
             e.action, e.mismatched = "init", True
         entries[name] = e
@@ -447,6 +490,13 @@ def plan(
                                   note="non-persistent buffer, loaded to materialise the meta model")
         else:
             ignored[src_name] = f"non-persistent buffer {name!r}: computed by the model, not loaded"
+
+    ambiguous: list[dict[str, Any]] = []
+    if align:
+        from .align import align_plan
+
+        ambiguous = align_plan(view, src, entries, unused, live, renamed=renamed, metadata_map=metadata_map,
+                               skip=lambda k: _matches(unexp_patterns, k, live.get(k)) is not None)
 
     # Tied weights: one tensor under several names is loaded once.
     for name, owner in view.tied.items():
@@ -465,6 +515,11 @@ def plan(
             e.action, e.note = "default", "set to 0 by BatchNorm's loading hook (checkpoint predates it)"
         elif (p := _matches(miss_patterns, name, _source_name_guess(name, pfx))) is not None:
             e.ignored, e.note = True, f"missing, ignored by pattern {p.pattern!r}"
+
+    if adapt is not None:
+        from .policy import apply_policy  # imports torch: only when adapting
+
+        notes += apply_policy(entries, adapt, model=model, view=view, source=src)
 
     unexpected: list[str] = []
     for orig in unused:
@@ -491,6 +546,7 @@ def plan(
         model_fingerprint=view.fingerprint(),
         source_fingerprint=src.fingerprint(),
         notes=notes,
+        ambiguous=ambiguous,
     )
 
 

@@ -64,6 +64,23 @@ def _render(renderable, *, width: int = 120) -> str:
     return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
 
 
+def describe_adapter(spec: dict[str, Any]) -> str:
+    """``{"name": "input_channels", "args": {"method": "sum"}}`` -> ``input_channels(method='sum')``."""
+    args = ", ".join(
+        f"{k}=[{len(v)} items]" if isinstance(v, list) and len(v) > 6 else f"{k}={v!r}" for k, v in spec.get("args", {}).items()
+    )
+    return f"{spec.get('name')}({args})" if args else str(spec.get("name"))
+
+
+def _adapter_summary(adapted: dict[str, dict[str, Any]]) -> str:
+    """``by input_channels(method='sum') (1), reinit (2)``."""
+    counts: dict[str, int] = {}
+    for spec in adapted.values():
+        d = describe_adapter(spec)
+        counts[d] = counts.get(d, 0) + 1
+    return "by " + ", ".join(f"{d} ({n})" for d, n in counts.items()) if counts else ""
+
+
 def _prefix_line(prefix: dict[str, str]) -> str:
     if not prefix:
         return ""
@@ -88,6 +105,12 @@ class LoadReport:
         initialised: module path -> how it was initialised (``"reset_parameters"``, ...).
         tied: model name -> the entry it shares a tensor with.
         ignored: name -> why it is not reported (ignore pattern, non-persistent buffer, ...).
+        aligned: model name -> ``{"source", "confidence", "reason"}`` for entries paired by
+            structure (``align=True``).
+        ambiguous: ``{"targets", "candidates", "reason"}`` for same-shaped entries alignment
+            could not tell apart (left missing).
+        nonfinite: model name -> ``{"nan": n, "inf": n}`` for loaded tensors holding NaN or Inf
+            in the dtype they were stored in (see ``check_finite=`` of :func:`torchgraft.load`).
 
     Example:
         >>> report = tg.load(model, "all-MiniLM-L6-v2/")
@@ -113,6 +136,9 @@ class LoadReport:
     dtype: str | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    nonfinite: dict[str, dict[str, int]] = field(default_factory=dict)
+    aligned: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ambiguous: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_plan(
@@ -149,6 +175,8 @@ class LoadReport:
             dtype=dtype,
             seconds=seconds,
             notes=list(plan.notes),
+            aligned=plan.aligned,
+            ambiguous=list(plan.ambiguous),
         )
 
     @property
@@ -176,6 +204,9 @@ class LoadReport:
             "tied": self.tied,
             "ignored": self.ignored,
             "notes": self.notes,
+            "nonfinite": self.nonfinite,
+            "aligned": self.aligned,
+            "ambiguous": self.ambiguous,
         }
 
     # Words ---------------------------------------------------------------
@@ -203,15 +234,40 @@ class LoadReport:
             f"{self.source}:\n" + "\n".join(lines) + "\nPass adapt=... to adapt them instead, if that is what you want."
         )
 
+    def nonfinite_message(self) -> str:
+        counts = [f"{k} ({c['nan']} NaN, {c['inf']} Inf)" for k, c in self.nonfinite.items()]
+        shown = ", ".join(counts[:_MAX_LINES]) + (f" and {len(counts) - _MAX_LINES} more" if len(counts) > _MAX_LINES else "")
+        return (
+            f"Some weights of {self.model} loaded from {self.source} hold NaN or Inf values: {shown}.\n"
+            "The checkpoint is damaged, or a cast to a narrower dtype overflowed; pass check_finite='error' to refuse such loads."
+        )
+
+    @property
+    def reinitialised(self) -> list[str]:
+        """Entries the checkpoint has but the ``adapt=`` policy re-initialised (``"reinit"``)."""
+        return [k for k, spec in self.adapted.items() if spec.get("name") == "reinit"]
+
     def log(self, logger: logging.Logger) -> None:
-        """Warn about unused, missing and mismatched weights; one info line when all fit."""
+        """Warn about unused, missing, mismatched and re-initialised weights; one info line when all fit."""
         if self.unexpected:
             logger.warning(self.unused_message())
         if self.missing:
             logger.warning(self.missing_message())
         if self.mismatched:
             logger.warning(self.mismatched_message())
-        if self.ok:
+        if reinit := self.reinitialised:
+            logger.warning(
+                "Some weights of %s were re-initialised by the adapt policy although the checkpoint has them: %s.\n"
+                "You should probably TRAIN them on a downstream task before using the model for predictions.",
+                self.model,
+                ", ".join(collapse_keys(reinit)),
+            )
+        adapted = {k: v for k, v in self.adapted.items() if v.get("name") != "reinit"}
+        if adapted:
+            logger.info("Adapted %d weights of %s to its shapes %s.", len(adapted), self.model, _adapter_summary(adapted))
+        if self.nonfinite:
+            logger.warning(self.nonfinite_message())
+        if self.ok and not reinit and not self.nonfinite:
             logger.info(
                 "All weights of %s were loaded from %s and all checkpoint weights were used; "
                 "if your task is the one the checkpoint was trained for, the model is ready for predictions.",
@@ -224,12 +280,13 @@ class LoadReport:
         inits = sorted({v for v in self.initialised.values()})
         rows = [
             ("loaded", self.loaded, ""),
-            ("adapted", list(self.adapted), ""),
+            ("adapted", list(self.adapted), _adapter_summary(self.adapted)),
             ("missing (initialised)", self.missing, f"by {', '.join(inits)}" if inits else ""),
             ("shape mismatch (initialised)", [m["key"] for m in self.mismatched], ""),
             ("unused (checkpoint names)", self.unexpected, ""),
             ("tied", list(self.tied), ""),
             ("ignored", list(self.ignored), ""),
+            ("NaN / Inf values", list(self.nonfinite), ""),
         ]
         footer = [line for line in [_prefix_line(self.prefix), f"renamed: {len(self.renamed)} keys" if self.renamed else ""] if line]
         if self.missing:
@@ -241,9 +298,13 @@ class LoadReport:
             )
         if self.mismatched:
             footer.append("Shape mismatches were initialised, not loaded: pass adapt=... to adapt them.")
-        if self.ok:
+        if self.reinitialised:
+            footer.append("Re-initialised by the adapt policy (reinit): train these before relying on predictions.")
+        if self.nonfinite:
+            footer.append("NaN / Inf values were loaded: the checkpoint is damaged or a cast overflowed.")
+        if self.ok and not self.reinitialised:
             footer.append("Every weight came from the checkpoint and every checkpoint weight was used.")
-        return _renderable(title, rows, footer)
+        return _with_alignment(_renderable(title, rows, footer), self.aligned, self.ambiguous)
 
     def __rich__(self):
         return self._renderable()
@@ -264,13 +325,18 @@ def plan_renderable(plan: Plan):
         label = {
             "copy": "load",
             "adapt": "adapt",
-            "init": "initialise (shape mismatch)" if e.mismatched else ("initialise (ignored)" if e.ignored else "initialise (missing)"),
+            "init": "initialise (shape mismatch)" if e.mismatched else (
+                "initialise (adapt: reinit)" if e.adapter else ("initialise (ignored)" if e.ignored else "initialise (missing)")
+            ),
             "tied": "tied",
             "default": "module default",
         }[e.action]
         by_action.setdefault(label, []).append(name)
     casts = [n for n, e in plan.entries.items() if e.loads and e.source_dtype and e.source_dtype != e.dtype]
-    rows = [(label, keys, "") for label, keys in by_action.items()]
+    rows = [
+        (label, keys, _adapter_summary({k: plan.entries[k].adapter or {} for k in keys}) if label == "adapt" else "")
+        for label, keys in by_action.items()
+    ]
     if casts:
         rows.append(("cast", casts, ""))
     rows.append(("unused (checkpoint names)", plan.unexpected, ""))
@@ -279,4 +345,15 @@ def plan_renderable(plan: Plan):
     if plan.renamed:
         footer.append(f"renamed: {len(plan.renamed)} keys (plan.renamed)")
     footer += plan.notes
-    return _renderable(f"plan: {plan.source} ({plan.source_format}) -> {plan.model}", rows, footer)
+    return _with_alignment(_renderable(f"plan: {plan.source} ({plan.source_format}) -> {plan.model}", rows, footer), plan.aligned, plan.ambiguous)
+
+
+def _with_alignment(renderable, aligned: dict[str, dict[str, Any]], ambiguous: list[dict[str, Any]]):
+    """Append the structural-alignment tables (pairs with reasons, ambiguous candidates) when there are any."""
+    if not aligned and not ambiguous:
+        return renderable
+    from rich.console import Group
+
+    from .align import alignment_renderable
+
+    return Group(renderable, alignment_renderable(aligned, ambiguous))

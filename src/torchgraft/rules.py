@@ -22,13 +22,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
+    "BUILTIN_RULES",
+    "RenameResult",
     "Rule",
     "RuleSpec",
-    "BUILTIN_RULES",
-    "compile_rules",
     "apply_rules",
+    "compile_rules",
     "invert_rules",
-    "RenameResult",
     "suffix_matcher",
 ]
 

@@ -7,12 +7,39 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 from .keys import format_ranges, natural_key
 from .sources import Source
 
-__all__ = ["summarize", "TreeNode", "module_tree"]
+__all__ = ["TreeNode", "module_tree", "select", "summarize"]
+
+
+def select(source: Source, pattern: str) -> Source:
+    """The entries whose names match a glob (``*.attention.*``, ``encoder.layer.1?.*``).
+
+    A pattern without wildcards selects that name and everything under it
+    (``encoder.layer.0`` -> ``encoder.layer.0.*``). The result shares the source's tensors.
+    """
+    wild = any(c in pattern for c in "*?[")
+    under = pattern.rstrip(".") + "."
+
+    def match(name: str) -> bool:
+        return fnmatchcase(name, pattern) if wild else (name == pattern or name.startswith(under))
+
+    keep = {n: r for n, r in source.items() if match(n)}
+    return Source(
+        keep,
+        path=source.path,
+        format=source.format,
+        metadata=source.metadata,
+        module_metadata=source.module_metadata,
+        container=source.container,
+        containers=source.containers,
+        skipped={k: v for k, v in source.skipped.items() if match(k)},
+        files=source.files,
+    )
 
 
 def summarize(source: Source) -> dict[str, Any]:

@@ -110,6 +110,51 @@ def _mobilenet(console: Any) -> bool:
     return report.ok and diff == 0.0
 
 
+@register_scenario("surgery", "The seed's surgery: MobileNetV2 made 1-channel and 2-class, its ImageNet weights adapted while loading")
+def _surgery(console: Any) -> bool:
+    import torch
+
+    import torchgraft as tg
+
+    from .assets import mobilenet_v2_path
+    from .mobilenet_v2 import mobilenet_v2
+
+    path = mobilenet_v2_path()
+    original = torch.load(path, map_location="cpu", weights_only=True)
+
+    def grey_two_class(adapt: Any):
+        model = mobilenet_v2()  # torchvision's architecture: 3 channels, 1000 classes
+        changes = [tg.surgery.replace_input_conv(model, 1), tg.surgery.replace_head(model, 2)]
+        return model, changes, tg.load(model, path, adapt=adapt)
+
+    # 1) the seed's formula for the first conv, a new 2-class head, everything else as it was
+    model, changes, report = grey_two_class({"features.0.0.weight": "luminance", "classifier.*": "reinit"})
+    for change in changes:
+        console.print(f"surgery: {change}")
+    console.print(report)
+    rgb = original["features.0.0.weight"].double()
+    seed = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]).float()
+    conv_err = (model.features[0][0].weight - seed).abs().max().item()
+    rest_same = all(torch.equal(t, original[k]) for k, t in model.state_dict().items() if k not in report.adapted)
+    console.print(
+        f"first conv vs 0.299 R + 0.587 G + 0.114 B: max |diff| = {conv_err:g}; classifier "
+        f"{tuple(model.classifier[1].weight.shape)} re-initialised; other {len(original) - 3} tensors bit-identical: {rest_same}"
+    )
+    # 2) adapt="auto" sums the RGB kernel: grey images give exactly the RGB network's features
+    auto, _, auto_report = grey_two_class("auto")
+    reference = mobilenet_v2()
+    reference.load_state_dict(original)
+    auto.eval(), reference.eval()
+    x = torch.rand(2, 1, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (auto.forward_features(x) - reference.forward_features(x.repeat(1, 3, 1, 1))).abs().max().item()
+    console.print(f"adapt='auto' chose {auto_report.adapted['features.0.0.weight']} for the first conv; "
+                  f"features of grey images vs the RGB network on them repeated to 3 channels: max |diff| = {diff:g}")
+    ok = conv_err < 1e-6 and rest_same and set(report.reinitialised) == {"classifier.1.weight", "classifier.1.bias"} and diff < 1e-4
+    console.print(f"check {'passed' if ok else 'FAILED'}")
+    return ok
+
+
 def run_demo(which: str = "all", *, console: Any) -> int:
     """Run one scenario or all; returns a process exit code (0 when every check passed)."""
     logging.getLogger("torchgraft").setLevel(logging.ERROR)  # the report says it all

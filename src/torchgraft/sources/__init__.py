@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from .base import DTYPE_SIZES, Source, TensorRef, dtype_name
+from .dcp_reader import looks_like_dcp, open_dcp
 from .directory import open_directory, open_index
 from .safetensors_reader import looks_like_safetensors, open_safetensors
 from .torch_reader import open_torch
@@ -33,6 +34,8 @@ class Reader:
 
 
 READERS: list[Reader] = [
+    # torch.distributed.checkpoint: a directory with .metadata (before "directory"; the file is a pickle)
+    Reader("dcp", lambda p, head, size: looks_like_dcp(p), open_dcp),
     Reader("directory", lambda p, head, size: p.is_dir(), open_directory),
     Reader("index", lambda p, head, size: p.name.endswith(".index.json"), open_index),
     Reader("safetensors", lambda p, head, size: looks_like_safetensors(head, size), open_safetensors),
@@ -59,8 +62,9 @@ def open(
 
     Args:
         path: a file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``, ``.ckpt``), a sharded
-            checkpoint's ``*.index.json``, a model directory, an open :class:`Source`
-            (returned as is) or an in-memory state dict.
+            checkpoint's ``*.index.json``, a model directory, a Hugging Face repository
+            ``"hf:org/name[@revision]"`` (from the local cache, needs ``huggingface_hub``),
+            an open :class:`Source` (returned as is) or an in-memory state dict.
         format: force a reader by name (see :data:`READERS`) instead of sniffing the content.
         container: where the state dict sits inside a training checkpoint, as a dotted
             path (``"state_dict"``, ``"model_ema"``, ``"model.module"``). By default the
@@ -85,6 +89,10 @@ def open(
         return path
     if isinstance(path, Mapping):
         return Source.from_state_dict(path)
+    if isinstance(path, str) and path.startswith("hf:"):  # a Hugging Face repo: hf:org/name[@revision]
+        from ..hub import resolve_hub_path
+
+        path = resolve_hub_path(path)
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(
@@ -94,11 +102,16 @@ def open(
         )
     head, size = b"", 0
     if p.is_file():
-        size = p.stat().st_size
+        try:
+            size = p.stat().st_size
+            with p.open("rb") as f:
+                head = f.read(_HEAD_BYTES)
+        except OSError as e:
+            raise CheckpointError(p, f"cannot read the file ({e.strerror or e})", hint="check the file's permissions") from None
         if size == 0:
             raise CheckpointError(p, "the file is empty", hint="the download or save was interrupted: fetch it again")
-        with p.open("rb") as f:
-            head = f.read(_HEAD_BYTES)
+    elif not p.is_dir():  # a FIFO or device would block or never end
+        raise CheckpointError(p, "not a regular file or directory", hint="pass the checkpoint file itself")
     options = {"container": container, "allow_globals": allow_globals}
     if format is not None:
         reader = next((r for r in READERS if r.name == format), None)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch is imported lazily: listing a safetensors file must not pay for it
     import torch
 
-__all__ = ["TensorRef", "Source", "DTYPE_SIZES", "dtype_name"]
+__all__ = ["DTYPE_SIZES", "Source", "TensorRef", "dtype_name"]
 
 #: Bytes per element for every dtype name a reader may report (torch's names, without "torch.").
 DTYPE_SIZES: dict[str, float] = {
@@ -37,7 +37,7 @@ class TensorRef:
         >>> tensor = ref.load()          # reads (or maps) the bytes now
     """
 
-    __slots__ = ("name", "shape", "dtype", "_loader")
+    __slots__ = ("_loader", "dtype", "name", "shape")
 
     def __init__(self, name: str, shape: tuple[int, ...], dtype: str, loader: Callable[[], torch.Tensor]):
         self.name = name

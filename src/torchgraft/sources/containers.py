@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 
-__all__ = ["CONTAINER_KEYS", "EMA_KEYS", "find_state_dict"]
+__all__ = ["CONTAINER_KEYS", "EMA_KEYS", "MAX_DEPTH", "find_state_dict"]
 
 #: Keys under which training frameworks nest the weights, in the order they are tried.
 #: Lightning and mmengine use ``state_dict``; timm and many repos ``model`` / ``state_dict``;
@@ -15,6 +15,8 @@ __all__ = ["CONTAINER_KEYS", "EMA_KEYS", "find_state_dict"]
 CONTAINER_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 #: EMA copies: only used when asked (``container="state_dict_ema"``) or when nothing else is there.
 EMA_KEYS: tuple[str, ...] = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
+#: Nested mappings deeper than this are not searched (a hostile pickle may nest without end or in a cycle).
+MAX_DEPTH = 16
 
 
 def _is_tensor(x: Any) -> bool:
@@ -23,12 +25,13 @@ def _is_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor)
 
 
-def _tensor_count(obj: Any) -> int:
-    """Tensors reachable through nested mappings (a plain state dict has all of them at depth 1)."""
+def _tensor_count(obj: Any, depth: int = 0, active: frozenset[int] = frozenset()) -> int:
+    """Tensors reachable through nested mappings, at most :data:`MAX_DEPTH` deep, each cycle cut."""
     if _is_tensor(obj):
         return 1
-    if isinstance(obj, Mapping):
-        return sum(_tensor_count(v) for v in obj.values())
+    if isinstance(obj, Mapping) and depth < MAX_DEPTH and id(obj) not in active:
+        inner = active | {id(obj)}
+        return sum(_tensor_count(v, depth + 1, inner) for v in obj.values())
     return 0
 
 
@@ -45,6 +48,10 @@ def _candidates(obj: Any, prefix: str = "", depth: int = 0) -> list[str]:
         if isinstance(k, str) and isinstance(v, Mapping):
             out.extend(_candidates(v, f"{prefix}.{k}" if prefix else k, depth + 1))
     return out
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _get(obj: Any, path: str) -> Any:
@@ -89,17 +96,19 @@ def find_state_dict(obj: Any, *, container: str | None, path: str, format: str) 
         return chosen, container, candidates
     node: Mapping[str, Any] = obj
     trail: list[str] = []
-    while True:
+    visited = {id(obj)}
+    while len(trail) < MAX_DEPTH:
         key = next((k for k in CONTAINER_KEYS if isinstance(node.get(k), Mapping) and _tensor_count(node[k])), None)
-        if key is None:
+        if key is None or id(node[key]) in visited:  # a container that holds itself leads nowhere
             break
         node, trail = node[key], trail + [key]
+        visited.add(id(node))
     if _is_state_dict(node):
         return node, ".".join(trail), candidates
     for key in EMA_KEYS:
         if _is_state_dict(obj.get(key)):
             return obj[key], key, candidates
-    top = ", ".join(repr(k) for k in list(obj)[:12])
+    top = ", ".join(_short(repr(k)) for k in list(obj)[:12])
     raise CheckpointError(
         path,
         f"no state dict found; top-level keys are {top}",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import CheckpointError
@@ -32,10 +32,14 @@ def open_directory(path: Path, **options: Any) -> Source:
         candidate = path / name
         if candidate.is_file():
             return open_source(candidate, **options)
-    loose = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _LOOSE_SUFFIXES)
+    try:
+        children = sorted(path.iterdir())
+    except OSError as e:
+        raise CheckpointError(path, f"cannot list the directory ({e.strerror or e})", format="directory") from None
+    loose = [p for p in children if p.suffix in _LOOSE_SUFFIXES and p.is_file()]
     if len(loose) == 1:
         return open_source(loose[0], **options)
-    listing = ", ".join(sorted(p.name for p in path.iterdir())[:15]) or "nothing"
+    listing = ", ".join(p.name for p in children[:15]) or "nothing"
     if loose:
         raise CheckpointError(
             path,
@@ -52,11 +56,80 @@ def open_directory(path: Path, **options: Any) -> Source:
     )
 
 
+#: An index lists names and file names; even the largest models need a few megabytes.
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
+def _r(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _hf_blobs(root: Path) -> Path | None:
+    """``<repo>/blobs`` when ``root`` lies in a Hugging Face cache snapshot (``<repo>/snapshots/<rev>/...``)."""
+    for folder in (root, *root.parents):
+        if folder.parent.name == "snapshots":
+            blobs = folder.parent.parent / "blobs"
+            if blobs.is_dir() and not blobs.is_symlink():
+                return blobs
+            return None
+    return None
+
+
+def _confined_shard(index: Path, root: Path, shard: str, bad) -> Path:
+    """The file a shard name points at, refusing anything outside the index's directory."""
+    outside = "refusing to read files outside the checkpoint directory"
+    if not shard or "\0" in shard:
+        raise bad(f"shard name {_r(shard)} is not a file name")
+    name = PurePosixPath(shard.replace("\\", "/"))
+    if name.is_absolute() or Path(shard).is_absolute() or ".." in name.parts:
+        raise bad(f"shard {_r(shard)} lies outside {root}", hint=outside)
+    try:
+        target = (index.parent / shard).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # symlink loops, names the OS refuses
+        raise bad(f"shard {_r(shard)} cannot be resolved ({_first_line(e)})") from None
+    if not target.is_relative_to(root):
+        blobs = _hf_blobs(root)
+        if blobs is None or not target.is_relative_to(blobs):
+            raise bad(f"shard {_r(shard)} lies outside {root} (a symlink leads to {target})", hint=outside)
+    if not target.exists():
+        raise bad(f"shard {_r(shard)} named by the index does not exist", hint="download the missing shard")
+    if not target.is_file():
+        raise bad(f"shard {_r(shard)} named by the index is not a regular file")
+    if target.name.endswith(".index.json"):
+        raise bad(f"shard {_r(shard)} is itself an index; shards must be weight files")
+    return target
+
+
+def _shard_format(target: Path) -> str | None:
+    """Shards are opened as weight files only: a shard may never be read as an index or directory."""
+    from . import READERS
+
+    try:
+        with target.open("rb") as f:
+            head = f.read(16)
+        size = target.stat().st_size
+    except OSError:
+        return None
+    if size == 0:
+        return None  # the generic open reports the empty file
+    for reader in READERS:
+        if reader.name not in ("directory", "index") and reader.matches(target, head, size):
+            return reader.name
+    return None
+
+
 def open_index(path: Path, **options: Any) -> Source:
     """Open a sharded checkpoint from its ``*.index.json`` (``weight_map``: tensor name -> shard file).
 
-    Shard names must stay inside the index's directory: absolute paths, ``..`` and
-    symlinks that lead out are refused.
+    Shard names must stay inside the index's directory: absolute paths, ``..``, and
+    symlinks that lead out are refused (except into the ``blobs/`` folder of a Hugging Face
+    cache, where a snapshot's files are symlinks). A shard is always a weights file, never
+    another index or a directory.
     """
     from . import open as open_source
 
@@ -66,35 +139,38 @@ def open_index(path: Path, **options: Any) -> Source:
         return CheckpointError(path, reason, format=fmt, hint=hint)
 
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"the index is not valid JSON ({e})") from None
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            raise bad(f"the index is {path.stat().st_size} bytes, more than the {MAX_INDEX_BYTES} an index needs")
+        index = json.loads(path.read_bytes().decode("utf-8"))
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise bad(f"cannot read the index ({e.strerror or e})", hint="check that the path is a readable file") from None
+    except RecursionError:
+        raise bad("the index is not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers with too many digits
+        raise bad(f"the index is not valid JSON ({_first_line(e)})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise bad("the index has no 'weight_map' object mapping tensor names to shard files")
     root = path.parent.resolve()
     shards: dict[str, Path] = {}
     for shard in dict.fromkeys(weight_map.values()):
-        target = (path.parent / shard).resolve()
-        if Path(shard).is_absolute() or not target.is_relative_to(root):
-            raise bad(f"shard {shard!r} lies outside {root}", hint="refusing to read files outside the checkpoint directory")
-        if not target.is_file():
-            raise bad(f"shard {shard!r} named by the index does not exist", hint="download the missing shard")
-        shards[shard] = target
+        shards[shard] = _confined_shard(path, root, shard, bad)
     opened: dict[str, Source] = {}
     try:
         for shard, target in shards.items():
-            opened[shard] = open_source(target, **options)
+            opened[shard] = open_source(target, format=_shard_format(target), **options)
+        entries = {}
+        for name, shard in weight_map.items():
+            src = opened[shard]
+            if name not in src:
+                raise bad(f"the index puts {_r(name)} in {_r(shard)}, but that shard does not hold it")
+            entries[name] = src[name]
     except BaseException:
         for s in opened.values():
             s.close()
         raise
-    entries = {}
-    for name, shard in weight_map.items():
-        src = opened[shard]
-        if name not in src:
-            raise bad(f"the index puts {name!r} in {shard!r}, but that shard does not hold it")
-        entries[name] = src[name]
     module_metadata: dict[str, Any] = {}
     metadata: dict[str, str] = {}
     for src in opened.values():

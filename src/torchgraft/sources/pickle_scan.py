@@ -1,17 +1,267 @@
-"""List the globals a pickle refers to, by reading its opcodes (never executing it)."""
+"""Read pickles opcode by opcode (never executing them): the globals they name, the storages they declare.
+
+The scan runs a small stack machine over :func:`pickletools.genops`: literal values
+(strings, numbers, tuples) are tracked, everything else is an opaque placeholder.
+That is enough to resolve ``STACK_GLOBAL`` and torch's persistent ids
+``('storage', torch.FloatStorage, key, location, numel)``, which the torch reader
+checks against the file before ``torch.load`` allocates anything.
+"""
 
 from __future__ import annotations
 
 import io
 import pickletools
 import zipfile
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["pickle_globals", "checkpoint_globals", "refused_globals"]
+__all__ = [
+    "StorageRecord",
+    "PickleScan",
+    "scan_pickles",
+    "pickle_globals",
+    "checkpoint_globals",
+    "refused_globals",
+    "dangerous_globals",
+    "MAX_SCAN_BYTES",
+]
 
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+#: At most this many bytes of one file or zip member are scanned (the pickled part of a
+#: legacy torch file comes first; raw storage bytes follow and need no scanning).
+MAX_SCAN_BYTES = 64 * 1024 * 1024
+
+UNRESOLVED_STACK_GLOBAL = "<unresolved STACK_GLOBAL>"
+
+_LITERAL_OPS = {
+    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4",
+    "STRING", "BINSTRING", "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8",
+    "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "FLOAT", "BINFLOAT",
+}  # fmt: skip
+_CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False, "EMPTY_TUPLE": ()}
 _MEMO_PUT = {"BINPUT", "LONG_BINPUT", "PUT"}
 _MEMO_GET = {"BINGET", "LONG_BINGET", "GET"}
+_MARK = pickletools.markobject
+_SLICE = pickletools.stackslice
+
+
+class _Opaque:
+    """A value the scan does not model (a dict, a list, the result of a call...)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+_OPAQUE = _Opaque()
+
+
+class _Mark:
+    __slots__ = ()
+
+
+_MARK_ON_STACK = _Mark()
+
+
+@dataclass(frozen=True)
+class _Global:
+    name: str
+
+
+@dataclass(frozen=True)
+class StorageRecord:
+    """One storage a torch pickle declares through a persistent id.
+
+    Attributes:
+        key: the record name (``data/<key>`` in a zip, the storage key in a legacy file).
+        type: the storage class as named in the pickle (``"torch.FloatStorage"``).
+        numel: elements declared (bytes = ``numel`` x the type's element size).
+        location: the device string saved with it (``"cpu"``, ``"cuda:0"``).
+    """
+
+    key: str
+    type: str
+    numel: int
+    location: str
+
+
+@dataclass
+class PickleScan:
+    """What :func:`scan_pickles` found.
+
+    Attributes:
+        globals: every ``module.name`` referenced (``GLOBAL``, ``STACK_GLOBAL``, ``INST``), in order,
+            with Python 2 names mapped as the unpickler maps them (``__builtin__.eval`` -> ``builtins.eval``).
+        storages: the storage persistent ids, in order.
+        resolved: every persistent id in the ``pickles`` complete pickles was a literal tuple, so
+            ``storages`` is complete for them (false too when no pickle ended cleanly).
+        pickles: how many complete pickles were read (a legacy torch file holds five).
+    """
+
+    globals: list[str] = field(default_factory=list)
+    storages: list[StorageRecord] = field(default_factory=list)
+    resolved: bool = True
+    pickles: int = 0
+
+
+def _global_name(module: str, name: str) -> str:
+    # the unpickler (and torch's weights_only one) map Python 2 names: __builtin__ -> builtins, ...
+    if (module, name) in NAME_MAPPING:
+        module, name = NAME_MAPPING[(module, name)]
+    elif module in IMPORT_MAPPING:
+        module = IMPORT_MAPPING[module]
+    return f"{module}.{name}"
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace")
+    return None
+
+
+def _storage_record(pid: object) -> StorageRecord | None:
+    """``('storage', type, key, location, numel[, view])`` -> a record; ``None`` when not literal."""
+    if not (isinstance(pid, tuple) and len(pid) in (5, 6) and _text(pid[0]) == "storage"):
+        return None
+    _, stype, key, location, numel = pid[:5]
+    if not isinstance(stype, _Global) or _text(key) is None or _text(location) is None:
+        return None
+    if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+        return None
+    return StorageRecord(_text(key) or "", stype.name, numel, _text(location) or "")
+
+
+class _Machine:
+    """Stack effects of one pickle; gives up modelling (``ok = False``) at the first surprise."""
+
+    def __init__(self, scan: PickleScan, found: dict[str, None]):
+        self.scan, self.found = scan, found
+        self.stack: list[object] = []
+        self.memo: dict[int, object] = {}
+        self.ok = True
+
+    def pop(self) -> object:
+        if not self.stack or self.stack[-1] is _MARK_ON_STACK:
+            raise IndexError("stack underflow")
+        return self.stack.pop()
+
+    def pop_to_mark(self) -> list[object]:
+        for i in range(len(self.stack) - 1, -1, -1):
+            if self.stack[i] is _MARK_ON_STACK:
+                items = self.stack[i + 1 :]
+                del self.stack[i:]
+                return items
+        raise IndexError("no MARK on the stack")
+
+    def step(self, op: pickletools.OpcodeInfo, arg: object) -> None:
+        name = op.name
+        # globals are collected even when the stack can no longer be modelled
+        if name in ("GLOBAL", "INST"):
+            module, _, attr = str(arg).partition(" ")
+            self.found[_global_name(module, attr)] = None
+        if not self.ok:
+            if name == "STACK_GLOBAL":
+                self.found[UNRESOLVED_STACK_GLOBAL] = None
+            return
+        try:
+            self._step(name, op, arg)
+        except (IndexError, KeyError, TypeError):
+            self.ok = False
+            if name == "STACK_GLOBAL":
+                self.found[UNRESOLVED_STACK_GLOBAL] = None
+
+    def _step(self, name: str, op: pickletools.OpcodeInfo, arg: object) -> None:
+        push = self.stack.append
+        if name == "MARK":
+            push(_MARK_ON_STACK)
+        elif name in _LITERAL_OPS:
+            push(arg)
+        elif name in _CONSTANTS:
+            push(_CONSTANTS[name])
+        elif name == "GLOBAL":
+            module, _, attr = str(arg).partition(" ")
+            push(_Global(_global_name(module, attr)))
+        elif name == "STACK_GLOBAL":
+            attr, module = self.pop(), self.pop()
+            if isinstance(module, str) and isinstance(attr, str):
+                g = f"{module}.{attr}"
+            else:
+                g = UNRESOLVED_STACK_GLOBAL
+            self.found[g] = None
+            push(_Global(g))
+        elif name == "TUPLE":
+            push(tuple(self.pop_to_mark()))
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            n = int(name[-1])
+            items = [self.pop() for _ in range(n)][::-1]
+            push(tuple(items))
+        elif name in _MEMO_PUT:
+            self.memo[int(arg)] = self.stack[-1]  # type: ignore[arg-type]
+        elif name == "MEMOIZE":
+            self.memo[len(self.memo)] = self.stack[-1]
+        elif name in _MEMO_GET:
+            push(self.memo[int(arg)])  # type: ignore[arg-type]
+        elif name == "DUP":
+            push(self.stack[-1])
+        elif name == "BINPERSID":
+            record = _storage_record(self.pop())
+            if record is None:
+                self.scan.resolved = False
+            else:
+                self.scan.storages.append(record)
+            push(_OPAQUE)
+        elif name == "PERSID":  # protocol 0 persistent id: a string the safe loader refuses anyway
+            self.scan.resolved = False
+            push(_OPAQUE)
+        elif name in ("PROTO", "FRAME", "STOP"):
+            pass
+        else:  # generic stack effect from pickletools' description of the opcode
+            before = op.stack_before
+            if _MARK in before:
+                self.pop_to_mark()
+                for _ in range(before.index(_MARK)):
+                    self.pop()
+            else:
+                for _ in before:
+                    self.pop()
+            for _ in op.stack_after:
+                push(_OPAQUE)
+
+
+def scan_pickles(data: bytes, *, max_pickles: int = 8) -> PickleScan:
+    """Scan up to ``max_pickles`` consecutive pickles in ``data`` (legacy torch files hold five).
+
+    Never executes anything and never allocates more than ``data`` itself. Stops quietly at
+    the first byte sequence that is not a pickle (raw storage bytes follow in legacy files).
+    """
+    scan = PickleScan()
+    found: dict[str, None] = {}
+    stream = io.BytesIO(data)
+    for _ in range(max_pickles):
+        if stream.tell() >= len(data):
+            break
+        machine = _Machine(scan, found)
+        finished = False
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                machine.step(op, arg)
+                if op.name == "STOP":
+                    finished = True
+                    break
+        except Exception:  # not (or no longer) a pickle: malformed opcode or argument
+            pass
+        if not finished:  # truncated, or the bytes after the last pickle
+            if scan.pickles == 0:
+                scan.resolved = False
+            break
+        scan.pickles += 1
+        if not machine.ok:
+            scan.resolved = False
+    scan.globals = list(found)
+    return scan
 
 
 def pickle_globals(data: bytes, *, max_pickles: int = 8) -> list[str]:
@@ -20,60 +270,32 @@ def pickle_globals(data: bytes, *, max_pickles: int = 8) -> list[str]:
     Reads up to ``max_pickles`` consecutive pickles (legacy torch files hold several).
     Stops quietly at the first byte sequence that is not a pickle.
     """
-    found: dict[str, None] = {}
-    stream = io.BytesIO(data)
-    for _ in range(max_pickles):
-        if stream.tell() >= len(data):
-            break
-        memo: dict[int, object] = {}
-        recent: list[object] = []  # values pushed, enough to resolve STACK_GLOBAL
-        memo_idx = 0
-        try:
-            for op, arg, _pos in pickletools.genops(stream):
-                name = op.name
-                if name in ("GLOBAL", "INST"):
-                    module, _, attr = str(arg).partition(" ")
-                    found[f"{module}.{attr}"] = None
-                    recent.append(None)
-                elif name == "STACK_GLOBAL":
-                    if len(recent) >= 2 and isinstance(recent[-1], str) and isinstance(recent[-2], str):
-                        found[f"{recent[-2]}.{recent[-1]}"] = None
-                    else:
-                        found["<unresolved STACK_GLOBAL>"] = None
-                    recent.append(None)
-                elif name in _STRING_OPS:
-                    recent.append(arg if isinstance(arg, str) else str(arg))
-                elif name in _MEMO_PUT:
-                    memo[int(arg)] = recent[-1] if recent else None
-                elif name == "MEMOIZE":
-                    memo[memo_idx] = recent[-1] if recent else None
-                    memo_idx += 1
-                elif name in _MEMO_GET:
-                    recent.append(memo.get(int(arg)))
-                elif name == "STOP":
-                    break
-                else:
-                    recent.append(None)
-                del recent[:-4]
-        except Exception:  # not (or no longer) a pickle: raw storage bytes follow in legacy files
-            break
-    return list(found)
+    return scan_pickles(data, max_pickles=max_pickles).globals
 
 
-def checkpoint_globals(path: str | Path) -> list[str]:
-    """Globals referenced by a torch checkpoint: every ``*.pkl`` in a zip, or a legacy pickle stream."""
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """At most ``limit`` bytes of a zip member, whatever size it claims (no zip bomb inflates here)."""
+    with zf.open(info) as f:
+        return f.read(limit)
+
+
+def checkpoint_globals(path: str | Path, *, limit: int = MAX_SCAN_BYTES) -> list[str]:
+    """Globals referenced by a torch checkpoint: every ``*.pkl`` in a zip, or a legacy pickle stream.
+
+    Reads at most ``limit`` bytes per pickle.
+    """
     path = Path(path)
     if zipfile.is_zipfile(path):
         names: dict[str, None] = {}
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
                 if info.filename.endswith(".pkl"):
-                    for g in pickle_globals(zf.read(info)):
+                    for g in pickle_globals(_read_member(zf, info, limit)):
                         names[g] = None
         return list(names)
     with path.open("rb") as f:
         # the pickled part of a legacy file comes first; storages follow as raw bytes
-        return pickle_globals(f.read(64 * 1024 * 1024))
+        return pickle_globals(f.read(limit))
 
 
 def refused_globals(names: list[str]) -> list[str]:
@@ -91,3 +313,33 @@ def refused_globals(names: list[str]) -> list[str]:
     except Exception:  # private API moved: report everything, which errs on the safe side
         return list(names)
     return [n for n in names if n not in allowed]
+
+
+#: Modules whose globals run commands or code, touch files or the interpreter when a pickle calls them.
+_DANGEROUS_MODULES = {
+    "os", "posix", "nt", "subprocess", "commands", "pty", "sys", "runpy", "importlib", "code", "codeop",
+    "pdb", "bdb", "shutil", "socket", "webbrowser", "ctypes", "marshal", "pickle", "_pickle", "dill",
+    "cloudpickle", "multiprocessing", "asyncio", "timeit", "trace", "cProfile", "profile", "types",
+    "torch.hub", "numpy.testing", "pip", "setuptools",
+}  # fmt: skip
+_DANGEROUS_NAMES = {
+    "builtins.eval", "builtins.exec", "builtins.compile", "builtins.__import__", "builtins.getattr",
+    "builtins.setattr", "builtins.delattr", "builtins.open", "builtins.breakpoint", "builtins.globals",
+    "builtins.locals", "builtins.vars", "builtins.input", "builtins.help", "builtins.memoryview",
+    "functools.partial", "functools.reduce", "operator.attrgetter", "operator.methodcaller",
+    "operator.call", "torch.load", UNRESOLVED_STACK_GLOBAL,
+}  # fmt: skip
+
+
+def dangerous_globals(names: list[str]) -> list[str]:
+    """Those of ``names`` known to run code, commands or imports when a pickle calls them.
+
+    A guard rail for messages and for ``allow_globals``; not the protection itself (that is
+    torch's allow-list, which refuses everything not on it).
+    """
+    out = []
+    for n in names:
+        parts = n.split(".")
+        if n in _DANGEROUS_NAMES or any(".".join(parts[:i]) in _DANGEROUS_MODULES for i in range(1, len(parts))):
+            out.append(n)
+    return out

@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import CheckpointError
 from .base import DTYPE_SIZES, Source, TensorRef
 
-__all__ = ["read_header", "open_safetensors", "looks_like_safetensors", "SAFETENSORS_DTYPES"]
+__all__ = ["read_header", "open_safetensors", "looks_like_safetensors", "torch_shape", "SAFETENSORS_DTYPES"]
 
 FORMAT = "safetensors"
 
@@ -24,16 +24,32 @@ SAFETENSORS_DTYPES: dict[str, str] = {
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
 }  # fmt: skip
 
+#: Sub-byte dtypes: safetensors counts their elements, torch packs two into one (shape[-1] halves).
+_PACKED: dict[str, int] = {"F4": 4}
+
+
+def _bits(dtype: str) -> int:
+    return _PACKED.get(dtype) or int(DTYPE_SIZES[SAFETENSORS_DTYPES[dtype]] * 8)
+
+
+def torch_shape(dtype: str, shape: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    """The shape torch gives a stored entry: packed dtypes (``F4``) halve the last dimension."""
+    if dtype in _PACKED and shape:
+        return (*shape[:-1], shape[-1] * _PACKED[dtype] // 8)
+    return tuple(shape)
+
+
 #: The safetensors library refuses headers larger than this; so do we, before allocating.
 MAX_HEADER_BYTES = 100_000_000
 
 
 def looks_like_safetensors(head: bytes, size: int) -> bool:
-    """True when the first bytes are a plausible safetensors header (length + ``{``)."""
-    if len(head) < 9:
-        return False
-    (n,) = struct.unpack("<Q", head[:8])
-    return 0 < n <= size - 8 and head[8:9] == b"{"
+    """True when the first bytes look like a safetensors file: an 8-byte length, then ``{``.
+
+    The length itself is not judged here, so that a header length past the end of the file
+    or absurdly large is reported by :func:`read_header` in those words.
+    """
+    return len(head) >= 9 and head[8:9] == b"{"
 
 
 def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
@@ -53,53 +69,99 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
     def bad(reason: str, hint: str = "the file is damaged or not safetensors; download or convert it again") -> CheckpointError:
         return CheckpointError(path, reason, format=FORMAT, hint=hint)
 
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise bad(f"the file is {size} bytes long, too short for a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES:
-            raise bad(f"the header claims {n} bytes, more than the {MAX_HEADER_BYTES} the format allows")
-        if n > size - 8:
-            raise bad(f"the header claims {n} bytes but the file holds only {size - 8} after the length field (truncated?)")
-        raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"the header is not valid JSON ({e})") from None
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"the file is {size} bytes long, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise bad(f"the header claims {n} bytes, more than the {MAX_HEADER_BYTES} the format allows")
+            if n > size - 8:
+                raise bad(f"the header claims {n} bytes but the file holds only {size - 8} after the length field (truncated?)")
+            raw = f.read(n)
+    except OSError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise bad(f"cannot read the file ({e.strerror or e})", hint="check that the path is a readable file") from None
+    if len(raw) != n:
+        raise bad(f"the header claims {n} bytes but only {len(raw)} could be read (the file changed while reading?)")
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise bad(f"the header names {_r(e.args[0])} twice") from None
+    except RecursionError:
+        raise bad("the header is not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers with too many digits
+        raise bad(f"the header is not valid JSON ({_first_line(e)})") from None
     if not isinstance(header, dict):
         raise bad(f"the header is a JSON {type(header).__name__}, not an object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise bad("'__metadata__' must map strings to strings")
     data_len = size - 8 - n
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise bad(f"entry {name!r} lacks dtype, shape or data_offsets")
+            raise bad(f"entry {_r(name)} lacks dtype, shape or data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
-            raise bad(f"entry {name!r} has unknown dtype {dtype!r}", hint="upgrade torchgraft/safetensors, or re-save the file")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise bad(f"entry {_r(name)} has unknown dtype {_r(dtype)}", hint="upgrade torchgraft/safetensors, or re-save the file")
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-            raise bad(f"entry {name!r} has an invalid shape {shape!r}")
+            raise bad(f"entry {_r(name)} has an invalid shape {_r(shape)}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise bad(f"entry {name!r} has invalid data_offsets {offsets!r}")
+            raise bad(f"entry {_r(name)} has invalid data_offsets {_r(offsets)}")
         begin, end = offsets
         numel = 1
         for d in shape:
             numel *= d
-        expected = int(numel * DTYPE_SIZES[SAFETENSORS_DTYPES[dtype]])
+        bits = numel * _bits(dtype)
+        if bits % 8 or (dtype in _PACKED and (not shape or shape[-1] % 2)):
+            raise bad(f"entry {_r(name)} has shape {_r(shape)}, which does not fill whole bytes as {dtype}")
+        expected = bits // 8
         if not 0 <= begin <= end <= data_len:
-            raise bad(f"entry {name!r} points at bytes {begin}..{end}, outside the {data_len}-byte data block (truncated?)")
+            raise bad(f"entry {_r(name)} points at bytes {begin}..{end}, outside the {data_len}-byte data block (truncated?)")
         if end - begin != expected:
-            raise bad(f"entry {name!r} has shape {shape} ({expected} bytes as {dtype}) but spans {end - begin} bytes")
+            raise bad(f"entry {_r(name)} has shape {_r(shape)} ({expected} bytes as {dtype}) but spans {end - begin} bytes")
         spans.append((begin, end, name))
     spans.sort()
     for (b1, e1, n1), (b2, _e2, n2) in zip(spans, spans[1:]):
         if b2 < e1:
-            raise bad(f"entries {n1!r} and {n2!r} overlap in the data block")
+            raise bad(f"entries {_r(n1)} and {_r(n2)} overlap in the data block")
+    # like the safetensors library: the entries tile the data block exactly, from byte 0 to its end
+    covered = 0
+    for begin, end, name in spans:
+        if begin != covered:
+            raise bad(f"entry {_r(name)} starts at byte {begin} of the data block, but the previous entry ends at {covered} (a gap)")
+        covered = end
+    if covered != data_len:
+        raise bad(f"the entries cover {covered} of the {data_len} bytes in the data block (trailing bytes: damaged or appended to?)")
     return header, metadata, 8 + n
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _r(value: object, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: names and shapes in a hostile header can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 class _LazySafeOpen:
@@ -134,7 +196,7 @@ def open_safetensors(path: Path, **_: Any) -> Source:
     header, metadata, _ = read_header(path)
     handle = _LazySafeOpen(path)
     entries = {
-        name: TensorRef(name, tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], _getter(handle, name))
+        name: TensorRef(name, torch_shape(info["dtype"], info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], _getter(handle, name))
         for name, info in header.items()
     }
     return Source(entries, path=str(path), format=FORMAT, metadata=metadata, closer=handle.close)

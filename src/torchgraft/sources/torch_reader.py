@@ -1,4 +1,11 @@
-"""torch checkpoints (zip and legacy pickle) through ``torch.load(weights_only=True)``, never a plain unpickle."""
+"""torch checkpoints (zip and legacy pickle) through ``torch.load(weights_only=True)``, never a plain unpickle.
+
+Before ``torch.load`` sees a file it is checked without unpickling anything: a zip's
+directory must be sound (records inside the file, no duplicate names, no record that would
+inflate absurdly), and the storages that ``data.pkl`` declares must match the records that
+hold them; a legacy file may not declare more tensor bytes than it holds. That keeps a
+hostile or damaged file from making torch allocate unbounded memory or map the wrong bytes.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import contextlib
 import importlib
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -13,72 +21,20 @@ from typing import Any
 
 from ..errors import CheckpointError, UnsafeCheckpointError
 from .base import Source, TensorRef, dtype_name
-from .containers import find_state_dict
-from .pickle_scan import checkpoint_globals, refused_globals
+from .containers import MAX_DEPTH, find_state_dict
+from .pickle_scan import MAX_SCAN_BYTES, checkpoint_globals, dangerous_globals, refused_globals, scan_pickles
 
-__all__ = ["open_torch", "torch_format", "safe_torch_load"]
+__all__ = ["open_torch", "torch_format", "safe_torch_load", "resolve_allow_globals", "MAX_INFLATED_BYTES"]
 
 _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)")
+_ZIP_MAGIC = b"PK\x03\x04"
 
-
-def torch_format(path: Path) -> str:
-    """``torch-zip`` when the file starts like a zip archive (even a truncated one), else ``torch-legacy``."""
-    with open(path, "rb") as f:
-        return "torch-zip" if f.read(4) == b"PK\x03\x04" else "torch-legacy"
-
-
-def _resolve_global(name: str) -> Any:
-    module, _, attr = name.rpartition(".")
-    try:
-        obj: Any = importlib.import_module(module)
-    except ImportError:
-        # nested qualname: "pkg.mod.Outer.Inner"
-        mod_name, _, outer = module.rpartition(".")
-        obj = getattr(importlib.import_module(mod_name), outer)
-    return getattr(obj, attr)
-
-
-@contextlib.contextmanager
-def _allowed(allow_globals: Iterable[str | Any] | None) -> Iterator[None]:
-    import torch.serialization as ts
-
-    extra = [(_resolve_global(g) if isinstance(g, str) else g) for g in (allow_globals or ())]
-    if not extra:
-        yield
-        return
-    with ts.safe_globals(extra):
-        yield
-
-
-def safe_torch_load(path: Path, *, mmap: bool, allow_globals: Iterable[str | Any] | None = None) -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)``, with errors that say what to do.
-
-    Raises:
-        UnsafeCheckpointError: the pickle references globals outside torch's allow-list
-            (nothing was executed; the globals are named).
-        CheckpointError: the file is truncated, corrupt or not a torch checkpoint.
-    """
-    import torch
-
-    fmt = torch_format(path)
-    try:
-        with _allowed(allow_globals):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "GLOBAL" in msg or "Unsupported" in msg:
-            try:
-                names = refused_globals(checkpoint_globals(path))
-            except Exception:
-                names = []
-            names = names or _GLOBAL_IN_MESSAGE.findall(msg)
-            if allow_globals:
-                names = [n for n in names if n not in {str(g) for g in allow_globals}]
-            raise UnsafeCheckpointError(path, names, format=fmt, detail=msg.splitlines()[-1] if msg else None) from None
-        raise CheckpointError(path, f"the pickle is corrupt ({_first_line(msg)})", format=fmt, hint=_HINT_CORRUPT) from None
-    except (RuntimeError, EOFError, ValueError, OSError, UnicodeDecodeError, AttributeError, IndexError, KeyError, TypeError, zipfile.BadZipFile) as e:
-        raise CheckpointError(path, f"{type(e).__name__}: {_first_line(str(e))}", format=fmt, hint=_HINT_CORRUPT) from None
-
+#: A compressed zip record may not inflate to more than this (torch never compresses records).
+MAX_INFLATED_BYTES = 1 << 30
+#: ... nor by a larger factor than this (deflate reaches ~1000x only on crafted data).
+_MAX_INFLATE_RATIO = 200
+#: Pickle opcodes and messages of torch's safe unpickler that mean "refused", not "damaged".
+_REFUSALS = ("GLOBAL", "Trying to call reduce", "Can only create new object", "Can only build", "Only persistent_load of storage")
 
 _HINT_CORRUPT = (
     "the file is truncated or damaged: download it again. If it is a TensorFlow or Flax checkpoint, "
@@ -86,15 +42,260 @@ _HINT_CORRUPT = (
 )
 
 
+def torch_format(path: Path) -> str:
+    """``"torch-zip"`` for zip archives (also damaged ones that start like a zip), else ``"torch-legacy"``."""
+    try:
+        with path.open("rb") as f:
+            if f.read(4) == _ZIP_MAGIC:
+                return "torch-zip"
+    except OSError:
+        pass
+    return "torch-zip" if zipfile.is_zipfile(path) else "torch-legacy"
+
+
+# allow_globals ------------------------------------------------------------------------------
+
+
+def _global_name(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
+
+
+def _resolve_global(name: str) -> Any:
+    """``"pkg.mod.Outer.Inner"`` -> the object, importing the longest module prefix that exists."""
+    parts = name.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"allow_globals: {name!r} is not a dotted 'module.Name'")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            break
+        return obj
+    raise ValueError(f"allow_globals: cannot import {name!r}; install its package, or pass the class itself")
+
+
+def resolve_allow_globals(allow_globals: Iterable[str | Any] | None) -> list[tuple[str, Any]]:
+    """``allow_globals`` as ``(name, object)`` pairs, checked before any file is touched.
+
+    Raises:
+        ValueError: a name cannot be imported, or it names something that runs code
+            (``os.system``, ``builtins.eval``, ...): allowing it would defeat the safe loader.
+    """
+    if isinstance(allow_globals, (str, bytes)):
+        raise TypeError("allow_globals must be a list of names or classes, e.g. ['argparse.Namespace']")
+    out: list[tuple[str, Any]] = []
+    for g in allow_globals or ():
+        obj = _resolve_global(g) if isinstance(g, str) else g
+        names = {g, _global_name(obj)} if isinstance(g, str) else {_global_name(obj)}
+        bad = dangerous_globals(sorted(names))
+        if bad:
+            raise ValueError(
+                f"allow_globals: refusing to allow {', '.join(bad)}: it runs code when a pickle calls it. "
+                "A checkpoint that needs it is not a weights file; do not load it"
+            )
+        out.append((_global_name(obj), obj))
+    return out
+
+
+@contextlib.contextmanager
+def _allowed(extra: list[tuple[str, Any]]) -> Iterator[None]:
+    import torch.serialization as ts
+
+    if not extra:
+        yield
+        return
+    with ts.safe_globals([obj for _, obj in extra]):
+        yield
+
+
+# checks before torch.load ---------------------------------------------------------------------
+
+
+def _element_size(storage_type: str) -> int | None:
+    """Bytes per element of a pickled storage class (``"torch.FloatStorage"`` -> 4); ``None`` if unknown."""
+    import torch
+
+    short = storage_type.rpartition(".")[2]
+    if short == "UntypedStorage":
+        return 1
+    try:
+        return int(torch._utils._element_size(torch.storage._get_dtype_from_pickle_storage_type(short)))
+    except Exception:
+        return None
+
+
+def _check_zip(path: Path, size: int, bad) -> bool:
+    """Validate a torch zip before torch reads it; return whether it may be memory-mapped."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            seen: set[str] = set()
+            for info in infos:
+                if info.filename in seen:
+                    raise bad(f"the archive holds two records named {info.filename!r}")
+                seen.add(info.filename)
+                if info.header_offset + info.compress_size > size:
+                    raise bad(f"record {info.filename!r} reaches past the end of the file (truncated?)")
+                if info.compress_type == zipfile.ZIP_STORED:
+                    if info.file_size != info.compress_size:
+                        raise bad(f"record {info.filename!r} is stored uncompressed but its two sizes disagree")
+                elif info.compress_type != zipfile.ZIP_DEFLATED:
+                    raise bad(f"record {info.filename!r} uses compression method {info.compress_type}, which torch cannot read")
+                elif info.file_size > min(MAX_INFLATED_BYTES, max(1 << 20, _MAX_INFLATE_RATIO * info.compress_size)):
+                    raise bad(
+                        f"record {info.filename!r} would inflate from {info.compress_size} to {info.file_size} bytes "
+                        "(a zip bomb?); torch writes records uncompressed"
+                    )
+            if not infos:
+                raise bad("the zip archive is empty")
+            root = infos[0].filename.split("/", 1)[0] + "/"
+            by_name = {i.filename: i for i in infos}
+            pkl = by_name.get(root + "data.pkl")
+            if pkl is None:
+                listing = ", ".join(i.filename for i in infos[:6])
+                raise bad(f"the zip archive has no {root}data.pkl, so it is not a torch checkpoint (it holds {listing})")
+            with zf.open(pkl) as f:
+                data = f.read(pkl.file_size + 1)
+    except CheckpointError:
+        raise
+    except Exception as e:  # BadZipFile, zlib.error, EOFError, struct.error, ...
+        raise bad(f"the zip archive is truncated or damaged ({type(e).__name__}: {_first_line(str(e))})") from None
+    scan = scan_pickles(data, max_pickles=1)
+    if not scan.resolved:
+        return False  # torch checks record sizes itself when it reads them into memory
+    mmap = True
+    for record in {r.key: r for r in scan.storages}.values():
+        info = by_name.get(f"{root}data/{record.key}")
+        if info is None:
+            raise bad(f"data.pkl names the tensor storage 'data/{record.key}', which the archive does not hold")
+        itemsize = _element_size(record.type)
+        if itemsize is None:
+            mmap = False
+            continue
+        if info.file_size != record.numel * itemsize:
+            raise bad(
+                f"the tensor storage 'data/{record.key}' holds {info.file_size} bytes, but data.pkl declares "
+                f"{record.numel} x {record.type} = {record.numel * itemsize} bytes"
+            )
+        if info.compress_type != zipfile.ZIP_STORED:
+            mmap = False  # a compressed record cannot be memory-mapped; torch inflates it (bounded above)
+    return mmap
+
+
+def _check_legacy(path: Path, size: int, bad) -> None:
+    """A legacy file may not declare more storage bytes than it holds (torch allocates them first)."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(min(size, MAX_SCAN_BYTES))
+    except OSError as e:
+        raise bad(f"cannot read the file ({e.strerror or e})") from None
+    scan = scan_pickles(data, max_pickles=5)  # magic number, protocol, sys info, payload, storage keys
+    declared = 0
+    for record in {r.key: r for r in scan.storages}.values():
+        declared += record.numel * (_element_size(record.type) or 0)
+    if declared > size:
+        raise bad(f"the pickle declares {declared} bytes of tensor data, but the file holds only {size} bytes (truncated or corrupt)")
+
+
+# loading ----------------------------------------------------------------------------------------
+
+
+def safe_torch_load(path: Path, *, mmap: bool, allow_globals: Iterable[str | Any] | None = None) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, with errors that say what to do.
+
+    The file is checked first (see the module docs); ``mmap`` is dropped for zip files whose
+    records cannot be mapped safely (torch then checks every record size as it reads it).
+    There is no fallback to unsafe loading, whatever the environment says.
+
+    Raises:
+        UnsafeCheckpointError: the pickle references globals outside torch's allow-list
+            (nothing was executed; the globals are named).
+        CheckpointError: the file is truncated, corrupt or not a torch checkpoint.
+        ValueError: ``allow_globals`` names something that cannot be imported or that runs code.
+    """
+    import torch
+
+    fmt = torch_format(path)
+    extra = resolve_allow_globals(allow_globals)
+
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(path, reason, format=fmt, hint=_HINT_CORRUPT)
+
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise bad(f"cannot read the file ({e.strerror or e})") from None
+    if fmt == "torch-zip":
+        mmap = _check_zip(path, size, bad) and mmap
+    else:
+        _check_legacy(path, size, bad)
+        mmap = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; we raise instead
+            with _allowed(extra):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise _refusal(path, fmt, str(e), extra) from None
+    except Exception as e:  # RuntimeError, EOFError, struct.error, AssertionError, MemoryError, ...
+        raise bad(f"{type(e).__name__}: {_first_line(str(e))}") from None
+
+
+def _refusal(path: Path, fmt: str, msg: str, extra: list[tuple[str, Any]]) -> CheckpointError:
+    """Turn an ``UnpicklingError`` of the safe loader into an unsafe-file or a damaged-file error."""
+    try:
+        names = refused_globals(checkpoint_globals(path))
+    except Exception:
+        names = []
+    allowed = {name for name, _ in extra}
+    names = [n for n in names if n not in allowed]
+    reason = _unpickler_reason(msg)
+    if names or any(r in reason for r in _REFUSALS):
+        names = names or [n for n in _GLOBAL_IN_MESSAGE.findall(reason) if n not in allowed]
+        return UnsafeCheckpointError(path, names, format=fmt, detail=reason)
+    return CheckpointError(
+        path,
+        f"the pickle is corrupt or uses what the safe loader does not support ({reason})",
+        format=fmt,
+        hint=_HINT_CORRUPT,
+    )
+
+
+_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue")
+
+
+def _unpickler_reason(msg: str) -> str:
+    """The one line of torch's long weights_only message that says what was refused."""
+    for line in msg.splitlines():
+        line = line.strip()
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+        if line and not line.startswith(_BOILERPLATE):
+            return line[:300]
+    return _first_line(msg)
+
+
 def _first_line(msg: str) -> str:
     return (msg.strip().splitlines() or ["no details"])[0][:300]
 
 
-def _flatten(sd: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+def _flatten(
+    sd: Mapping[str, Any], skipped: dict[str, str], prefix: str = "", depth: int = 0, active: frozenset[int] = frozenset()
+) -> Iterator[tuple[str, Any]]:
+    """Nested mappings as dotted keys, in order; cycles and nesting deeper than :data:`MAX_DEPTH` are skipped."""
+    active = active | {id(sd)}
     for k, v in sd.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping) and not hasattr(v, "shape"):
-            yield from _flatten(v, key + ".")
+            if id(v) in active or depth + 1 > MAX_DEPTH:
+                skipped[key] = f"{type(v).__name__} (nested too deep or cyclic)"
+            else:
+                yield from _flatten(v, skipped, key + ".", depth + 1, active)
         else:
             yield key, v
 
@@ -108,12 +309,14 @@ def open_torch(path: Path, *, container: str | None = None, allow_globals: Itera
     state_dict, chosen, candidates = find_state_dict(obj, container=container, path=str(path), format=fmt)
     entries: dict[str, TensorRef] = {}
     skipped: dict[str, str] = {}
-    for key, value in _flatten(state_dict):
+    for key, value in _flatten(state_dict, skipped):
         if isinstance(value, torch.Tensor):
             entries[key] = TensorRef(key, tuple(value.shape), dtype_name(value.dtype), _const(value))
         else:
             skipped[key] = type(value).__name__
     meta = getattr(state_dict, "_metadata", None)
+    if not isinstance(meta, Mapping) or not all(isinstance(v, Mapping) for v in meta.values()):
+        meta = None  # a hostile _metadata must not break the version hooks later
     return Source(
         entries,
         path=str(path),

@@ -1,0 +1,102 @@
+"""``torchgraft inspect PATH``: format, counts, dtypes, size, metadata, and a collapsed module tree.
+
+Reads names, shapes and dtypes only; a safetensors file is listed without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .common import EXIT_OK, EXIT_PROBLEMS, Command, add_json, console, fmt_bytes, print_json
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="checkpoint file, *.index.json, model directory or hf:org/name[@revision]")
+    add_json(p)
+    p.add_argument("--depth", type=int, default=None, metavar="N", help="show the module tree down to this depth")
+    p.add_argument(
+        "--filter",
+        default=None,
+        metavar="GLOB",
+        help="only names matching the glob ('*.attention.*'); a plain prefix selects a subtree",
+    )
+    p.add_argument(
+        "--container", default=None, help="where the state dict sits in a training checkpoint (e.g. state_dict_ema)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import open as open_source
+    from ..summary import module_tree, select, summarize
+
+    src = open_source(args.path, container=args.container)
+    if args.filter:
+        src = select(src, args.filter)
+    info = summarize(src)
+    if args.filter:
+        info["filter"] = args.filter
+    if len(src.files) > 1:
+        info["files"] = src.files
+    code = EXIT_OK
+    if args.filter and not len(src):
+        print(f"torchgraft: no tensor name matches {args.filter!r}", file=sys.stderr)
+        code = EXIT_PROBLEMS
+    if args.json:
+        print_json(info)
+        return code
+
+    from rich.tree import Tree
+
+    out = console(args)
+    out.print(f"[bold]{src.describe()}[/bold]")
+    dtypes = ", ".join(f"{k} ({v:,})" for k, v in info["dtypes"].items())
+    selected = f"  (names matching {args.filter!r})" if args.filter else ""
+    out.print(
+        f"tensors: {info['tensors']:,}   parameters: {info['parameters']:,}   size: {fmt_bytes(info['bytes'])}{selected}"
+    )
+    if dtypes:
+        out.print(f"dtypes: {dtypes}")
+    if len(src.files) > 1:
+        out.print(f"files: {len(src.files)} shards")
+    if src.containers and len(src.containers) > 1:
+        out.print(
+            f"state dicts in the file: {', '.join(c or '<top level>' for c in src.containers)} (using {src.container or '<top level>'})"
+        )
+    if src.metadata:
+        out.print(f"metadata: {json.dumps(src.metadata)[:300]}", markup=False)
+    if src.skipped:
+        out.print(f"non-tensor entries skipped: {len(src.skipped)}")
+    tree = Tree("[dim](root)[/dim]")
+
+    def add(node, branch, depth: int) -> None:
+        for child in node.children.values():
+            if child.leaf is not None and not child.children:
+                shape, dtype = child.leaf
+                branch.add(f"{_esc(child.name)}  {list(shape)} {dtype}")
+                continue
+            if args.depth is not None and depth >= args.depth:
+                each = " each" if child.name.startswith("{") else ""
+                branch.add(f"{_esc(child.name)}  [dim]({child.parameters:,} params{each})[/dim]")
+                continue
+            add(child, branch.add(_esc(child.name)), depth + 1)
+
+    add(module_tree(src), tree, 0)
+    out.print(tree)
+    return code
+
+
+def _esc(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+COMMAND = Command(
+    "inspect",
+    "what is in a checkpoint: format, counts, dtypes, size, metadata, module tree (repeated layers collapsed)",
+    "torchgraft inspect all-MiniLM-L6-v2/model.safetensors --depth 2 --filter 'encoder.*'",
+    configure,
+    run,
+)

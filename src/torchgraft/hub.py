@@ -1,0 +1,138 @@
+"""``hf:org/name[@revision]`` paths: a Hugging Face repository, resolved by ``huggingface_hub``.
+
+The repository is looked up in the local cache first (``HF_HOME``, ``HF_HUB_CACHE``); only when it
+is not there and the network is allowed (``HF_HUB_OFFLINE`` unset) are its weights downloaded,
+safetensors preferred. ``huggingface_hub`` is an optional extra: ``pip install 'torchgraft[hub]'``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CheckpointError
+
+__all__ = ["HF_SCHEME", "HubSpec", "is_hub_path", "local_path", "parse_hub_path", "resolve_hub_path"]
+
+HF_SCHEME = "hf:"
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+#: Files fetched when a repository is downloaded (never the whole repository).
+_SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json"]
+_TORCH_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt", "*.json"]
+_INSTALL_HINT = "pip install 'torchgraft[hub]'  (huggingface_hub reads the Hugging Face cache)"
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    repo_id: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return f"{HF_SCHEME}{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
+
+
+def is_hub_path(path: object) -> bool:
+    """True for strings that start with ``hf:``."""
+    return isinstance(path, str) and path.startswith(HF_SCHEME)
+
+
+def parse_hub_path(path: str) -> HubSpec:
+    """``"hf:org/name@v1.0"`` -> ``HubSpec("org/name", "v1.0")``.
+
+    Raises:
+        CheckpointError: the text after ``hf:`` is not a repository id.
+    """
+    body = path.removeprefix(HF_SCHEME)
+    repo_id, sep, revision = body.partition("@")
+    if not _REPO_ID.match(repo_id) or (sep and not revision):
+        raise CheckpointError(
+            path,
+            f"{body!r} is not a Hugging Face repository id",
+            format="hf",
+            hint="write hf:org/name or hf:org/name@revision (a branch, tag or commit)",
+        )
+    return HubSpec(repo_id, revision or None)
+
+
+def resolve_hub_path(path: str) -> Path:
+    """The local snapshot directory of ``hf:org/name[@revision]``, from the cache or downloaded.
+
+    Returns:
+        The directory that holds the repository's files at that revision.
+
+    Raises:
+        CheckpointError: ``huggingface_hub`` is not installed, the id is invalid, or the
+            repository is not in the cache and cannot be downloaded (offline, not found, gated).
+
+    Example:
+        >>> resolve_hub_path("hf:sentence-transformers/all-MiniLM-L6-v2")
+        PosixPath('~/.cache/huggingface/hub/models--sentence-transformers--all-MiniLM-L6-v2/snapshots/c9745ed1...')
+    """
+    spec = parse_hub_path(path)
+    try:
+        import huggingface_hub
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        raise CheckpointError(path, "huggingface_hub is not installed", format="hf", hint=_INSTALL_HINT) from None
+    try:
+        return Path(huggingface_hub.snapshot_download(spec.repo_id, revision=spec.revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    except Exception as e:  # noqa: BLE001 - invalid revision names and the like, as one CheckpointError
+        raise CheckpointError(path, f"{type(e).__name__}: {_first_line(e)}", format="hf", hint=_cache_hint()) from None
+    if _offline():
+        raise CheckpointError(
+            path,
+            f"{spec.repo_id}{'@' + spec.revision if spec.revision else ''} is not in the Hugging Face cache "
+            f"({_cache_dir()}) and HF_HUB_OFFLINE is set",
+            format="hf",
+            hint=_cache_hint(),
+        )
+    return _download(spec, path)
+
+
+def local_path(path: str | os.PathLike[str]) -> Path:
+    """``hf:`` paths resolved to their snapshot directory; other paths returned as a ``Path``."""
+    if is_hub_path(path):
+        return resolve_hub_path(str(path))
+    return Path(path).expanduser()
+
+
+def _download(spec: HubSpec, path: str) -> Path:  # pragma: no cover - needs a network
+    import huggingface_hub
+
+    try:
+        files = huggingface_hub.list_repo_files(spec.repo_id, revision=spec.revision)
+        patterns = _SAFETENSORS_PATTERNS if any(f.endswith(".safetensors") for f in files) else _TORCH_PATTERNS
+        return Path(huggingface_hub.snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001 - network, auth and not-found errors, as one CheckpointError
+        raise CheckpointError(
+            path,
+            f"downloading failed: {type(e).__name__}: {_first_line(e)}",
+            format="hf",
+            hint="check the repository id and revision, log in for gated repositories (hf auth login), "
+            "or pass a local directory",
+        ) from None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _cache_dir() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover
+        return "the Hugging Face cache"
+
+
+def _cache_hint() -> str:
+    return "download it where a network exists (hf download org/name), or set HF_HOME to the cache that holds it"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

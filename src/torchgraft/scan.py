@@ -1,0 +1,308 @@
+"""A safety report for checkpoint files: which globals their pickles reference, which the safe loader refuses.
+
+Nothing is executed and nothing is unpickled: pickles are read opcode by opcode
+(:mod:`torchgraft.sources.pickle_scan`, built on :mod:`pickletools`), and each global is checked
+against torch's own ``weights_only`` allow-list (plus anything registered with
+``torch.serialization.add_safe_globals``). A file is ``unsafe`` when the safe loader would refuse
+at least one of its globals; loading it any other way could run code.
+
+Importing this module does not import torch; scanning a pickle does (for the allow-list).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import CheckpointError
+from .sources.pickle_scan import pickle_globals, refused_globals
+from .sources.safetensors_reader import looks_like_safetensors, read_header
+
+__all__ = ["FileScan", "ScanReport", "danger_of", "scan"]
+
+_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".safetensors", ".tar")
+_PICKLE_PROTO = b"\x80"
+_PICKLE_V0_STARTS = b"(c]}"  # protocol 0/1 pickles start with MARK, GLOBAL, EMPTY_LIST or EMPTY_DICT
+_MAX_MEMBER_BYTES = 512 * 1024 * 1024
+_UNSCANNED = "<unscanned pickle>"
+
+#: What a refused global can do, by module or full name (a hint only: the verdict comes from the allow-list).
+_DANGER: dict[str, str] = {
+    "os": "runs commands / touches files", "posix": "runs commands / touches files", "nt": "runs commands / touches files",
+    "subprocess": "runs commands", "pty": "runs commands", "commands": "runs commands",
+    "builtins.eval": "runs code", "builtins.exec": "runs code", "builtins.compile": "runs code",
+    "builtins.__import__": "imports modules", "builtins.getattr": "reaches any attribute",
+    "builtins.setattr": "changes any attribute", "builtins.open": "opens files", "builtins.breakpoint": "runs code",
+    "__builtin__.eval": "runs code", "__builtin__.exec": "runs code",
+    "runpy": "runs code", "importlib": "imports modules", "code": "runs code", "sys": "changes the interpreter",
+    "shutil": "touches files", "socket": "opens network connections", "webbrowser": "opens URLs",
+    "ctypes": "calls native code", "marshal": "loads code objects", "pickle": "unpickles more data",
+    "_pickle": "unpickles more data", "dill": "unpickles more data", "torch.hub": "downloads and runs code",
+    "functools.partial": "calls any function", "operator.attrgetter": "reaches any attribute",
+    "operator.methodcaller": "calls any method", "<unresolved STACK_GLOBAL>": "a global that cannot be resolved statically",
+    _UNSCANNED: "not scanned",
+}  # fmt: skip
+
+
+def danger_of(name: str) -> str:
+    """What a global can do when unpickled, or ``""`` when nothing is known (a hint, not the verdict)."""
+    if name in _DANGER:
+        return _DANGER[name]
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        hint = _DANGER.get(".".join(parts[:i]))
+        if hint:
+            return hint
+    return ""
+
+
+@dataclass
+class FileScan:
+    """One scanned file.
+
+    Attributes:
+        path: the file.
+        format: ``safetensors``, ``torch-zip``, ``torch-legacy`` or ``pickle``.
+        globals: every ``module.name`` its pickles reference, in order of appearance.
+        refused: those torch's ``weights_only`` unpickler would refuse.
+        members: for zip archives: pickle member -> its globals.
+        note: anything else worth knowing.
+    """
+
+    path: str
+    format: str
+    globals: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    members: dict[str, list[str]] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def safe(self) -> bool:
+        return not self.refused
+
+
+@dataclass
+class ScanReport:
+    """What :func:`scan` found. ``verdict`` is ``"safe"`` or ``"unsafe"``; ``str()`` is a readable report.
+
+    Example:
+        >>> report = tg.scan("downloaded.ckpt")
+        >>> report.verdict, report.refused
+        ('unsafe', ['posix.system'])
+    """
+
+    path: str
+    files: list[FileScan]
+
+    @property
+    def globals(self) -> list[str]:
+        return list(dict.fromkeys(g for f in self.files for g in f.globals))
+
+    @property
+    def refused(self) -> list[str]:
+        return list(dict.fromkeys(g for f in self.files for g in f.refused))
+
+    @property
+    def safe(self) -> bool:
+        return not self.refused
+
+    @property
+    def verdict(self) -> Literal["safe", "unsafe"]:
+        return "safe" if self.safe else "unsafe"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "verdict": self.verdict,
+            "globals": self.globals,
+            "refused": self.refused,
+            "dangerous": {g: danger_of(g) for g in self.refused if danger_of(g)},
+            "files": [asdict(f) for f in self.files],
+        }
+
+    def __rich__(self):
+        return _renderable(self)
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        Console(file=buf, width=120, force_terminal=False, color_system=None, highlight=False).print(self)
+        return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
+
+
+def scan(path: str | os.PathLike[str]) -> ScanReport:
+    """Report which globals a checkpoint's pickles reference and whether the safe loader accepts them.
+
+    Never unpickles anything. Safetensors files hold no code and are only checked for a valid header.
+
+    Args:
+        path: a file (``.bin .pt .pth .ckpt .pkl .safetensors``), a sharded checkpoint's
+            ``*.index.json`` (every shard), a directory (every weight file in it, recursively),
+            or ``hf:org/name[@revision]``.
+
+    Returns:
+        A :class:`ScanReport`.
+
+    Raises:
+        CheckpointError: the path does not exist, holds no weight files, or a file is neither a
+            pickle, a torch zip nor a valid safetensors file.
+
+    Example:
+        >>> tg.scan("mobilenet_v2-b0353104.pth").verdict
+        'safe'
+    """
+    from .hub import local_path
+
+    root = local_path(path)
+    if not root.exists():
+        raise CheckpointError(root, "no such file or directory", hint="check the path")
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+        if not files:
+            raise CheckpointError(
+                root,
+                "no weight files found to scan",
+                format="directory",
+                hint=f"expected files ending in {', '.join(_WEIGHT_SUFFIXES)}",
+            )
+    elif root.name.endswith(".index.json"):
+        files = _index_shards(root)
+    else:
+        files = [root]
+    return ScanReport(str(root), [_scan_file(f) for f in files])
+
+
+def _index_shards(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = list(dict.fromkeys(str(v) for v in weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            index, f"not a valid index ({e})", format="index", hint="the index is damaged; download it again"
+        ) from None
+    root = index.parent.resolve()
+    out = []
+    for shard in shards:
+        p = (index.parent / shard).resolve()
+        if Path(shard).is_absolute() or not p.is_relative_to(root):
+            raise CheckpointError(
+                index,
+                f"shard {shard!r} lies outside {root}",
+                format="index",
+                hint="refusing to read files outside the checkpoint directory",
+            )
+        if not p.is_file():
+            raise CheckpointError(
+                index,
+                f"shard {shard!r} named by the index does not exist",
+                format="index",
+                hint="download the missing shard",
+            )
+        out.append(p)
+    return out
+
+
+def _scan_file(path: Path) -> FileScan:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(16)
+    if size == 0:
+        raise CheckpointError(path, "the file is empty", hint="the download or save was interrupted: fetch it again")
+    if looks_like_safetensors(head, size):
+        tensors, _meta, _ = read_header(path)
+        return FileScan(str(path), "safetensors", note=f"{len(tensors)} tensors; safetensors holds no code")
+    if head[:4] == b"PK\x03\x04":
+        return _scan_zip(path)
+    if head[:1] == _PICKLE_PROTO or (head[:1] and head[:1] in _PICKLE_V0_STARTS):
+        with path.open("rb") as f:
+            data = f.read(64 * 1024 * 1024)  # the pickled part comes first; raw storages follow
+        found = pickle_globals(data)
+        fmt = "torch-legacy" if head[:1] == _PICKLE_PROTO and _is_torch_legacy(data) else "pickle"
+        return FileScan(str(path), fmt, found, refused_globals(found) if found else [])
+    raise CheckpointError(
+        path,
+        f"not a pickle, a torch zip or a safetensors file (first bytes: {head[:8]!r})",
+        hint="scan checks .bin/.pt/.pth/.ckpt/.pkl and .safetensors files",
+    )
+
+
+def _scan_zip(path: Path) -> FileScan:
+    members: dict[str, list[str]] = {}
+    notes: list[str] = []
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".pkl"):
+                    continue
+                if info.file_size > _MAX_MEMBER_BYTES:
+                    members[info.filename] = [_UNSCANNED]
+                    notes.append(f"{info.filename} is {info.file_size} bytes, too large to scan")
+                    continue
+                members[info.filename] = pickle_globals(zf.read(info))
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(
+            path, f"the zip archive is damaged ({e})", format="torch-zip", hint="download the file again"
+        ) from None
+    found = list(dict.fromkeys(g for gs in members.values() for g in gs))
+    if not members:
+        notes.append("no pickle inside the archive")
+    refused = [g for g in found if g == _UNSCANNED] + (
+        refused_globals([g for g in found if g != _UNSCANNED]) if found else []
+    )
+    return FileScan(str(path), "torch-zip", found, refused, members, "; ".join(notes))
+
+
+def _is_torch_legacy(data: bytes) -> bool:
+    # torch's legacy format starts with the pickled magic number 0x1950a86a20f9469cfc6c
+    return b"\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19" in data[:32]
+
+
+# ---------------------------------------------------------------------------
+
+
+def _renderable(report: ScanReport):
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    parts: list[Any] = [Text(f"scan: {report.path}", style="bold")]
+    for f in report.files:
+        title = f"{f.path} ({f.format})" if len(report.files) > 1 or f.path != report.path else f"format: {f.format}"
+        if f.format == "safetensors" or not f.globals:
+            parts.append(Text(f"{title}: {f.note or 'no globals referenced'}"))
+            continue
+        t = Table(title=title, title_justify="left")
+        t.add_column("global referenced", overflow="fold")
+        t.add_column("safe loader", no_wrap=True)
+        t.add_column("what it can do", overflow="fold")
+        refused = set(f.refused)
+        for g in f.globals:
+            t.add_row(g, "[red]refuses[/red]" if g in refused else "allows", danger_of(g) if g in refused else "")
+        parts.append(t)
+        if f.note:
+            parts.append(Text(f.note))
+    if report.safe:
+        parts.append(
+            Text(
+                "verdict: safe (every global is on torch's weights_only allow-list; nothing was executed)",
+                style="bold green",
+            )
+        )
+    else:
+        danger = [g for g in report.refused if danger_of(g)]
+        detail = "; dangerous: " + ", ".join(f"{g} ({danger_of(g)})" for g in danger) if danger else ""
+        parts.append(
+            Text(
+                f"verdict: UNSAFE: the safe loader refuses {', '.join(report.refused)}{detail}. Nothing was executed. "
+                "Do not load it with weights_only=False; if you trust the file and these are plain data classes, "
+                "allow them explicitly (tg.open(path, allow_globals=[...]))",
+                style="bold red",
+            )
+        )
+    return Group(*parts)

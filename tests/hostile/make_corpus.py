@@ -1,0 +1,779 @@
+"""Generate the hostile-checkpoint corpus: malicious pickles and broken files, from code, never shipped as blobs.
+
+    python tests/hostile/make_corpus.py OUT_DIR        # writes the files and OUT_DIR/manifest.json
+
+Every malicious payload would create a marker file ``OUT_DIR/PWNED-<case>`` if it ever ran
+(``os.system("touch ...")``, ``eval``, ``exec``, ``subprocess.call``, ``runpy``, a
+``getattr(__import__("os"), "system")`` chain, ...). The tests load each file through
+torchgraft in a subprocess and require the right error and no marker; a control run loads
+the same payloads with ``torch.load(weights_only=False)`` and requires every marker, which
+proves the payloads are live.
+
+Each :class:`Case` says which path to open, with which options, and what must happen:
+``unsafe`` (an ``UnsafeCheckpointError`` naming ``globals``), ``error`` (a ``CheckpointError``
+whose message matches ``match``) or ``ok`` (opens, every tensor loads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import pickle
+import random
+import runpy
+import struct
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+MARKER_PREFIX = "PWNED-"
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str  # "malicious" | "broken" | "ok"
+    path: str  # what to open, relative to the corpus directory
+    expect: str  # "unsafe" | "error" | "ok"
+    match: str = ""  # regex the error message must match
+    globals: list[str] = field(default_factory=list)  # must all be named by the UnsafeCheckpointError
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for tg.open
+    live: bool = False  # a payload that torch.load(weights_only=False) executes (checked by the control run)
+    control: str = ""  # the file the control run loads unsafely, when not ``path``
+
+
+CASES: list[Case] = []
+_BUILDERS: dict[str, Callable[[Path, Case], None]] = {}
+
+
+def case(name: str, kind: str, path: str, expect: str, **kw: Any):
+    def register(build: Callable[[Path, Case], None]) -> Callable[[Path, Case], None]:
+        CASES.append(Case(name, kind, path, expect, **kw))
+        _BUILDERS[name] = build
+        return build
+
+    return register
+
+
+# Payloads ----------------------------------------------------------------------------------------
+
+
+class Payload:
+    """An object whose unpickling calls ``func(*args)``; pickling it runs nothing."""
+
+    def __init__(self, func: Callable[..., Any], *args: Any):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def marker(root: Path, c: Case) -> str:
+    return str(root / f"{MARKER_PREFIX}{c.name}")
+
+
+def touch_code(root: Path, c: Case) -> str:
+    return f"open({marker(root, c)!r}, 'w').close()"
+
+
+def _sd() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"layer.weight": torch.randn(3, 4, generator=g), "layer.bias": torch.randn(3, generator=g)}
+
+
+def _u(s: str) -> bytes:
+    """BINUNICODE opcode."""
+    b = s.encode()
+    return b"X" + struct.pack("<I", len(b)) + b
+
+
+def raw_zip(path: Path, data_pkl: bytes, records: dict[str, bytes] | None = None) -> None:
+    """A torch zip archive with a hand-written data.pkl (torch's own writer, so the layout is torch's)."""
+    w = torch._C.PyTorchFileWriter(str(path))
+    w.write_record("data.pkl", data_pkl, len(data_pkl))
+    w.write_record("byteorder", b"little", 6)
+    for name, blob in (records or {}).items():
+        w.write_record(f"data/{name}", blob, len(blob))
+    w.write_end_of_file()
+    del w
+
+
+class _StorageRef:
+    def __init__(self, key: str, tensor: torch.Tensor):
+        self.key, self.tensor = key, tensor
+
+
+class TensorPickler(pickle.Pickler):
+    """Pickles tensors the way torch.save does, with hooks to plant objects in the tensor records."""
+
+    def __init__(self, f, *, storage_type: Any = None, hooks: Any = None, numel: int | None = None):
+        super().__init__(f, protocol=2)
+        self.records: dict[str, bytes] = {}
+        self.storage_type, self.hooks, self.numel = storage_type, hooks, numel
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor):
+            key = str(len(self.records))
+            t = obj.detach().contiguous()
+            self.records[key] = t.numpy().tobytes()
+            hooks = collections.OrderedDict() if self.hooks is None else self.hooks
+            return (torch._utils._rebuild_tensor_v2, (_StorageRef(key, t), 0, tuple(t.shape), t.stride(), False, hooks))
+        return NotImplemented
+
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            stype = self.storage_type if self.storage_type is not None else torch.FloatStorage
+            numel = obj.tensor.numel() if self.numel is None else self.numel
+            return ("storage", stype, obj.key, "cpu", numel)
+        return None
+
+
+def crafted_zip(path: Path, obj: Any, **kw: Any) -> None:
+    import io
+
+    buf = io.BytesIO()
+    p = TensorPickler(buf, **kw)
+    p.dump(obj)
+    raw_zip(path, buf.getvalue(), p.records)
+
+
+# Malicious: every container format -----------------------------------------------------------------
+
+
+@case("zip_os_system", "malicious", "os_system.pt", "unsafe", globals=["posix.system"], live=True)
+def _(root: Path, c: Case) -> None:
+    torch.save({**_sd(), "x": Payload(os.system, f"touch {marker(root, c)}")}, root / c.path)
+
+
+@case("zip_eval", "malicious", "eval.pth", "unsafe", globals=["builtins.eval"], live=True)
+def _(root: Path, c: Case) -> None:
+    torch.save({**_sd(), "x": Payload(eval, touch_code(root, c))}, root / c.path)
+
+
+@case("zip_exec_nested_in_list", "malicious", "exec.bin", "unsafe", globals=["builtins.exec"], live=True)
+def _(root: Path, c: Case) -> None:
+    torch.save({**_sd(), "extra": [1, {"deep": (Payload(exec, touch_code(root, c)),)}]}, root / c.path)
+
+
+@case("zip_subprocess_nested", "malicious", "subprocess.pt", "unsafe", globals=["subprocess.call"], live=True)
+def _(root: Path, c: Case) -> None:
+    payload = Payload(subprocess.call, ["touch", marker(root, c)])
+    torch.save({"model": {"module": {**_sd(), "cfg": collections.OrderedDict(a=[payload])}}}, root / c.path)
+
+
+@case("zip_runpy", "malicious", "runpy.pt", "unsafe", globals=["runpy._run_code"], live=True)
+def _(root: Path, c: Case) -> None:  # a global that deny-list scanners have missed
+    torch.save({**_sd(), "x": Payload(runpy._run_code, touch_code(root, c), {})}, root / c.path)
+
+
+@case("zip_storage_type_is_payload", "malicious", "storage_record.pt", "unsafe", globals=["posix.system"], live=True)
+def _(root: Path, c: Case) -> None:  # the payload sits in the tensor's storage record (persistent id)
+    crafted_zip(root / c.path, _sd(), storage_type=Payload(os.system, f"touch {marker(root, c)}"))
+
+
+@case("zip_rebuild_args_payload", "malicious", "rebuild_args.pt", "unsafe", globals=["builtins.eval"], live=True)
+def _(root: Path, c: Case) -> None:  # the payload is an argument of torch._utils._rebuild_tensor_v2
+    crafted_zip(root / c.path, _sd(), hooks=Payload(eval, touch_code(root, c)))
+
+
+@case("zip_getattr_import_chain", "malicious", "getattr_chain.pt", "unsafe", globals=["builtins.getattr", "builtins.__import__"], live=True)
+def _(root: Path, c: Case) -> None:  # getattr(__import__("os"), "system")("touch ...") by hand
+    data = (
+        b"\x80\x02c__builtin__\ngetattr\n(c__builtin__\n__import__\n(" + _u("os") + b"tR" + _u("system") + b"tR("
+        + _u(f"touch {marker(root, c)}") + b"tR."
+    )  # fmt: skip
+    raw_zip(root / c.path, data)
+
+
+@case("zip_memo_hidden_global", "malicious", "memo.pt", "unsafe", globals=["posix.system"], live=True)
+def _(root: Path, c: Case) -> None:  # the global is memoised, popped, and fetched back later
+    # GLOBAL posix.system, BINPUT 0, POP, BINGET 0, (args), REDUCE
+    data = b"\x80\x02cposix\nsystem\nq\x000h\x00(" + _u(f"touch {marker(root, c)}") + b"tR."
+    raw_zip(root / c.path, data)
+
+
+@case("zip_inst_opcode", "malicious", "inst.pt", "unsafe", globals=["os.system"], live=True)
+def _(root: Path, c: Case) -> None:  # a protocol-0 INST opcode inside a protocol-2 pickle
+    raw_zip(root / c.path, b"\x80\x02(" + _u(f"touch {marker(root, c)}") + b"ios\nsystem\n.")
+
+
+@case("legacy_os_system", "malicious", "legacy.pth", "unsafe", globals=["posix.system"], live=True)
+def _(root: Path, c: Case) -> None:
+    obj = {**_sd(), "x": Payload(os.system, f"touch {marker(root, c)}")}
+    torch.save(obj, root / c.path, _use_new_zipfile_serialization=False)
+
+
+@case("legacy_nested_exec", "malicious", "legacy_nested.bin", "unsafe", globals=["builtins.exec"], live=True)
+def _(root: Path, c: Case) -> None:
+    obj = collections.OrderedDict(state_dict=_sd(), meta=[{"x": Payload(exec, touch_code(root, c))}])
+    torch.save(obj, root / c.path, _use_new_zipfile_serialization=False)
+
+
+@case("plain_pickle_protocol2", "malicious", "plain.pkl", "unsafe", globals=["posix.system"], live=True)
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(pickle.dumps({"w": Payload(os.system, f"touch {marker(root, c)}")}, protocol=2))
+
+
+@case("plain_pickle_protocol4_stack_global", "malicious", "plain4.pkl", "unsafe", globals=["posix.system"], live=True)
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(pickle.dumps({"w": Payload(os.system, f"touch {marker(root, c)}")}, protocol=4))
+
+
+@case("lightning_ckpt_hparams_payload", "malicious", "lightning.ckpt", "unsafe", globals=["posix.system"], live=True)
+def _(root: Path, c: Case) -> None:
+    torch.save(
+        {
+            "epoch": 3, "global_step": 100, "pytorch-lightning_version": "2.4.0", "state_dict": _sd(),
+            "optimizer_states": [], "lr_schedulers": [], "hparams_name": "kwargs",
+            "hyper_parameters": {"lr": 0.1, "cb": Payload(os.system, f"touch {marker(root, c)}")},
+        },
+        root / c.path,
+    )  # fmt: skip
+
+
+@case(
+    "sharded_index_malicious_shard", "malicious", "sharded/pytorch_model.bin.index.json", "unsafe",
+    globals=["builtins.eval"], match=r"pytorch_model-00002-of-00002\.bin' \(read as torch-zip\)", live=True,
+    control="sharded/pytorch_model-00002-of-00002.bin",
+)  # fmt: skip
+def _(root: Path, c: Case) -> None:
+    d = root / "sharded"
+    d.mkdir()
+    sd = _sd()
+    torch.save({"layer.weight": sd["layer.weight"]}, d / "pytorch_model-00001-of-00002.bin")
+    torch.save({"layer.bias": sd["layer.bias"], "x": Payload(eval, touch_code(root, c))}, d / "pytorch_model-00002-of-00002.bin")
+    weight_map = {"layer.weight": "pytorch_model-00001-of-00002.bin", "layer.bias": "pytorch_model-00002-of-00002.bin"}
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@case("directory_malicious_weights", "malicious", "evil_dir", "unsafe", globals=["posix.system"], live=True, control="evil_dir/pytorch_model.bin")
+def _(root: Path, c: Case) -> None:
+    (root / "evil_dir").mkdir()
+    (root / "evil_dir" / "config.json").write_text("{}")
+    torch.save({**_sd(), "x": Payload(os.system, f"touch {marker(root, c)}")}, root / "evil_dir" / "pytorch_model.bin")
+
+
+# Refused but harmless: the error says how to allow them -------------------------------------------
+
+
+@case("whole_model_pickle", "ok", "whole_model.pt", "unsafe", globals=["torch.nn.modules.linear.Linear"], match=r"allow_globals=\[\.\.\.\]")
+def _(root: Path, c: Case) -> None:
+    torch.save(torch.nn.Linear(2, 2), root / c.path)
+
+
+@case("lightning_namespace_refused", "ok", "namespace.ckpt", "unsafe", globals=["argparse.Namespace"], match=r"allow_globals")
+def _(root: Path, c: Case) -> None:
+    torch.save({"epoch": 1, "state_dict": _sd(), "hyper_parameters": argparse.Namespace(lr=0.1, layers=[1, 2])}, root / c.path)
+
+
+@case("lightning_namespace_allowed", "ok", "namespace.ckpt", "ok", options={"allow_globals": ["argparse.Namespace"]})
+def _(root: Path, c: Case) -> None:
+    pass  # same file as the case above
+
+
+@case("allow_globals_refuses_code", "ok", "namespace.ckpt", "invalid_option", match=r"refusing to allow os.system, posix.system: it runs code", options={"allow_globals": ["os.system"]})
+def _(root: Path, c: Case) -> None:
+    pass  # allow-listing something that runs code is refused before the file is read
+
+
+# Broken safetensors ---------------------------------------------------------------------------------
+
+
+def _st_bytes(header: Any, data: bytes, *, length: int | None = None) -> bytes:
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(h) if length is None else length) + h + data
+
+
+def _f32(*shape: int, begin: int = 0) -> dict[str, Any]:
+    n = 4
+    for d in shape:
+        n *= d
+    return {"dtype": "F32", "shape": list(shape), "data_offsets": [begin, begin + n]}
+
+
+def _valid_st(root: Path) -> bytes:
+    p = root / "_valid.safetensors"
+    save_file(_sd(), p)
+    return p.read_bytes()
+
+
+def st_case(name: str, match: str, options: dict[str, Any] | None = None):
+    return case(name, "broken", f"{name}.safetensors", "error", match=match, options=options or {})
+
+
+@case("empty_file", "broken", "empty.safetensors", "error", match=r"the file is empty")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(b"")
+
+
+@case("random_bytes", "broken", "random.bin", "error", match=r"not a safetensors file, a torch checkpoint")
+def _(root: Path, c: Case) -> None:
+    data = bytearray(random.Random(7).randbytes(4096))
+    data[0], data[8] = 0x01, 0x00  # neither a pickle, a zip nor a safetensors header
+    (root / c.path).write_bytes(bytes(data))
+
+
+@st_case("st_truncated", r"outside the \d+-byte data block \(truncated\?\)")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_valid_st(root)[:-7])
+
+
+@st_case("st_header_length_past_eof", r"the header claims \d+ bytes but the file holds only \d+")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes({"a": _f32(1)}, b"\0" * 4, length=10_000))
+
+
+@st_case("st_header_length_absurd", r"the header claims 9223372036854775808 bytes, more than the 100000000")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes({"a": _f32(1)}, b"\0" * 4, length=1 << 63))
+
+
+@st_case("st_header_not_object", r"the header is a JSON list, not an object", {"format": "safetensors"})
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes([1, 2, 3], b""))
+
+
+@st_case("st_header_invalid_json", r"the header is not valid JSON \(Expecting")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes(b'{"a": {"dtype": "F32", ', b""))
+
+
+@st_case("st_header_invalid_utf8", r"the header is not valid JSON")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes(b'{"\xff\xfe": 1}', b""))
+
+
+@st_case("st_header_deep_nesting", r"the header is not valid JSON \(nested too deeply\)")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes(b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}", b""))
+
+
+@st_case("st_header_huge_integer", r"the header is not valid JSON \(Exceeds the limit")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes(b'{"a": {"dtype": "F32", "shape": [' + b"9" * 10_000 + b'], "data_offsets": [0, 4]}}', b"\0" * 4))
+
+
+@st_case("st_offsets_out_of_range", r"entry 'b' points at bytes 4\.\.1000004, outside the 8-byte data block")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes({"a": _f32(1), "b": {"dtype": "U8", "shape": [1_000_000], "data_offsets": [4, 1_000_004]}}, b"\0" * 8))
+
+
+@st_case("st_offsets_negative", r"entry 'a' points at bytes -4\.\.0, outside")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes({"a": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}, b"\0" * 4))
+
+
+@st_case("st_offsets_overlap", r"entries 'a' and 'b' overlap in the data block")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes({"a": _f32(2), "b": _f32(2, begin=4)}, b"\0" * 12))
+
+
+@st_case("st_offsets_gap", r"entry 'b' starts at byte 8 of the data block, but the previous entry ends at 4 \(a gap\)")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes({"a": _f32(1), "b": _f32(1, begin=8)}, b"\0" * 12))
+
+
+@st_case("st_trailing_bytes", r"the entries cover 4 of the 20 bytes in the data block")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes({"a": _f32(1)}, b"\0" * 20))
+
+
+@st_case("st_unknown_dtype", r"entry 'a' has unknown dtype 'F33'")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes({"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4))
+
+
+@st_case("st_dtype_not_a_string", r"entry 'a' has unknown dtype \['F32'\]")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4))
+
+
+@st_case("st_shape_size_disagree", r"entry 'a' has shape \[3, 3\] \(36 bytes as F32\) but spans 16 bytes")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes({"a": {"dtype": "F32", "shape": [3, 3], "data_offsets": [0, 16]}}, b"\0" * 16))
+
+
+@st_case("st_shape_huge", r"entry 'a' has shape \[1099511627776, 1099511627776\] \(\d+ bytes as F32\) but spans 4 bytes")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}}, b"\0" * 4))
+
+
+@st_case("st_shape_negative", r"entry 'a' has an invalid shape \[-1\]")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4))
+
+
+@st_case("st_duplicate_name", r"the header names 'a' twice")
+def _(root: Path, c: Case) -> None:
+    h = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    (root / c.path).write_bytes(_st_bytes(h, b"\0" * 4))
+
+
+@st_case("st_metadata_not_strings", r"'__metadata__' must map strings to strings")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes({"__metadata__": {"epoch": 3}, "a": _f32(1)}, b"\0" * 4))
+
+
+@st_case("st_entry_not_object", r"entry 'a' lacks dtype, shape or data_offsets")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_st_bytes({"a": [0, 4]}, b"\0" * 4))
+
+
+# Broken torch zips -----------------------------------------------------------------------------------
+
+
+def _valid_zip(root: Path) -> bytes:
+    p = root / "_valid.pt"
+    torch.save(_sd(), p)
+    return p.read_bytes()
+
+
+_ZIP_HINT = r"(?s)\(read as torch-zip\).*Try: the file is truncated or damaged"
+
+
+@case("zip_truncated", "broken", "zip_truncated.pt", "error", match=_ZIP_HINT)
+def _(root: Path, c: Case) -> None:
+    data = _valid_zip(root)
+    (root / c.path).write_bytes(data[: len(data) // 2])
+
+
+@case("zip_central_directory_corrupt", "broken", "zip_cd.pt", "error", match=r"\(read as torch-zip\): the zip archive is truncated or damaged \(BadZipFile")
+def _(root: Path, c: Case) -> None:
+    data = bytearray(_valid_zip(root))
+    cd = data.find(b"PK\x01\x02")  # first central directory entry: break its signature
+    data[cd : cd + 4] = b"XXXX"
+    (root / c.path).write_bytes(bytes(data))
+
+
+@case("zip_record_past_eof", "broken", "zip_offset.pt", "error", match=r"record '.*' reaches past the end of the file")
+def _(root: Path, c: Case) -> None:
+    data = bytearray(_valid_zip(root))
+    cd = data.rfind(b"PK\x01\x02")  # last central directory entry: its local header lies past the end
+    data[cd + 42 : cd + 46] = struct.pack("<I", len(data) + 1000)
+    (root / c.path).write_bytes(bytes(data))
+
+
+@case("zip_without_data_pkl", "broken", "zip_nopkl.pt", "error", match=r"has no archive/data\.pkl, so it is not a torch checkpoint")
+def _(root: Path, c: Case) -> None:
+    with zipfile.ZipFile(root / c.path, "w") as zf:
+        zf.writestr("archive/readme.txt", "hello")
+
+
+@case("zip_storage_record_short", "broken", "zip_short.pt", "error", match=r"'data/0' holds 8 bytes, but data\.pkl declares 12 x torch\.FloatStorage = 48 bytes")
+def _(root: Path, c: Case) -> None:  # with mmap, torch would read the next record's bytes as this tensor
+    import io
+
+    buf = io.BytesIO()
+    p = TensorPickler(buf)
+    p.dump(_sd())
+    p.records["0"] = p.records["0"][:8]
+    raw_zip(root / c.path, buf.getvalue(), p.records)
+
+
+@case("zip_storage_numel_huge", "broken", "zip_numel.pt", "error", match=r"declares 1152921504606846976 x torch\.FloatStorage")
+def _(root: Path, c: Case) -> None:
+    crafted_zip(root / c.path, {"w": torch.zeros(4)}, numel=1 << 60)
+
+
+@case("zip_storage_record_missing", "broken", "zip_norecord.pt", "error", match=r"names the tensor storage 'data/0', which the archive does not hold")
+def _(root: Path, c: Case) -> None:
+    import io
+
+    buf = io.BytesIO()
+    TensorPickler(buf).dump({"w": torch.zeros(4)})
+    raw_zip(root / c.path, buf.getvalue(), {})
+
+
+@case("zip_bomb", "broken", "zip_bomb.pt", "error", match=r"would inflate from \d+ to \d+ bytes \(a zip bomb\?\)")
+def _(root: Path, c: Case) -> None:
+    src = zipfile.ZipFile(_write_valid_zip(root))
+    with zipfile.ZipFile(root / c.path, "w") as out:
+        for info in src.infolist():
+            if info.filename.endswith("data.pkl"):
+                zi = zipfile.ZipInfo(info.filename)
+                zi.compress_type = zipfile.ZIP_DEFLATED
+                with out.open(zi, "w", force_zip64=True) as f:  # streamed: the 64 MiB never exist in memory
+                    f.write(src.read(info))
+                    zeros = b"\0" * (1 << 20)
+                    for _ in range(64):
+                        f.write(zeros)
+            else:
+                out.writestr(info, src.read(info))
+    src.close()
+
+
+def _write_valid_zip(root: Path) -> Path:
+    _valid_zip(root)
+    return root / "_valid.pt"
+
+
+@case("zip_duplicate_records", "broken", "zip_dup.pt", "error", match=r"the archive holds two records named 'zip_dup/data\.pkl'")
+def _(root: Path, c: Case) -> None:
+    import warnings
+
+    src = zipfile.ZipFile(_write_valid_zip(root))
+    with warnings.catch_warnings(), zipfile.ZipFile(root / c.path, "w") as out:
+        warnings.simplefilter("ignore")  # "Duplicate name"
+        for info in src.infolist():
+            name = info.filename.replace("_valid/", "zip_dup/")
+            out.writestr(name, src.read(info))
+        out.writestr("zip_dup/data.pkl", pickle.dumps({"other": 1}, protocol=2))
+    src.close()
+
+
+@case("zip_unsupported_compression", "broken", "zip_bzip2.pt", "error", match=r"uses compression method 12, which torch cannot read")
+def _(root: Path, c: Case) -> None:
+    src = zipfile.ZipFile(_write_valid_zip(root))
+    with zipfile.ZipFile(root / c.path, "w") as out:
+        for info in src.infolist():
+            kind = zipfile.ZIP_BZIP2 if info.filename.endswith("data.pkl") else zipfile.ZIP_STORED
+            out.writestr(info.filename, src.read(info), compress_type=kind)
+    src.close()
+
+
+@case("zip_tensor_view_out_of_bounds", "broken", "zip_view.pt", "error", match=r"\(read as torch-zip\): RuntimeError")
+def _(root: Path, c: Case) -> None:  # size 1000x1000 over a 4-element storage
+    data = (
+        b"\x80\x02}" + _u("w") + b"ctorch._utils\n_rebuild_tensor_v2\n((" + _u("storage") + b"ctorch\nFloatStorage\n"
+        + _u("0") + _u("cpu") + b"K\x04tQK\x00M\xe8\x03M\xe8\x03\x86M\xe8\x03K\x01\x86\x89ccollections\nOrderedDict\n)RtRs."
+    )  # fmt: skip
+    raw_zip(root / c.path, data, {"0": b"\0" * 16})
+
+
+@case("zip_tensor_negative_stride", "broken", "zip_stride.pt", "error", match=r"\(read as torch-zip\): RuntimeError")
+def _(root: Path, c: Case) -> None:
+    data = (
+        b"\x80\x02}" + _u("w") + b"ctorch._utils\n_rebuild_tensor_v2\n((" + _u("storage") + b"ctorch\nFloatStorage\n"
+        + _u("0") + _u("cpu") + b"K\x04tQK\x00K\x04\x85J\xff\xff\xff\xff\x85\x89ccollections\nOrderedDict\n)RtRs."
+    )  # fmt: skip
+    raw_zip(root / c.path, data, {"0": b"\0" * 16})
+
+
+@case("zip_cyclic_containers", "broken", "zip_cycle.pt", "ok")
+def _(root: Path, c: Case) -> None:  # {"w": t, "model": <itself>}: the cycle is skipped, the tensor found
+    d: dict[str, Any] = dict(_sd())
+    d["model"] = d
+    torch.save(d, root / c.path)
+
+
+@case("zip_deep_nesting", "broken", "zip_deep.pt", "error", match=r"no state dict found; top-level keys are 'model'")
+def _(root: Path, c: Case) -> None:
+    obj: dict[str, Any] = dict(_sd())
+    for _ in range(5000):
+        obj = {"model": obj}
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)
+    try:
+        torch.save(obj, root / c.path)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+@case("zip_hostile_module_metadata", "broken", "zip_meta.pt", "ok")
+def _(root: Path, c: Case) -> None:  # a _metadata that is not {module: {version: n}} is ignored, not trusted
+    sd = collections.OrderedDict(_sd())
+    sd._metadata = {"layer": 5}  # type: ignore[attr-defined]
+    torch.save(sd, root / c.path)
+
+
+# Broken legacy pickles -------------------------------------------------------------------------------
+
+
+def _valid_legacy(root: Path) -> bytes:
+    p = root / "_valid_legacy.pth"
+    torch.save(_sd(), p, _use_new_zipfile_serialization=False)
+    return p.read_bytes()
+
+
+@case("legacy_truncated", "broken", "legacy_truncated.pth", "error", match=r"\(read as torch-legacy\)")
+def _(root: Path, c: Case) -> None:
+    data = _valid_legacy(root)
+    (root / c.path).write_bytes(data[: len(data) - 20])
+
+
+@case("legacy_storage_numel_huge", "broken", "legacy_numel.pth", "error", match=r"the pickle declares \d+ bytes of tensor data, but the file holds only \d+ bytes")
+def _(root: Path, c: Case) -> None:  # torch would allocate the declared size before reading
+    data = _valid_legacy(root)
+    i = data.index(b"cpu") + 3  # after the first storage's location string comes its numel
+    j = data.index(b"K\x0c", i)  # 12 elements (layer.weight) as BININT1
+    (root / c.path).write_bytes(data[:j] + b"\x8a\x08" + struct.pack("<q", 1 << 50) + data[j + 2 :])
+
+
+@case("legacy_storage_key_garbled", "broken", "legacy_keys.pth", "error", match=r"\(read as torch-legacy\): AssertionError")
+def _(root: Path, c: Case) -> None:
+    import io
+    import pickletools
+
+    data = bytearray(_valid_legacy(root))
+    stream = io.BytesIO(bytes(data))
+    for _ in range(4):  # magic number, protocol, sys info, payload
+        for op, _arg, _pos in pickletools.genops(stream):
+            if op.name == "STOP":
+                break
+    # the fifth pickle lists the storage keys as decimal strings: change the first digit of the first one
+    for op, _arg, pos in pickletools.genops(stream):
+        if op.name == "BINUNICODE":
+            first = pos + 5
+            data[first] = ord("9") if data[first] != ord("9") else ord("8")
+            break
+    (root / c.path).write_bytes(bytes(data))
+
+
+@case("plain_pickle_unsupported_opcodes", "broken", "plain_p4.pkl", "error", match=r"does not support \(Unsupported operand \d+\)", options={"format": "torch-legacy"})
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(pickle.dumps(collections.OrderedDict(a=1), protocol=4))
+
+
+# Broken indexes --------------------------------------------------------------------------------------
+
+
+def _index_dir(root: Path, name: str, weight_map: Any, *, raw: str | None = None) -> Path:
+    d = root / name
+    d.mkdir()
+    save_file(_sd(), d / "model-00001-of-00001.safetensors")
+    text = raw if raw is not None else json.dumps({"metadata": {}, "weight_map": weight_map})
+    (d / "model.safetensors.index.json").write_text(text)
+    return d
+
+
+def index_case(name: str, match: str, expect: str = "error"):
+    return case(name, "broken", f"{name}/model.safetensors.index.json", expect, match=match)
+
+
+_OK_MAP = {"layer.weight": "model-00001-of-00001.safetensors", "layer.bias": "model-00001-of-00001.safetensors"}
+
+
+@index_case("index_invalid_json", r"the index is not valid JSON")
+def _(root: Path, c: Case) -> None:
+    _index_dir(root, c.name, None, raw='{"weight_map": {"a": ')
+
+
+@index_case("index_not_an_object", r"the index has no 'weight_map' object")
+def _(root: Path, c: Case) -> None:
+    _index_dir(root, c.name, None, raw="[1, 2, 3]")
+
+
+@index_case("index_weight_map_wrong_types", r"the index has no 'weight_map' object")
+def _(root: Path, c: Case) -> None:
+    _index_dir(root, c.name, {"layer.weight": 3})
+
+
+@index_case("index_deep_nesting", r"the index is not valid JSON \(nested too deeply\)")
+def _(root: Path, c: Case) -> None:
+    _index_dir(root, c.name, None, raw='{"weight_map": ' + "[" * 200_000 + "]" * 200_000 + "}")
+
+
+@index_case("index_missing_shard", r"shard 'model-00002-of-00002\.safetensors' named by the index does not exist")
+def _(root: Path, c: Case) -> None:
+    _index_dir(root, c.name, {**_OK_MAP, "layer.bias": "model-00002-of-00002.safetensors"})
+
+
+@index_case("index_shard_dotdot", r"shard '\.\./outside\.safetensors' lies outside")
+def _(root: Path, c: Case) -> None:
+    save_file(_sd(), root / "outside.safetensors")
+    _index_dir(root, c.name, {"layer.weight": "../outside.safetensors"})
+
+
+@index_case("index_shard_absolute", r"shard '/etc/passwd' lies outside")
+def _(root: Path, c: Case) -> None:
+    _index_dir(root, c.name, {"layer.weight": "/etc/passwd"})
+
+
+@index_case("index_shard_symlink_out", r"shard 'linked\.safetensors' lies outside .* \(a symlink leads to")
+def _(root: Path, c: Case) -> None:
+    save_file(_sd(), root / "elsewhere.safetensors")
+    d = _index_dir(root, c.name, {"layer.weight": "linked.safetensors"})
+    (d / "linked.safetensors").symlink_to(root / "elsewhere.safetensors")
+
+
+@index_case("index_shard_is_the_index", r"is itself an index; shards must be weight files")
+def _(root: Path, c: Case) -> None:  # would recurse without end
+    _index_dir(root, c.name, {"layer.weight": "model.safetensors.index.json"})
+
+
+@index_case("index_shard_is_a_directory", r"shard 'subdir' named by the index is not a regular file")
+def _(root: Path, c: Case) -> None:
+    d = _index_dir(root, c.name, {"layer.weight": "subdir"})
+    (d / "subdir").mkdir()
+
+
+@index_case("index_shard_name_nul", r"is not a file name")
+def _(root: Path, c: Case) -> None:
+    _index_dir(root, c.name, {"layer.weight": "model\u0000.safetensors"})
+
+
+@index_case("index_shard_lacks_tensor", r"puts 'layer.extra' in 'model-00001-of-00001\.safetensors', but that shard does not hold it")
+def _(root: Path, c: Case) -> None:
+    _index_dir(root, c.name, {**_OK_MAP, "layer.extra": "model-00001-of-00001.safetensors"})
+
+
+@index_case("index_shard_broken", r"model-00001-of-00001\.safetensors' \(read as safetensors\): the entries cover")
+def _(root: Path, c: Case) -> None:  # the error names the shard, not only the index
+    d = _index_dir(root, c.name, _OK_MAP)
+    with (d / "model-00001-of-00001.safetensors").open("ab") as f:
+        f.write(b"\0" * 8)
+
+
+@case("hf_cache_snapshot_symlinks", "ok", "hf/models--org--m/snapshots/abc123/model.safetensors.index.json", "ok")
+def _(root: Path, c: Case) -> None:  # a Hugging Face cache: snapshot files are symlinks into ../../blobs
+    repo = root / "hf" / "models--org--m"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    save_file(_sd(), repo / "blobs" / "1111")
+    (repo / "blobs" / "2222").write_text(json.dumps({"weight_map": _OK_MAP}))
+    (snap / "model-00001-of-00001.safetensors").symlink_to("../../blobs/1111")
+    (snap / "model.safetensors.index.json").symlink_to("../../blobs/2222")
+
+
+@case("hf_cache_blobs_symlinked_out", "broken", "hf2/models--org--m/snapshots/abc123/model.safetensors.index.json", "error", match=r"lies outside .* \(a symlink leads to")
+def _(root: Path, c: Case) -> None:  # a fake cache whose blobs/ leads elsewhere is not trusted
+    repo = root / "hf2" / "models--org--m"
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (root / "hf2_elsewhere").mkdir()
+    save_file(_sd(), root / "hf2_elsewhere" / "1111")
+    (repo / "blobs").symlink_to(root / "hf2_elsewhere")
+    (snap / "model-00001-of-00001.safetensors").symlink_to("../../blobs/1111")
+    (snap / "model.safetensors.index.json").write_text(json.dumps({"weight_map": _OK_MAP}))
+
+
+@case("fifo_instead_of_file", "broken", "pipe.safetensors", "error", match=r"not a regular file or directory")
+def _(root: Path, c: Case) -> None:  # reading it would block for ever
+    os.mkfifo(root / c.path)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def build(root: Path, names: list[str] | None = None) -> list[Case]:
+    """Write the corpus into ``root`` (which must exist and be empty); return its cases."""
+    root = Path(root).resolve()
+    chosen = [c for c in CASES if names is None or c.name in names]
+    for c in chosen:
+        _BUILDERS[c.name](root, c)
+    (root / "manifest.json").write_text(json.dumps([asdict(c) for c in chosen], indent=1))
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="an empty or new directory")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cases = build(args.out)
+    print(f"{len(cases)} cases written to {args.out} (manifest.json lists them)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
