@@ -14,7 +14,8 @@ Contenders:
   torch           torch.load / safetensors.load_file, then load_state_dict into a model built on CPU
   floor           model on meta + memory map + load_state_dict(assign=True)  (the zero-copy floor)
   from_pretrained transformers' BertModel.from_pretrained(dir)
-  torchgraft      model on meta + tg.load(model, path)
+  torchgraft      model on meta + tg.load(model, path)  (default: also scans every value for NaN/Inf)
+  tg-nocheck      the same with check_finite=False (the pure zero-copy path)
   tg-copy         tg.load into a model already built on CPU (copy in place) -- compare with "torch"
   tg-bf16         model on meta + tg.load(..., dtype=bfloat16)  (streaming cast)
   plan            tg.plan only (names and shapes)
@@ -39,7 +40,7 @@ SIZES = {
     "bert-1.3b": (2048, 24, 8192, 16),
 }
 FORMATS = ("safetensors", "torch-zip")
-CONTENDERS = ("raw-read", "torch", "floor", "from_pretrained", "torchgraft", "tg-copy", "tg-bf16", "plan")
+CONTENDERS = ("raw-read", "torch", "floor", "from_pretrained", "torchgraft", "tg-nocheck", "tg-copy", "tg-bf16", "plan")
 
 
 def bench_dir() -> Path:
@@ -168,6 +169,10 @@ def worker(contender: str, size: str, fmt: str) -> dict:
         with torch.device("meta"):
             model = BertModel(config)
         tg.load(model, path)
+    elif contender == "tg-nocheck":
+        with torch.device("meta"):
+            model = BertModel(config)
+        tg.load(model, path, check_finite=False)
     elif contender == "tg-copy":
         tg.load(prebuilt, path)
     elif contender == "tg-bf16":

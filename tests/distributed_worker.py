@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.distributed.tensor import DTensor, Partial
+from torch.nn.parallel import DistributedDataParallel
 from transformers import BertConfig, BertForTokenClassification, BertModel
 
 import torchgraft as tg
@@ -122,7 +122,10 @@ def fsdp_token_classification(sharded: str, config: BertConfig) -> dict:
     assert report.missing == ["classifier.weight", "classifier.bias"], report.missing
     assert sorted(report.unexpected) == ["pooler.dense.bias", "pooler.dense.weight"], report.unexpected
     # the head, and the embeddings' non-persistent token_type_ids buffer of the meta model
-    assert report.initialised == {"classifier": "transformers _init_weights", "bert.embeddings": "transformers _init_weights"}
+    assert report.initialised == {
+        "classifier": "transformers _init_weights",
+        "bert.embeddings": "transformers _init_weights",
+    }
     assert same_on_every_rank(report.to_dict())
     expected = local_bytes(model, report)
     ours = full_state(model)
@@ -142,7 +145,10 @@ def fsdp_adapters(minilm: str, config: BertConfig) -> dict:
     model = on_meta(BertForTokenClassification, cfg)
     shard(model, model.bert.encoder.layer)
     report = tgd.load(model, minilm, adapt="auto", seed=SEED)
-    assert set(report.adapted) == {"bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight"}
+    assert set(report.adapted) == {
+        "bert.embeddings.word_embeddings.weight",
+        "bert.embeddings.position_embeddings.weight",
+    }
     assert "bert.embeddings.word_embeddings.weight" in report.sharded
     assert same_on_every_rank(report.to_dict())
     ours = full_state(model)
@@ -173,13 +179,18 @@ def dcp_source(dcp_dir: str, minilm: str, config: BertConfig) -> dict:
     head = on_meta(BertForTokenClassification, cfg)
     shard(head, head.bert.encoder.layer)
     second = tgd.load(head, sharded_dcp, seed=SEED)
-    assert second.prefix == {"mode": "add", "prefix": "bert."} and second.missing == ["classifier.weight", "classifier.bias"]
+    assert second.prefix == {"mode": "add", "prefix": "bert."} and second.missing == [
+        "classifier.weight",
+        "classifier.bias",
+    ]
     gathered = full_state(head)
     if dist.get_rank() == 0:
         reference = on_meta(BertForTokenClassification, cfg)
         torch.manual_seed(SEED)
         tg.load(reference, minilm)
-        assert_equal_state(gathered, reference.state_dict(), "FSDP2 BertForTokenClassification from a sharded DCP checkpoint")
+        assert_equal_state(
+            gathered, reference.state_dict(), "FSDP2 BertForTokenClassification from a sharded DCP checkpoint"
+        )
     return {"report": report.to_dict(), "sharded_report": second.to_dict()}
 
 
@@ -226,7 +237,9 @@ def errors(minilm: str, config: BertConfig) -> dict:
     mesh = init_device_mesh("cpu", (world,))
     if rank == world - 1:
         bias = model.pooler.dense.bias
-        model.pooler.dense.bias = nn.Parameter(DTensor.from_local(bias.detach().clone(), mesh, [Partial()], run_check=False))
+        model.pooler.dense.bias = nn.Parameter(
+            DTensor.from_local(bias.detach().clone(), mesh, [Partial()], run_check=False)
+        )
     with pytest.raises(tg.LoadError, match="Partial placement"):
         tgd.load(model, minilm)
     assert torch.equal(model.pooler.dense.weight, before)

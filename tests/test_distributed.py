@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
-from torch import nn
 
 import torchgraft as tg
 import torchgraft.distributed as tgd
@@ -144,11 +143,16 @@ def test_convert_to_dcp_leaves_nothing_when_the_source_fails(tmp_path):
 def test_single_process_equals_tg_load(minilm_dir):
     config = transformers.BertConfig.from_pretrained(minilm_dir, num_labels=2)
     with torch.device("meta"):
-        ours, reference = transformers.BertForTokenClassification(config), transformers.BertForTokenClassification(config)
+        ours, reference = (
+            transformers.BertForTokenClassification(config),
+            transformers.BertForTokenClassification(config),
+        )
     report = tgd.load(ours, minilm_dir, seed=5)
     torch.manual_seed(5)
     expected = tg.load(reference, minilm_dir)
-    assert report.world_size == 1 and report.bytes_read == [tg.open(minilm_dir).nbytes - (384 * 384 + 384) * 4]  # all but the pooler
+    assert report.world_size == 1 and report.bytes_read == [
+        tg.open(minilm_dir).nbytes - (384 * 384 + 384) * 4
+    ]  # all but the pooler
     assert report.missing == expected.missing and report.initialised == expected.initialised
     a, b = ours.state_dict(), reference.state_dict()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
@@ -174,8 +178,12 @@ def test_read_failure_leaves_the_model_unchanged():
     def broken():
         raise tg.CheckpointError("disk", "simulated read failure")
 
-    entries = {k: tg.TensorRef(k, tuple(v.shape), str(v.dtype).removeprefix("torch."), (lambda v=v: v) if k != "head.bias" else broken)
-               for k, v in good.items()}
+    entries = {
+        k: tg.TensorRef(
+            k, tuple(v.shape), str(v.dtype).removeprefix("torch."), (lambda v=v: v) if k != "head.bias" else broken
+        )
+        for k, v in good.items()
+    }
     with pytest.raises(tg.CheckpointError, match="simulated read failure"):
         tgd.load(model, tg.Source(entries, path="flaky", format="state-dict"))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
@@ -243,14 +251,31 @@ def torchrun_inputs(minilm_dir, minilm_dcp, tmp_path_factory) -> dict[str, Path]
 
 
 @pytest.mark.distributed
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is needed")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is needed"
+)
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_torchrun_fsdp2_cpu(nproc, torchrun_inputs, tmp_path):
     inputs = torchrun_inputs
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER),
-           str(inputs["minilm"]), str(inputs["sharded"]), str(inputs["dcp"]), str(inputs["torch"]), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(WORKER),
+        str(inputs["minilm"]),
+        str(inputs["sharded"]),
+        str(inputs["dcp"]),
+        str(inputs["torch"]),
+        str(tmp_path),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == nproc
@@ -276,5 +301,8 @@ def test_torchrun_fsdp2_cpu(nproc, torchrun_inputs, tmp_path):
     by_n = runs["dcp_source"][0]["sharded_report"]["bytes_read"]
     assert max(by_n) <= total / nproc * 1.02, by_n
 
-    assert runs["fsdp_adapters"][0]["adapted"] == ["bert.embeddings.position_embeddings.weight", "bert.embeddings.word_embeddings.weight"]
+    assert runs["fsdp_adapters"][0]["adapted"] == [
+        "bert.embeddings.position_embeddings.weight",
+        "bert.embeddings.word_embeddings.weight",
+    ]
     assert runs["errors"][0]["errors"] == 5

@@ -102,7 +102,7 @@ def test_explicit_prefix_restricts_choice():
 
 def test_ignore_patterns_from_options_and_model(caplog):
     class Ignoring(WithHead):
-        _keys_to_ignore_on_load_missing = [r"^head\."]
+        _keys_to_ignore_on_load_missing = (r"^head\.",)
 
     full = WithHead().state_dict()
     full["extra.thing"] = torch.zeros(1)
@@ -285,6 +285,26 @@ def test_tie_loaded_through_the_second_name():
     tg.load(model, src, strict=True)
     assert model.decoder.weight is model.embed.weight
     assert torch.equal(model.embed.weight, src["decoder.weight"])
+
+
+def test_tie_loaded_through_the_second_name_on_meta():
+    src = {"decoder.weight": torch.randn(6, 4)}
+    with torch.device("meta"):
+        model = Tied()
+    tg.load(model, src, strict=True)
+    assert model.decoder.weight is model.embed.weight
+    assert torch.equal(model.embed.weight, src["decoder.weight"])
+
+
+def test_in_place_copy_into_stock_modules_keeps_no_backup(monkeypatch):
+    """Memory stays at model + staged tensors: nothing is cloned for torch's own layers."""
+    from torchgraft import apply
+
+    cloned = []
+    original = apply._Undo.values
+    monkeypatch.setattr(apply._Undo, "values", lambda self, t: (cloned.append(t), original(self, t)))
+    tg.load(TinyNet(), TinyNet().state_dict(), strict=True)
+    assert cloned == []
 
 
 def test_non_persistent_buffer_in_checkpoint_is_ignored_not_unexpected():

@@ -72,6 +72,19 @@ _GENERIC = frozenset(
     "proj projection norm bn ln layernorm batchnorm groupnorm gn self op ops seq sequential main body features "
     "feature stage stages unit units sub wrapper inner base backbone param params parameter".split()
 )
+# Words that mean the same role under different conventions (timm / torchvision / Hugging Face / original repos).
+_SYNONYMS: tuple[frozenset[str], ...] = tuple(
+    frozenset(group.split())
+    for group in (
+        "head classifier cls logits",
+        "mlp ffn ff feedforward intermediate",
+        "embed embedding embeddings wte tok token word",
+        "pos position positional wpe",
+        "attn attention",
+        "stem embedder",
+        "pool pooler pooling",
+    )
+)
 _STEM_NUMBER = re.compile(r"^(.*?[A-Za-z_])(\d+)$")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
@@ -295,6 +308,8 @@ def _sim(a: str, b: str) -> float:
     """How well two words agree: equal, prefix (``q``/``query``), abbreviation (``attn``/``attention``)."""
     if a == b:
         return 1.0
+    if any(a in group and b in group for group in _SYNONYMS):
+        return 0.9
     short, long = sorted((a, b), key=len)
     if long.startswith(short):
         return 0.8
@@ -307,6 +322,13 @@ def _sim(a: str, b: str) -> float:
 
 def _rel(path: str, root: str) -> str:
     return path[len(root) + 1 :] if root and path.startswith(root + ".") else ("" if path == root else path)
+
+
+def _conflict(a: list[str], b: list[str]) -> bool:
+    """Both names say what they are, and no word of one agrees with any word of the other."""
+    a = [w for w in a if w not in _GENERIC]
+    b = [w for w in b if w not in _GENERIC]
+    return bool(a and b) and all(_sim(x, y) == 0 for x in a for y in b)
 
 
 def _agree(a: list[str], b: list[str]) -> str | None:
@@ -476,9 +498,10 @@ class _Aligner:
                 if max(R.start.get((level, sig), (1, 1))) > 1:
                     return [(t, s, 0.85, f"last {what} left in {ctx} (the others were paired)")]
                 return [(t, s, 0.95, f"only {what} in {ctx}")]
-            if everywhere and _distinctive(t):
+            t_words, s_words = _tokens(_rel(t.path, R.t_root)), _tokens(_rel(s.path, R.s_root))
+            if everywhere and _distinctive(t) and (level == "node" or not _conflict(t_words, s_words)):
                 return [(t, s, 0.9, f"only {what} in the model and the checkpoint")]
-            if (why := _agree(_tokens(_rel(t.path, R.t_root)), _tokens(_rel(s.path, R.s_root)))) is not None:
+            if (why := _agree(t_words, s_words)) is not None:
                 return [(t, s, 0.8, f"only {what} left in {ctx}; names agree: {why}")]
             if (why := self._neighbour(t, s)) is not None:
                 return [(t, s, 0.75, f"only {what} left in {ctx}; {why}")]
@@ -582,11 +605,13 @@ class _Aligner:
         ft, fs = self._free(R)
         if not ft or not fs:
             return
-        if len(ft) == 1 and len(fs) == 1:
+        if len(ft) == 1 and len(fs) == 1 and ft[0].sig != fs[0].sig and _compatible(ft[0], fs[0]):
             t, s = ft[0], fs[0]
-            if t.sig != s.sig and _compatible(t, s):
-                self._pair_units(t, s, min(0.6, R.conf), f"the only unmatched module on either side in {R.ctx}, same layout, other shapes")
-            return
+            why = _agree(_tokens(_rel(t.path, R.t_root)), _tokens(_rel(s.path, R.s_root)))
+            why = f"names agree: {why}" if why is not None else self._neighbour(t, s)
+            if why is not None:
+                self._pair_units(t, s, min(0.6, R.conf), f"the only unmatched module on either side in {R.ctx}, same layout, other shapes; {why}")
+                return
         t_seq = sorted(R.t_units, key=lambda u: u.order)
         s_seq = _total_order(list(R.s_units), trusted=self.S.trusted)
         if s_seq is None:

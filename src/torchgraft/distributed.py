@@ -88,15 +88,15 @@ if TYPE_CHECKING:
     from .rules import RuleSpec
 
 __all__ = [
-    "load",
+    "DCPConvertResult",
+    "DCPStorageReader",
     "DistributedLoadReport",
     "SourceStorageReader",
-    "DCPStorageReader",
-    "storage_reader_for",
-    "read_dcp_tensor",
-    "convert_to_dcp",
     "convert_from_dcp",
-    "DCPConvertResult",
+    "convert_to_dcp",
+    "load",
+    "read_dcp_tensor",
+    "storage_reader_for",
 ]
 
 logger = logging.getLogger("torchgraft")
@@ -155,8 +155,10 @@ class _Ranks:
     def __init__(self, group: dist.ProcessGroup | None) -> None:
         self.active = dist.is_available() and dist.is_initialized()
         if group is not None and not self.active:
-            raise LoadError("process_group was given but torch.distributed is not initialised",
-                            ["call torch.distributed.init_process_group() first (torchrun sets the environment)"])
+            raise LoadError(
+                "process_group was given but torch.distributed is not initialised",
+                ["call torch.distributed.init_process_group() first (torchrun sets the environment)"],
+            )
         self.group = group
         self.rank = dist.get_rank(group) if self.active else 0
         self.size = dist.get_world_size(group) if self.active else 1
@@ -179,7 +181,7 @@ class _Ranks:
         """Run ``fn`` on every rank; if it fails anywhere, raise on every rank (no rank is left waiting)."""
         try:
             result, error = fn(), None
-        except Exception as e:  # re-raised below, on this rank and the others
+        except Exception as e:  # noqa: BLE001 - re-raised below, on this rank and on the others
             result, error = None, e
         errors = self.gather(None if error is None else _pack(error))
         if error is not None:
@@ -196,7 +198,7 @@ def _pack(error: BaseException) -> tuple[Any, ...]:
         packed = (type(error), error.args, dict(vars(error)))
         pickle.loads(pickle.dumps(packed))
         return packed
-    except Exception:
+    except Exception:  # noqa: BLE001 - anything that does not survive pickling travels as text
         return (RuntimeError, (f"{type(error).__name__}: {error}",), {})
 
 
@@ -279,9 +281,13 @@ class SourceStorageReader(StorageReader):
 
             try:
                 handle = safe_open(file, framework="pt", device="cpu")
-            except Exception as e:  # the library's error types vary by version
-                raise CheckpointError(file, f"cannot open for slicing: {e}", format="safetensors",
-                                      hint="re-download or re-convert the file") from None
+            except Exception as e:  # noqa: BLE001 - the library's error types vary by version
+                raise CheckpointError(
+                    file,
+                    f"cannot open for slicing: {e}",
+                    format="safetensors",
+                    hint="re-download or re-convert the file",
+                ) from None
             for item in items:
                 name = item.storage_index.fqn
                 try:
@@ -290,8 +296,10 @@ class SourceStorageReader(StorageReader):
                     else:
                         slices = tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))
                         piece = handle.get_slice(name)[slices]
-                except Exception as e:
-                    raise CheckpointError(file, f"reading a slice of {name!r} failed: {e}", format="safetensors") from None
+                except Exception as e:  # noqa: BLE001 - as above, one CheckpointError naming the tensor
+                    raise CheckpointError(
+                        file, f"reading a slice of {name!r} failed: {e}", format="safetensors"
+                    ) from None
                 self._deliver(item, piece, planner)
         done: Future[None] = Future()
         done.set_result(None)
@@ -301,13 +309,19 @@ class SourceStorageReader(StorageReader):
         try:
             return self.source[name].load()
         except KeyError:
-            raise CheckpointError(self.source.path, f"{name!r} is not in the checkpoint", format=self.source.format) from None
+            raise CheckpointError(
+                self.source.path, f"{name!r} is not in the checkpoint", format=self.source.format
+            ) from None
 
     def _deliver(self, item: ReadItem, piece: torch.Tensor, planner: LoadPlanner) -> None:
         target = planner.resolve_tensor(item).detach()
         if tuple(target.shape) != tuple(piece.shape):
-            raise CheckpointError(self.source.path, f"{item.storage_index.fqn!r}: read {list(piece.shape)}, needed "
-                                  f"{list(target.shape)}", format=self.source.format, hint="the checkpoint changed while loading")
+            raise CheckpointError(
+                self.source.path,
+                f"{item.storage_index.fqn!r}: read {list(piece.shape)}, needed {list(target.shape)}",
+                format=self.source.format,
+                hint="the checkpoint changed while loading",
+            )
         target.copy_(piece)
         self.bytes_read += piece.numel() * piece.element_size()
         planner.commit_tensor(item, target)
@@ -426,7 +440,9 @@ def _checkpoint_error(e: CheckpointException, path: str | None, fmt: str) -> Bas
         inner = inner[0] if isinstance(inner, tuple) else inner
         if isinstance(inner, Exception):
             if hasattr(inner, "add_note"):
-                inner.add_note(f"(raised on rank {rank} while torch.distributed.checkpoint read the checkpoint; the model is unchanged)")
+                inner.add_note(
+                    f"(raised on rank {rank} while torch.distributed.checkpoint read the checkpoint; the model is unchanged)"
+                )
             return inner
     return CheckpointError(path, f"torch.distributed.checkpoint failed: {e}", format=fmt)
 
@@ -464,24 +480,32 @@ def _check_layout(model: nn.Module) -> None:
         FullyShardedDataParallel = ()  # type: ignore[assignment,misc]
     for path, module in model.named_modules():
         if isinstance(module, FullyShardedDataParallel):  # type: ignore[arg-type]
-            problems.append(f"{path or '(root)'}: FSDP1 FullyShardedDataParallel keeps flat parameters; shard with "
-                            "torch.distributed.fsdp.fully_shard (FSDP2) instead, or load before wrapping")
+            problems.append(
+                f"{path or '(root)'}: FSDP1 FullyShardedDataParallel keeps flat parameters; shard with "
+                "torch.distributed.fsdp.fully_shard (FSDP2) instead, or load before wrapping"
+            )
             break
     from torch.distributed.tensor import Partial
 
     for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         if hasattr(t, "ds_id") or hasattr(t, "ds_numel"):
-            problems.append(f"{name}: a DeepSpeed ZeRO-3 partition; load before deepspeed.initialize, or use "
-                            "deepspeed.zero.GatheredParameters")
+            problems.append(
+                f"{name}: a DeepSpeed ZeRO-3 partition; load before deepspeed.initialize, or use "
+                "deepspeed.zero.GatheredParameters"
+            )
         elif isinstance(t, DTensor) and any(isinstance(p, Partial) for p in t.placements):
-            problems.append(f"{name}: a DTensor with a Partial placement {t.placements} holds partial sums, not values; "
-                            "redistribute it to Shard or Replicate first")
+            problems.append(
+                f"{name}: a DTensor with a Partial placement {t.placements} holds partial sums, not values; "
+                "redistribute it to Shard or Replicate first"
+            )
         elif type(t).__name__ == "ShardedTensor":
             problems.append(f"{name}: a legacy ShardedTensor; use DTensor (fully_shard or distribute_tensor)")
         if len(problems) >= 12:
             break
     if problems:
-        raise LoadError(f"{_model_name(model)} has a layout torchgraft.distributed cannot load into (nothing was read):", problems)
+        raise LoadError(
+            f"{_model_name(model)} has a layout torchgraft.distributed cannot load into (nothing was read):", problems
+        )
 
 
 def _live(view: TargetView, name: str) -> torch.Tensor:
@@ -525,17 +549,6 @@ def _default_device(model: nn.Module) -> torch.device:
                 return torch.device("cuda", torch.cuda.current_device())
             return torch.device(kind)
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _shared_rng(state: bytes, seed: int | None) -> Iterator[None]:
-    """The CPU random state every rank uses for adapters and initialisation; the caller's is restored."""
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.default_generator.manual_seed(int(seed))
-        else:
-            torch.set_rng_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
-        yield
 
 
 # ---------------------------------------------------------------------------
@@ -618,39 +631,69 @@ def load(
     started = time.perf_counter()
     ranks = _Ranks(process_group)
     model = _unwrap(model)
+    options = {"rules": rules, "prefix": prefix, "ignore_missing": ignore_missing,
+               "ignore_unexpected": ignore_unexpected, "adapt": adapt}  # fmt: skip
+    the_plan, rng, opened = _shared_plan(ranks, model, source, plan, options)
+    src, view = _same_everywhere(ranks, model, source, opened)
+    try:
+        if strict and (problems := the_plan.problems()):
+            raise LoadError(f"Checkpoint {src.describe()} does not fit {the_plan.model} (strict=True):", problems)
+        where = torch.device(device) if device is not None else _default_device(model)
+        staged, whole, bytes_read = _read(ranks, the_plan, view, src, where)
+        adapted, initial, methods = ranks.agree(
+            lambda: _compute(model, view, the_plan, src, whole, where, _SharedRandom(rng, seed), init_missing)
+        )
+        loaded = {**staged, **adapted}
+        _commit(model, view, the_plan, initial, loaded, where)
+    finally:
+        if not isinstance(source, Source):
+            src.close()  # tensors already copied stay valid
 
-    # 1. Rank 0 plans (or checks the given plan) and broadcasts it with its random state.
-    opened: list[Source] = []
+    stats = ranks.gather((bytes_read, time.perf_counter() - started))
+    report = DistributedLoadReport.from_plan(
+        the_plan, model=model, source=src, initialised=methods, dtype=None, seconds=max(s for _, s in stats)
+    )
+    report.model = the_plan.model or _model_name(model)
+    report.world_size = ranks.size
+    report.bytes_read = [b for b, _ in stats]
+    report.sharded = [n for n in the_plan.entries if isinstance(loaded.get(n), DTensor)]
+    if ranks.rank == 0:
+        report.log(logger)
+    return report  # type: ignore[return-value]
 
-    def on_rank0() -> dict[str, Any]:
-        _check_layout(model)
-        src = open_source(source)
-        opened.append(src)
-        view = TargetView.of(model)
-        if plan is None:
-            p = make_plan(model, src, rules=rules, prefix=prefix, ignore_missing=ignore_missing,
-                          ignore_unexpected=ignore_unexpected, adapt=adapt)
-            p.model = _model_name(model)
-        else:
-            plan.check_fits(view, src)
-            p = plan
-        return {"plan": p.to_dict(), "rng": bytes(torch.get_rng_state().numpy().tobytes())}
 
+def _shared_plan(
+    ranks: _Ranks, model: nn.Module, source: Any, plan: Plan | None, options: dict[str, Any]
+) -> tuple[Plan, bytes, Source | None]:
+    """Rank 0 plans (or checks the given plan) and broadcasts it with its random state; errors reach every rank."""
     payload: dict[str, Any] = {}
+    opened: Source | None = None
     if ranks.rank == 0:
         try:
-            payload = on_rank0()
+            _check_layout(model)
+            opened = open_source(source)
+            if plan is None:
+                made = make_plan(model, opened, **options)
+                made.model = _model_name(model)
+            else:
+                plan.check_fits(TargetView.of(model), opened)
+                made = plan
+            payload = {"plan": made.to_dict(), "rng": torch.get_rng_state().numpy().tobytes()}
         except Exception as e:
-            payload = {"error": _pack(e), "local": e}
-    shared = ranks.broadcast({k: v for k, v in payload.items() if k != "local"})
+            ranks.broadcast({"error": _pack(e)})  # the other ranks raise it too
+            raise
+    shared = ranks.broadcast(payload)
     if "error" in shared:
-        raise payload["local"] if ranks.rank == 0 else _unpack(shared["error"], 0)
-    the_plan = Plan.from_dict(shared["plan"])
+        raise _unpack(shared["error"], 0)
+    return Plan.from_dict(shared["plan"]), shared["rng"], opened
 
-    # 2. Every rank: the same model, the same checkpoint, a layout DCP can load into.
+
+def _same_everywhere(ranks: _Ranks, model: nn.Module, source: Any, opened: Source | None) -> tuple[Source, TargetView]:
+    """Every rank: a layout DCP can load into, the same model, the same checkpoint."""
+
     def check() -> tuple[Source, TargetView, tuple[str, str]]:
         _check_layout(model)
-        src = opened[0] if opened else open_source(source)
+        src = opened if opened is not None else open_source(source)
         view = TargetView.of(model)
         return src, view, (view.fingerprint(), src.fingerprint())
 
@@ -669,73 +712,101 @@ def load(
             format=src.format,
             hint="give every rank the same checkpoint (a shared file system, or identical copies)",
         )
-    if strict and (problems := the_plan.problems()):
-        raise LoadError(f"Checkpoint {src.describe()} does not fit {the_plan.model or _model_name(model)} (strict=True):", problems)
+    return src, view
 
-    target_device = torch.device(device) if device is not None else _default_device(model)
 
-    # 3. Read: one DCP load for every planned entry; sharded entries read only this rank's slices.
+def _read(
+    ranks: _Ranks, plan: Plan, view: TargetView, src: Source, device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """One DCP load for every planned entry: sharded entries read only this rank's slices.
+
+    Returns:
+        ``(staged, whole, bytes_read)``: entries laid out like the model's tensors, entries read
+        whole for an adapter (or a ``(1,) -> ()`` reshape), and the bytes this rank read.
+    """
     reader, key_of = storage_reader_for(src)
-    staged: dict[str, torch.Tensor] = {}  # model name -> laid out like the model's tensor
-    whole: dict[str, torch.Tensor] = {}  # model name -> the full source tensor (adapt, reshape)
+    staged: dict[str, torch.Tensor] = {}
+    whole: dict[str, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
-    for name, e in the_plan.entries.items():
+    for name, e in plan.entries.items():
         if not e.loads:
             continue
         assert e.source is not None
-        live = _live(view, name)
         if e.action == "copy" and tuple(e.source_shape or ()) == tuple(e.shape):
-            staged[name] = state[key_of(e.source)] = _empty_like(live, target_device)
+            staged[name] = state[key_of(e.source)] = _empty_like(_live(view, name), device)
         else:
-            whole[name] = state[key_of(e.source)] = torch.empty(tuple(e.source_shape or ()), dtype=_torch_dtype(e.source_dtype or e.dtype))
+            shape, dtype = tuple(e.source_shape or ()), _torch_dtype(e.source_dtype or e.dtype)
+            whole[name] = state[key_of(e.source)] = torch.empty(shape, dtype=dtype)
     try:
-        _dcp_call(dcp.load, state, storage_reader=reader, process_group=process_group, no_dist=not ranks.active)
+        _dcp_call(dcp.load, state, storage_reader=reader, process_group=ranks.group, no_dist=not ranks.active)
     except CheckpointException as e:
         raise _checkpoint_error(e, src.path, src.format) from None
-    bytes_read = int(getattr(reader, "bytes_read", 0))
+    return staged, whole, int(getattr(reader, "bytes_read", 0))
 
-    # 4. Adapt and initialise, identically on every rank (full tensors, one shared random state).
-    def compute() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
-        adapted: dict[str, torch.Tensor] = {}
-        with _shared_rng(shared["rng"], seed), torch.no_grad():
-            for name, tensor in whole.items():
-                e = the_plan.entries[name]
-                value = _run_adapter(e, tensor, model) if e.action == "adapt" else tensor
-                if tuple(value.shape) != tuple(e.shape):
-                    if e.shape == () and value.numel() == 1:
-                        value = value.reshape(())
-                    else:
-                        raise LoadError(f"Checkpoint {src.describe()} changed since it was planned:",
-                                        [f"{e.source!r} has shape {list(value.shape)}, the model's {name!r} needs {list(e.shape)}"])
-                adapted[name] = _place(value, _live(view, name), target_device)
-            inits, methods = _initial_values(model, view, the_plan, init_missing)
-        placed = {name: _place(v, _live(view, name), target_device) for name, v in inits.items()}
-        return adapted, placed, methods
 
-    adapted, initial, methods = ranks.agree(compute)
+@dataclass(frozen=True)
+class _SharedRandom:
+    state: bytes
+    seed: int | None
 
-    # 5. Commit: materialise a meta model, write initial values, then the checkpoint's.
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        """The CPU random state every rank uses for adapters and initialisation; the caller's is restored."""
+        with torch.random.fork_rng(devices=[]):
+            if self.seed is not None:
+                torch.default_generator.manual_seed(int(self.seed))
+            else:
+                torch.set_rng_state(torch.frombuffer(bytearray(self.state), dtype=torch.uint8))
+            yield
+
+
+def _compute(
+    model: nn.Module,
+    view: TargetView,
+    plan: Plan,
+    src: Source,
+    whole: dict[str, torch.Tensor],
+    device: torch.device,
+    random: _SharedRandom,
+    init_missing: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+    """Adapt, then initialise, on full tensors under the shared random state (as tg.load orders them); keep this rank's part."""
+    adapted: dict[str, torch.Tensor] = {}
+    with random(), torch.no_grad():
+        for name, tensor in whole.items():
+            e = plan.entries[name]
+            value = _run_adapter(e, tensor, model) if e.action == "adapt" else tensor
+            if tuple(value.shape) != tuple(e.shape):
+                if e.shape != () or value.numel() != 1:
+                    raise LoadError(
+                        f"Checkpoint {src.describe()} changed since it was planned:",
+                        [f"{e.source!r} has shape {list(value.shape)}, the model's {name!r} needs {list(e.shape)}"],
+                    )
+                value = value.reshape(())
+            adapted[name] = _place(value, _live(view, name), device)
+        inits, methods = _initial_values(model, view, plan, init_missing)
+    initial = {name: _place(v, _live(view, name), device) for name, v in inits.items()}
+    return adapted, initial, methods
+
+
+def _commit(
+    model: nn.Module,
+    view: TargetView,
+    plan: Plan,
+    initial: dict[str, torch.Tensor],
+    loaded: dict[str, torch.Tensor],
+    device: torch.device,
+) -> None:
+    """Materialise a meta model, write the initial values, then the checkpoint's (local copies only)."""
     with torch.no_grad():
-        _materialise(model, view, target_device)
+        _materialise(model, view, device)
         for name, value in initial.items():
             _write(_live(view, name), value)
-        for name, e in the_plan.entries.items():
+        for name, e in plan.entries.items():
             if e.action == "default":  # BatchNorm's num_batches_tracked in checkpoints that predate it
                 _live(view, name).zero_()
-        for name, value in [*staged.items(), *adapted.items()]:
+        for name, value in loaded.items():
             _write(_live(view, name), value)
-
-    sharded = [n for n in staged if isinstance(staged[n], DTensor)] + [n for n in adapted if isinstance(adapted[n], DTensor)]
-    stats = ranks.gather((bytes_read, time.perf_counter() - started))
-    report = DistributedLoadReport.from_plan(the_plan, model=model, source=src, initialised=methods, dtype=None,
-                                             seconds=max(s for _, s in stats))
-    report.model = the_plan.model or _model_name(model)
-    report.world_size = ranks.size
-    report.bytes_read = [b for b, _ in stats]
-    report.sharded = sorted(sharded, key=list(the_plan.entries).index)
-    if ranks.rank == 0:
-        report.log(logger)
-    return report  # type: ignore[return-value]
 
 
 def _materialise(model: nn.Module, view: TargetView, device: torch.device) -> None:
@@ -750,7 +821,9 @@ def _materialise(model: nn.Module, view: TargetView, device: torch.device) -> No
         _retie(model, view, _Undo())
 
 
-def _initial_values(model: nn.Module, view: TargetView, plan: Plan, init_missing: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _initial_values(
+    model: nn.Module, view: TargetView, plan: Plan, init_missing: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Full CPU values for every entry that needs initialising, from the model's own initialisers.
 
     Each module's own tensors are swapped for plain full-size CPU tensors (zeros where the model
@@ -817,8 +890,14 @@ class DCPConvertResult:
     skipped: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "dest": self.dest, "files": list(self.files), "tensors": self.tensors,
-                "bytes": self.bytes, "skipped": dict(self.skipped)}
+        return {
+            "source": self.source,
+            "dest": self.dest,
+            "files": list(self.files),
+            "tensors": self.tensors,
+            "bytes": self.bytes,
+            "skipped": dict(self.skipped),
+        }
 
 
 def convert_to_dcp(
@@ -859,7 +938,9 @@ def convert_to_dcp(
     dest_path = Path(os.fspath(dest)).expanduser()
     if dest_path.exists() and not force:
         raise FileExistsError(f"{str(dest_path)!r} exists; pass force=True (--force) to replace it")
-    src = source if isinstance(source, Source) else open_source(source, container=container, allow_globals=allow_globals)
+    src = (
+        source if isinstance(source, Source) else open_source(source, container=container, allow_globals=allow_globals)
+    )
     state = {name: ref.load() for name, ref in src.items()}
     dest_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest_path.name}.", suffix=".tmp", dir=dest_path.parent))

@@ -36,7 +36,7 @@ def _safe(root: Path, case: dict) -> dict:
         src.close()
         return {"status": "ok", "tensors": shapes}
     except tg.UnsafeCheckpointError as e:
-        return {"status": "unsafe", "message": str(e), "globals": e.globals, "dangerous": e.dangerous}
+        return {"status": "unsafe", "message": str(e), "globals": e.globals, "dangerous": getattr(e, "dangerous", [])}
     except tg.CheckpointError as e:
         return {"status": "error", "message": str(e)}
     except ValueError as e:

@@ -110,21 +110,33 @@ def read_dcp_metadata(path: str | Path) -> Any:
     try:
         data = file.read_bytes()
     except OSError as e:
-        raise CheckpointError(root, f"cannot read {METADATA_FILE} ({e.strerror or e})", format=FORMAT,
-                              hint="a DCP checkpoint directory holds .metadata and __*.distcp files") from None
+        raise CheckpointError(
+            root,
+            f"cannot read {METADATA_FILE} ({e.strerror or e})",
+            format=FORMAT,
+            hint="a DCP checkpoint directory holds .metadata and __*.distcp files",
+        ) from None
     unpickler = _MetadataUnpickler(data)
     try:
         metadata = unpickler.load()
-    except Exception as e:  # truncated or not a pickle at all
-        raise CheckpointError(root, f"{METADATA_FILE} is not a readable DCP metadata pickle ({type(e).__name__}: {e})",
-                              format=FORMAT, hint="the save was interrupted or the file is damaged; save it again") from None
+    except Exception as e:  # noqa: BLE001 - truncated, or not a pickle at all: one CheckpointError
+        raise CheckpointError(
+            root,
+            f"{METADATA_FILE} is not a readable DCP metadata pickle ({type(e).__name__}: {e})",
+            format=FORMAT,
+            hint="the save was interrupted or the file is damaged; save it again",
+        ) from None
     if unpickler.refused:
         raise UnsafeCheckpointError(root, list(dict.fromkeys(unpickler.refused)), format=FORMAT)
     from torch.distributed.checkpoint.metadata import Metadata
 
     if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "state_dict_metadata", None), dict):
-        raise CheckpointError(root, f"{METADATA_FILE} holds a {type(metadata).__name__}, not DCP Metadata", format=FORMAT,
-                              hint="this directory is not a torch.distributed.checkpoint checkpoint")
+        raise CheckpointError(
+            root,
+            f"{METADATA_FILE} holds a {type(metadata).__name__}, not DCP Metadata",
+            format=FORMAT,
+            hint="this directory is not a torch.distributed.checkpoint checkpoint",
+        )
     return metadata
 
 
@@ -161,8 +173,12 @@ def open_dcp(path: Path, *, container: str | None = None, **_: Any) -> Source:
     metadata = read_dcp_metadata(root)
     skeleton, fqn_of, skipped = _skeleton(metadata)
     if not fqn_of:
-        raise CheckpointError(root, "the checkpoint holds no tensors", format=FORMAT,
-                              hint="it may hold only optimizer state or other objects")
+        raise CheckpointError(
+            root,
+            "the checkpoint holds no tensors",
+            format=FORMAT,
+            hint="it may hold only optimizer state or other objects",
+        )
     state, chosen, candidates = find_state_dict(skeleton, container=container, path=str(root), format=FORMAT)
     entries: dict[str, TensorRef] = {}
     for name, value in state.items():
@@ -170,9 +186,15 @@ def open_dcp(path: Path, *, container: str | None = None, **_: Any) -> Source:
         if fqn is None:  # a nested mapping or a non-tensor next to the weights
             skipped.setdefault(f"{chosen}.{name}" if chosen else str(name), type(value).__name__)
             continue
-        entries[str(name)] = TensorRef(str(name), tuple(value.shape), dtype_name(value.dtype), _loader(root, fqn, metadata))
-    files = sorted({str(root / info.relative_path) for info in metadata.storage_data.values() if hasattr(info, "relative_path")})
-    return Source(entries, path=str(root), format=FORMAT, container=chosen, containers=candidates, skipped=skipped, files=files)
+        entries[str(name)] = TensorRef(
+            str(name), tuple(value.shape), dtype_name(value.dtype), _loader(root, fqn, metadata)
+        )
+    files = sorted(
+        {str(root / info.relative_path) for info in metadata.storage_data.values() if hasattr(info, "relative_path")}
+    )
+    return Source(
+        entries, path=str(root), format=FORMAT, container=chosen, containers=candidates, skipped=skipped, files=files
+    )
 
 
 def storage_key(source: Source, name: str) -> str:
