@@ -223,6 +223,23 @@ def replicated(sharded: str, config: BertConfig) -> dict:
 
 
 @scenario
+def nonfinite() -> dict:
+    """NaN / Inf counted on each rank's own shard, summed: the same totals and report everywhere."""
+    torch.manual_seed(0)
+    source = {"weight": torch.randn(7, 3), "bias": torch.randn(7)}
+    source["weight"][:, 0] = float("nan")  # one per row: every shard holds some
+    source["bias"][-1] = float("inf")
+    model = nn.Linear(3, 7)
+    fully_shard(model)
+    report = tgd.load(model, source)
+    assert report.nonfinite == {"weight": {"nan": 7, "inf": 0}, "bias": {"nan": 0, "inf": 1}}, report.nonfinite
+    assert same_on_every_rank(report.to_dict())
+    with pytest.raises(tg.LoadError, match="check_finite='error'"):
+        tgd.load(model, source, check_finite="error")
+    return {"nonfinite": report.nonfinite}
+
+
+@scenario
 def errors(minilm: str, config: BertConfig) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
 
@@ -285,6 +302,7 @@ def main() -> int:
         ("dcp_source", lambda: dcp_source(dcp_dir, minilm, config)),
         ("torch_zip", lambda: torch_zip(torch_file, minilm, config)),
         ("replicated", lambda: replicated(sharded, config)),
+        ("nonfinite", nonfinite),
         ("errors", lambda: errors(minilm, config)),
     ]:
         result = run()

@@ -223,6 +223,7 @@ def test_plan_and_load_with_module_factory_spec(tmp_path):
         import tinymodels  # the same class the command line builds
     finally:
         sys.path.remove(str(tmp_path))
+        sys.modules.pop("tinymodels", None)
     torch.manual_seed(0)
     trained = tinymodels.tiny(num_classes=4)
     torch.save({"state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}}, tmp_path / "ckpt.pt")

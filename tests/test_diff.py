@@ -146,3 +146,12 @@ def test_module_input_is_its_state_dict():
     m = nn.Linear(2, 2)
     d = tg.diff(m, m.state_dict(), values=True)
     assert not d.changed
+
+
+def test_nan_values_stay_json_safe():
+    import json
+
+    d = tg.diff({"w": torch.ones(3)}, {"w": torch.tensor([1.0, float("nan"), 1.0])}, values=True)
+    out = json.loads(json.dumps(d.to_dict(), allow_nan=False))
+    assert out["values"] == [{"name": "w", "b": "w", "max_abs": None, "rel": None, "identical": False}]
+    assert d.changed and d.layers[0]["rel"] is None

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
+from torch import nn
 
 import torchgraft as tg
 import torchgraft.distributed as tgd
@@ -72,6 +73,8 @@ def test_dcp_training_checkpoint_finds_the_model_container(tmp_path):
     assert tg.open(tmp_path / "ckpt", container="optim").container == "optim"
     with pytest.raises(tg.CheckpointError, match="container 'ema' is not in the file"):
         tg.open(tmp_path / "ckpt", container="ema")
+    with pytest.raises(tg.CheckpointError, match="'step' is not a tensor of this DCP checkpoint"):
+        tgd.read_dcp_tensor(tmp_path / "ckpt", "step")
 
 
 def test_dcp_metadata_is_never_unpickled_freely(tmp_path):
@@ -85,6 +88,18 @@ def test_dcp_metadata_is_never_unpickled_freely(tmp_path):
     with pytest.raises(tg.UnsafeCheckpointError, match=r"posix\.system|nt\.system"):
         tg.open(ckpt)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_dcp_data_files_must_stay_inside_the_checkpoint(tmp_path):
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    _dcp_save({"w": torch.ones(2)}, tmp_path / "ckpt")
+    metadata = pickle.loads((tmp_path / "ckpt" / ".metadata").read_bytes())
+    info = metadata.storage_data[MetadataIndex("w", torch.Size([0]))]
+    info.relative_path = "../../etc/passwd"
+    (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(tg.CheckpointError, match=r"points 'w' at '../../etc/passwd', outside the checkpoint"):
+        tg.open(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize(
@@ -170,6 +185,22 @@ def test_default_seed_is_rank0_state_and_leaves_it_untouched():
     assert not torch.equal(torch.get_rng_state(), state)
 
 
+def test_tied_weights_of_a_meta_model_stay_tied():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.out = nn.Linear(4, 10, bias=False)
+            self.out.weight = self.emb.weight
+
+    source = {"emb.weight": torch.randn(10, 4)}
+    with torch.device("meta"):
+        model = Tied()
+    report = tgd.load(model, source, strict=True)
+    assert report.tied == {"out.weight": "tied to emb.weight"}
+    assert model.out.weight is model.emb.weight and torch.equal(model.emb.weight, source["emb.weight"])
+
+
 def test_read_failure_leaves_the_model_unchanged():
     model = TinyNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -197,6 +228,31 @@ def test_torch_zip_and_adapters_in_one_process(tmp_path):
     tg.load(reference, tmp_path / "net.pt", adapt={"head.*": "output_rows"})
     assert report.format == "torch-zip" and set(report.adapted) == {"head.weight", "head.bias"}
     assert torch.equal(model.head.weight, reference.head.weight) and torch.equal(model.conv.weight, src.conv.weight)
+
+
+def test_bytes_read_counts_what_each_format_reads(tmp_path):
+    src = TinyNet()
+    torch.save(src.state_dict(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    report = tgd.load(TinyNet(num_classes=2), tmp_path / "legacy.pth")  # head mismatched: not read
+    assert report.format == "torch-legacy"
+    assert report.bytes_read == [
+        sum(v.numel() * v.element_size() for k, v in src.state_dict().items() if not k.startswith("head."))
+    ]
+
+
+def test_nonfinite_values_are_reported_or_refused():
+    source = TinyNet().state_dict()
+    source["head.weight"][0, :3] = float("nan")
+    source["conv.weight"][0, 0, 0, 0] = float("inf")
+    report = tgd.load(TinyNet(), source)
+    assert report.nonfinite == {"conv.weight": {"nan": 0, "inf": 1}, "head.weight": {"nan": 3, "inf": 0}}
+    model = TinyNet()
+    before = model.head.weight.detach().clone()
+    with pytest.raises(tg.LoadError, match=r"NaN or Inf values \(check_finite='error'\)"):
+        tgd.load(model, source, check_finite="error")
+    assert torch.equal(model.head.weight, before)
+    with pytest.raises(ValueError, match="check_finite must be"):
+        tgd.load(model, source, check_finite="yes")  # type: ignore[arg-type]
 
 
 def test_strict_and_stale_plans_are_refused(minilm_dir):
@@ -306,3 +362,4 @@ def test_torchrun_fsdp2_cpu(nproc, torchrun_inputs, tmp_path):
         "bert.embeddings.word_embeddings.weight",
     ]
     assert runs["errors"][0]["errors"] == 5
+    assert runs["nonfinite"][0]["nonfinite"] == {"weight": {"nan": 7, "inf": 0}, "bias": {"nan": 0, "inf": 1}}

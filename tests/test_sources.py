@@ -286,3 +286,8 @@ def test_checkpoint_error_pickles():
     assert str(e2) == str(e) and isinstance(e2, tg.CheckpointError)
     u = pickle.loads(pickle.dumps(tg.UnsafeCheckpointError("/x", ["posix.system"])))
     assert u.globals == ["posix.system"]
+
+
+def test_load_error_pickles():
+    e = pickle.loads(pickle.dumps(tg.LoadError("title", ["a", "b"])))
+    assert isinstance(e, tg.LoadError) and e.problems == ["a", "b"] and str(e) == "title\n  - a\n  - b"

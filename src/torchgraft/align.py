@@ -24,8 +24,9 @@ How it decides:
    numbers in paths order them (``layer.2`` before ``layer.10``, ``conv1`` before ``conv2``).
    Without order: by names (``q`` ~ ``query``, ``attn`` ~ ``attention``; every distinguishing
    word on both sides must agree) or by neighbours (a norm sits next to the linear it follows
-   in the model, and with it in the checkpoint). When order and names disagree, nothing of
-   that class is paired.
+   in the model, and with it in the checkpoint). Order is dropped where ranks would cross pairs
+   already made (implementations that register parallel branches, a shortcut and the main
+   path, in opposite orders); when order and names disagree, nothing of that class is paired.
 4. **Gaps.** What is left between paired units is paired in order when the layouts agree; a
    pair whose shapes differ (a first conv with 1 input channel instead of 3) becomes a shape
    mismatch that ``adapt=`` can adapt, never a load.
@@ -83,6 +84,7 @@ _SYNONYMS: tuple[frozenset[str], ...] = tuple(
         "attn attention",
         "stem embedder",
         "pool pooler pooling",
+        "downsample shortcut skip",
     )
 )
 _STEM_NUMBER = re.compile(r"^(.*?[A-Za-z_])(\d+)$")
@@ -299,6 +301,20 @@ def _tokens(path: str) -> list[str]:
     return out
 
 
+def _role(path: str) -> list[str]:
+    """The words that say what a module is: its last name part with a non-generic word.
+
+    ``attention.output.dense`` -> ``["output"]``, ``self_attn.q_proj`` -> ``["q", "proj"]``,
+    ``post_attention_layernorm`` -> ``["post", "attention", "layernorm"]``. Containers above
+    it (``attention.attention``) do not count: they differ between conventions.
+    """
+    for part in reversed(path.split(".") if path else []):
+        words = _tokens(part)
+        if any(w not in _GENERIC for w in words):
+            return words
+    return []
+
+
 def _is_subsequence(short: str, long: str) -> bool:
     it = iter(long)
     return all(c in it for c in short)
@@ -315,7 +331,7 @@ def _sim(a: str, b: str) -> float:
         return 0.8
     if len(short) >= 2 and short[0] == long[0] and _is_subsequence(short, long):
         return 0.7
-    if (len(short) >= 3 and short in long) or (len(short) == 1 and len(long) <= 3 and long.endswith(short)):
+    if (len(short) >= 3 and short in long) or (len(short) == 1 and len(long) == 2 and long.endswith(short)):
         return 0.5  # "norm" in "layernorm", "q" in "wq"
     return 0.0
 
@@ -395,6 +411,8 @@ class _Region:
     reason: str = ""
     start: dict[tuple[str, tuple], tuple[int, int]] = field(default_factory=dict)
     why: dict[int, str] = field(default_factory=dict)  # id(unit) -> why it was left unpaired
+    vetoed: set[int] = field(default_factory=set)  # id(unit): signals contradicted each other; never paired here
+    s_set: set[int] | None = None  # id(unit) of s_units, built on first use
 
     @property
     def ctx(self) -> str:
@@ -431,6 +449,7 @@ class _Aligner:
             self._region(_Region("", "", t_units, s_units, complete))
         self._single_tensors()
         self._record_ambiguous()
+        self.result.ambiguous.sort(key=lambda a: natural_key(a["targets"][0]))
         return self.result
 
     def _free(self, R: _Region) -> tuple[list[_Unit], list[_Unit]]:
@@ -467,8 +486,15 @@ class _Aligner:
         for i in ss:
             classes[i.sig][1].append(i)
         progress = False
-        for sig in sorted(classes, key=lambda s: (-len(s), min(i.lo for i in classes[s][0] + classes[s][1]))):
+
+        def order(sig: tuple) -> tuple:  # one-to-one classes first: their pairs anchor the order of the others
             ct, cs = classes[sig]
+            return (max(len(ct), len(cs)) > 1, -len(sig), min(i.lo for i in ct + cs))
+
+        for sig in sorted(classes, key=order):
+            ct, cs = classes[sig]
+            if progress and max(len(ct), len(cs)) > 1:
+                return True
             ct = [i for i in ct if all(self._is_free(R, u, self.t2s) for u in i.units)]
             cs = [i for i in cs if all(self._is_free(R, u, self.s2t) for u in i.units)]
             if not ct or not cs:
@@ -496,9 +522,9 @@ class _Aligner:
             t, s = ts[0], ss[0]
             if R.complete:
                 if max(R.start.get((level, sig), (1, 1))) > 1:
-                    return [(t, s, 0.85, f"last {what} left in {ctx} (the others were paired)")]
+                    return [(t, s, 0.85, f"last {what} left in {ctx} once the others were placed")]
                 return [(t, s, 0.95, f"only {what} in {ctx}")]
-            t_words, s_words = _tokens(_rel(t.path, R.t_root)), _tokens(_rel(s.path, R.s_root))
+            t_words, s_words = _role(_rel(t.path, R.t_root)), _role(_rel(s.path, R.s_root))
             if everywhere and _distinctive(t) and (level == "node" or not _conflict(t_words, s_words)):
                 return [(t, s, 0.9, f"only {what} in the model and the checkpoint")]
             if (why := _agree(t_words, s_words)) is not None:
@@ -511,12 +537,17 @@ class _Aligner:
         names = self._name_pairs(R, ts, ss)
         near = self._neighbour_pairs(ts, ss)
         order = _total_order(ss, trusted=self.S.trusted) if kt == ks else None
+        if order is not None and (crossing := [t.path for t, s in zip(ts, order) if self._crosses(R, t, s)]):
+            # both orders are registration orders, but of parallel branches (a shortcut registered before
+            # or after the main path): ranks would cross pairs already made, so order says nothing here
+            self._why(R, ts, f"the checkpoint's order crosses pairs already made (at {', '.join(crossing[:3])}), and names do not tell them apart")
+            order = None
         out: list[Pair] = []
         if order is not None:
             how = "in model and file order" if self.S.trusted else "by the numbers in their names"
-            clash = [t.path for t, s in zip(ts, order) if any(t in d and d[t][0] is not s for d in (names, near))]
-            if clash:
+            if clash := [t.path for t, s in zip(ts, order) if any(t in d and d[t][0] is not s for d in (names, near))]:
                 self._why(R, ts, f"order and names or neighbours disagree on {', '.join(clash[:3])}")
+                R.vetoed.update(id(u) for i in [*ts, *ss] for u in i.units)
                 return []
             base = 0.85 if self.S.trusted else 0.9
             for i, (t, s) in enumerate(zip(ts, order)):
@@ -546,14 +577,32 @@ class _Aligner:
             self._why(R, ts, f"{kt} model and {ks} checkpoint items of the same shapes; {sorted_note}, and names do not tell them apart")
         return out
 
+    def _crosses(self, R: _Region, t, s) -> bool:
+        """Would pairing ``t`` with ``s`` cross a pair already made in ``R`` (one side before it, the other after)?"""
+        if R.s_set is None:
+            R.s_set = {id(u) for u in R.s_units}
+        for tu in R.t_units:
+            su = self.t2s.get(tu)
+            if su is None or id(su) not in R.s_set or tu in t.units:
+                continue
+            dt = 1 if tu.order < t.lo else -1 if tu.order > t.hi else 0
+            if self.S.trusted:
+                ds = 1 if su.order < s.lo else -1 if su.order > s.hi else 0
+            else:
+                c = _path_cmp(su.path, s.path)
+                ds = 0 if c is None else -c
+            if dt and ds and dt != ds:
+                return True
+        return False
+
     def _why(self, R: _Region, items: list, text: str) -> None:
         for i in items:
             for u in i.units:
                 R.why.setdefault(id(u), text)
 
     def _name_pairs(self, R: _Region, ts: list, ss: list) -> dict[Any, tuple[Any, str]]:
-        tt = {t: _tokens(_rel(t.path, R.t_root)) for t in ts}
-        st = {s: _tokens(_rel(s.path, R.s_root)) for s in ss}
+        tt = {t: _role(_rel(t.path, R.t_root)) for t in ts}
+        st = {s: _role(_rel(s.path, R.s_root)) for s in ss}
         common_t = set.intersection(*(set(v) for v in tt.values())) if len(ts) > 1 else set()
         common_s = set.intersection(*(set(v) for v in st.values())) if len(ss) > 1 else set()
         ok: dict[tuple[int, int], str] = {}
@@ -603,11 +652,13 @@ class _Aligner:
     def _gaps(self, R: _Region) -> None:
         """Pair what is left in order between paired units; shapes may differ (adapters)."""
         ft, fs = self._free(R)
+        ft = [u for u in ft if id(u) not in R.vetoed]
+        fs = [u for u in fs if id(u) not in R.vetoed]
         if not ft or not fs:
             return
         if len(ft) == 1 and len(fs) == 1 and ft[0].sig != fs[0].sig and _compatible(ft[0], fs[0]):
             t, s = ft[0], fs[0]
-            why = _agree(_tokens(_rel(t.path, R.t_root)), _tokens(_rel(s.path, R.s_root)))
+            why = _agree(_role(_rel(t.path, R.t_root)), _role(_rel(s.path, R.s_root)))
             why = f"names agree: {why}" if why is not None else self._neighbour(t, s)
             if why is not None:
                 self._pair_units(t, s, min(0.6, R.conf), f"the only unmatched module on either side in {R.ctx}, same layout, other shapes; {why}")
@@ -688,7 +739,7 @@ class _Aligner:
             y = by_shape_s.get((x.shape, x.kind))
             if y is None or self.T.tensor_count[(x.shape, x.kind)] != 1 or x.attr == _NBT:
                 continue
-            if x.numel >= 4096 or _agree(_tokens(x.key), _tokens(y.key)) is not None:
+            if x.numel >= 4096 or _agree(_role(x.key), _role(y.key)) is not None:
                 self._pair_tensor(x, y, 0.8, f"only tensor of shape {_fmt_shape(x.shape)} in the model and the checkpoint")
 
     def _record_ambiguous(self) -> None:
@@ -892,13 +943,15 @@ def plan_rules(plan: Plan) -> dict[str, str]:
 # Rendering
 
 
+_LAYER_NUMBER = re.compile(r"(?<![^.\s(])\d+(?![^.\s)])")
+
+
 def _group_pairs(aligned: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, float, float, str, int]]:
     """Collapse aligned pairs into rows: (model label, checkpoint label, min conf, max conf, reason, n)."""
     groups: dict[tuple[str, str], list[tuple[str, Mapping[str, Any]]]] = {}
     for target, info in aligned.items():
         t_mod, s_mod = split_key(target)[0], split_key(str(info["source"]))[0]
-        key = (re.sub(r"(?<![^.])\d+(?![^.])", "#", t_mod), re.sub(r"(?<![^.])\d+(?![^.])", "#", s_mod))
-        groups.setdefault(key, []).append((target, info))
+        groups.setdefault((_LAYER_NUMBER.sub("#", t_mod), _LAYER_NUMBER.sub("#", s_mod)), []).append((target, info))
     rows = []
     for members in groups.values():
         t_label = ", ".join(collapse_keys(t for t, _ in members))
@@ -930,7 +983,14 @@ def alignment_renderable(aligned: Mapping[str, Mapping[str, Any]], ambiguous: li
         table.add_column("model (not loaded)", overflow="fold")
         table.add_column("candidates in the checkpoint", overflow="fold")
         table.add_column("why", overflow="fold")
-        for a in ambiguous:
-            table.add_row("\n".join(collapse_keys(a["targets"])), "\n".join(collapse_keys(a["candidates"])), str(a["reason"]))
+        rows: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+        for a in ambiguous:  # the same ambiguity in every layer is one row
+            key = (*sorted({_LAYER_NUMBER.sub("#", k) for k in a["targets"]}), _LAYER_NUMBER.sub("#", str(a["reason"])))
+            rows.setdefault(key, []).append(a)
+        for group in rows.values():
+            targets = [k for a in group for k in a["targets"]]
+            candidates = [k for a in group for k in a["candidates"]]
+            more = f" (and {len(group) - 1} more like it)" if len(group) > 1 else ""
+            table.add_row("\n".join(collapse_keys(targets)), "\n".join(collapse_keys(candidates)), str(group[0]["reason"]) + more)
         parts += [Text("ambiguous: left missing, pass rules= to decide", style="bold"), table]
     return Group(*parts)

@@ -1,25 +1,30 @@
 """Executing a plan: stage every tensor, then commit into the model as one transaction.
 
 Stage (nothing in the model changes): read each planned source tensor once (memory-mapped
-where the format allows), run its adapter, cast and move it when it will be assigned.
-Any read error stops here.
+where the format allows), run its adapter, cast and move it when it will be assigned, check
+shapes, scan for NaN/Inf, and refuse a load that would leave meta tensors. Any error stops here.
 
-Commit (undone completely on any error):
+Commit:
   1. materialise and initialise the modules that miss weights (fast init);
   2. hand each module its entries through its own ``_load_from_state_dict`` with the
-     checkpoint's metadata (version hooks such as BatchNorm's run as in ``load_state_dict``),
-     copying in place, or assigning where the model lives on the meta device or the dtype
-     changes;
-  3. restore tied weights, check that no meta tensor is left.
+     checkpoint's metadata (version hooks such as BatchNorm's run as in ``load_state_dict``):
+     first the modules that assign (meta device, dtype change) or run loading code of their
+     own, remembering what they change; any error there undoes everything;
+  3. then the in-place copies into torch's own layers, which only copy checked bytes and
+     cannot fail, so nothing is copied aside for them (memory: model + staged tensors);
+     Ctrl-C waits until this phase is done; tied weights are restored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -233,6 +238,9 @@ def _stage(
             target_dtype = _final_dtype(current.dtype, dtype)
             target_device = materialise_on if current.is_meta else current.device
             tensor = tensor.to(device=target_device, dtype=target_dtype)
+        elif tensor.device != current.device:
+            # an in-place copy across devices must not allocate at commit time: cast here, on the source side
+            tensor = tensor.to(dtype=current.dtype).contiguous()
         staged[name] = tensor
     return staged, assign_modules
 
@@ -373,12 +381,32 @@ def _commit(
     first = [p for p in by_module if p in assign_modules or not _stock_loader(view.modules[p])]
     last = [p for p in by_module if p not in set(first)]
     errors: list[str] = []
-    for group, remember_values in ((first, True), (last, False)):
-        for path in group:
-            _load_module(view, plan, src, path, by_module[path], path in assign_modules, undo, remember_values, errors)
-        if errors:
-            raise LoadError(f"Loading into {type(model).__name__} failed; the model is unchanged:", errors)
-    _retie(view, plan, undo)
+    for path in first:
+        _load_module(view, plan, src, path, by_module[path], path in assign_modules, undo, True, errors)
+    if errors:
+        raise LoadError(f"Loading into {type(model).__name__} failed; the model is unchanged:", errors)
+    with _interrupts_deferred():  # the last phase only copies bytes: let Ctrl-C wait until it is done
+        for path in last:
+            _load_module(view, plan, src, path, by_module[path], False, undo, False, errors)
+        _retie(view, plan, undo)
+    if errors:  # unreachable for stock modules with checked tensors; said plainly if it ever happens
+        raise LoadError(f"Loading into {type(model).__name__} failed part way; some tensors were already copied:", errors)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT back while a phase that cannot be undone runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
 
 
 def _load_module(

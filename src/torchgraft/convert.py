@@ -24,7 +24,7 @@ from .sources.base import DTYPE_SIZES, Source
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DTYPE_ALIASES", "FLOAT_DTYPES", "ConvertResult", "convert", "parse_dtype", "parse_size"]
+__all__ = ["DTYPE_ALIASES", "FLOAT_DTYPES", "ConvertResult", "convert", "destination_path", "parse_dtype", "parse_size"]
 
 #: Spellings accepted for ``dtype=`` / ``--dtype``.
 DTYPE_ALIASES: dict[str, str] = {
@@ -179,7 +179,7 @@ def convert(
 
     out_dtype = parse_dtype(dtype)
     shard_limit = parse_size(max_shard_size)
-    dest = _destination(dest)
+    dest = destination_path(dest)
     opened_here = not isinstance(source, (Source, Mapping))
     src = open_source(source, container=container, allow_globals=allow_globals) if opened_here else open_source(source)
     try:
@@ -279,7 +279,12 @@ def _convert(
     )
 
 
-def _destination(dest: str | os.PathLike[str]) -> Path:
+def destination_path(dest: str | os.PathLike[str]) -> Path:
+    """The file :func:`convert` writes (a directory, or a name ending in ``/``, means ``model.safetensors`` in it).
+
+    Raises:
+        ValueError: neither a directory nor a ``.safetensors`` file name.
+    """
     raw = os.fspath(dest)
     path = Path(raw).expanduser()
     if path.is_dir() or raw.endswith(("/", os.sep)):

@@ -368,6 +368,8 @@ def _compare_values(
             dn2, base2 = float(delta.pow(2).sum()), float(da.pow(2).sum())
             del da, db, delta
         rel = math.sqrt(dn2) / math.sqrt(base2) if base2 > 0 else (0.0 if dn2 == 0 else None)
+        if not math.isfinite(max_abs) or (rel is not None and not math.isfinite(rel)):  # NaN / Inf: JSON-safe None
+            max_abs, rel = (max_abs if math.isfinite(max_abs) else None), None
         rows.append({"name": na, "b": nb, "max_abs": max_abs, "rel": rel, "identical": identical})
         layer = layer_of(nb)
         order.setdefault(layer, len(order))
@@ -387,7 +389,7 @@ def _compare_values(
     result.layers = [
         {
             "layer": layer,
-            "rel": (math.sqrt(per_layer[layer][0]) / math.sqrt(per_layer[layer][1]))
+            "rel": _finite_or_none(math.sqrt(per_layer[layer][0]) / math.sqrt(per_layer[layer][1]))
             if per_layer[layer][1] > 0
             else None,
             "tensors": int(per_layer[layer][2]),
@@ -395,6 +397,10 @@ def _compare_values(
         }
         for layer in layers
     ]
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _numeric(t: Any) -> bool:
@@ -426,9 +432,9 @@ def _keys_text(keys: Iterable[str], limit: int = 12) -> str:
     return "\n".join(lines)
 
 
-def _fmt(x: float | None) -> str:
+def _fmt(x: float | None, missing: str = "n/a (A is zero)") -> str:
     if x is None:
-        return "n/a (A is zero)"
+        return missing
     if x == 0:
         return "0"
     return f"{x:.3g}"
@@ -516,7 +522,7 @@ def _renderable(d: CheckpointDiff):
                 t.add_column(col, justify=just, overflow="fold")
             for v in changed[:_MAX_ROWS]:
                 name = v["name"] if v["name"] == v["b"] else f"{v['name']} -> {v['b']}"
-                t.add_row(name, _fmt(v["max_abs"]), _fmt(v["rel"]))
+                t.add_row(name, _fmt(v["max_abs"], "NaN/Inf"), _fmt(v["rel"], "n/a (A is zero, or NaN/Inf)"))
             parts.append(t)
         if d.layers:
             top = max((row["rel"] or 0.0 for row in d.layers), default=0.0)

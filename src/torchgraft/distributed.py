@@ -49,7 +49,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -67,10 +67,10 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.futures import Future
 
-from .apply import _modules_to_initialise, _retie, _run_adapter, _Undo
+from .apply import _count_nonfinite, _modules_to_initialise, _run_adapter
 from .errors import CheckpointError, LoadError
 from .initialize import initialise_module
 from .keys import split_key
@@ -102,6 +102,9 @@ __all__ = [
 logger = logging.getLogger("torchgraft")
 
 _SAFETENSORS_FORMATS = ("safetensors", "sharded-safetensors")
+#: Formats whose tensors are memory-mapped (or already in memory): narrowing one touches only its slice.
+#: Any other format (a legacy torch pickle) is read whole, and counted whole, once per tensor.
+_MAPPED_FORMATS = (*_SAFETENSORS_FORMATS, "torch-zip", "state-dict")
 
 
 # ---------------------------------------------------------------------------
@@ -119,9 +122,9 @@ class DistributedLoadReport(LoadReport):
         seconds: the slowest rank's time.
 
     Example:
-        >>> report = torchgraft.distributed.load(model, "all-MiniLM-L6-v2/")
+        >>> report = torchgraft.distributed.load(model, "all-MiniLM-L6-v2/")  # on 2 ranks
         >>> report.world_size, report.bytes_read
-        (2, [45436416, 45436416])
+        (2, [45134848, 45134848])
     """
 
     world_size: int = 1
@@ -195,7 +198,7 @@ class _Ranks:
 def _pack(error: BaseException) -> tuple[Any, ...]:
     """An exception as (class, args, attributes), rebuilt on other ranks without calling ``__init__``."""
     try:
-        packed = (type(error), error.args, dict(vars(error)))
+        packed = (type(error), error.args, {k: v for k, v in vars(error).items() if k != "__notes__"})
         pickle.loads(pickle.dumps(packed))
         return packed
     except Exception:  # noqa: BLE001 - anything that does not survive pickling travels as text
@@ -208,7 +211,7 @@ def _unpack(packed: tuple[Any, ...], rank: int) -> BaseException:
     BaseException.__init__(error, *args)
     error.__dict__.update(attrs)
     if hasattr(error, "add_note"):
-        error.add_note(f"(raised on rank {rank}; every rank stopped before changing the model)")
+        error.add_note(f"(raised on rank {rank}; re-raised on every rank so that none waits in a collective)")
     return error
 
 
@@ -227,7 +230,9 @@ class SourceStorageReader(StorageReader):
     single file, the shards of an index) rather than every ``*.safetensors`` in a directory.
 
     Attributes:
-        bytes_read: tensor bytes copied out of the checkpoint by this reader so far.
+        bytes_read: tensor bytes this reader read from the checkpoint: the slices it served
+            for memory-mapped formats (safetensors, torch zip), whole tensors for formats that
+            cannot be read in part (legacy torch pickles).
 
     Example:
         >>> reader = SourceStorageReader(tg.open("all-MiniLM-L6-v2/"))
@@ -241,6 +246,7 @@ class SourceStorageReader(StorageReader):
         self.source = source
         self.bytes_read = 0
         self._file_of = _safetensors_files(source)
+        self._read_whole: set[str] = set()
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         pass
@@ -273,9 +279,14 @@ class SourceStorageReader(StorageReader):
             by_file.setdefault(self._file_of.get(item.storage_index.fqn), []).append(item)
         for file, items in by_file.items():
             if file is None:
+                mapped = self.source.format in _MAPPED_FORMATS
                 for item in items:
-                    tensor = self._load(item.storage_index.fqn)
-                    self._deliver(item, _narrow(tensor, item), planner)
+                    name = item.storage_index.fqn
+                    tensor = self._load(name)
+                    if not mapped and name not in self._read_whole:
+                        self._read_whole.add(name)
+                        self.bytes_read += tensor.numel() * tensor.element_size()
+                    self._deliver(item, _narrow(tensor, item), planner, count=mapped)
                 continue
             from safetensors import safe_open
 
@@ -313,7 +324,7 @@ class SourceStorageReader(StorageReader):
                 self.source.path, f"{name!r} is not in the checkpoint", format=self.source.format
             ) from None
 
-    def _deliver(self, item: ReadItem, piece: torch.Tensor, planner: LoadPlanner) -> None:
+    def _deliver(self, item: ReadItem, piece: torch.Tensor, planner: LoadPlanner, *, count: bool = True) -> None:
         target = planner.resolve_tensor(item).detach()
         if tuple(target.shape) != tuple(piece.shape):
             raise CheckpointError(
@@ -323,7 +334,8 @@ class SourceStorageReader(StorageReader):
                 hint="the checkpoint changed while loading",
             )
         target.copy_(piece)
-        self.bytes_read += piece.numel() * piece.element_size()
+        if count:
+            self.bytes_read += piece.numel() * piece.element_size()
         planner.commit_tensor(item, target)
 
     @classmethod
@@ -567,7 +579,10 @@ def load(
     ignore_missing: Iterable[str] = (),
     ignore_unexpected: Iterable[str] = (),
     adapt: AdaptSpec | None = None,
+    align: bool = False,
     init_missing: bool = True,
+    check_finite: Literal["warn", "error", False] | None = "warn",
+    allow_globals: Iterable[str | Any] | None = None,
     device: torch.device | str | None = None,
     seed: int | None = None,
 ) -> DistributedLoadReport:
@@ -590,8 +605,10 @@ def load(
             used (other ranks may pass ``None``) and checked against the model and checkpoint.
         process_group: the ranks taking part (default: the default group). Without an
             initialised ``torch.distributed`` the call runs as a single process.
-        strict, rules, prefix, ignore_missing, ignore_unexpected, adapt, init_missing: as for
-            :func:`torchgraft.load`.
+        strict, rules, prefix, ignore_missing, ignore_unexpected, adapt, align, init_missing,
+            allow_globals: as for :func:`torchgraft.load`.
+        check_finite: as for :func:`torchgraft.load`; each rank checks the part it holds and
+            ``report.nonfinite`` sums the counts over the ranks.
         device: where the tensors of a meta-device model are materialised (default: the
             DTensor mesh's device type, else ``"cpu"``).
         seed: seed for initialising missing modules and random adapters. By default rank 0's
@@ -605,13 +622,16 @@ def load(
     Raises:
         CheckpointError: the checkpoint cannot be read on some rank, or ranks see different
             checkpoints (the model is unchanged on every rank).
-        LoadError: ``strict=True`` and the checkpoint does not fit; a layout this cannot load
+        ValueError: ``check_finite`` is not ``"warn"``, ``"error"`` or false.
+        LoadError: ``strict=True`` and the checkpoint does not fit; ``check_finite="error"`` found
+            NaN or Inf (the model is unchanged); a layout this cannot load
             into (FSDP1, DeepSpeed ZeRO-3, ``Partial`` DTensors, ``ShardedTensor``); ranks hold
             different models (pipeline stages); a module's initialiser failed.
         PlanError: ``plan`` was made for another model or checkpoint layout.
         AdapterError: an adapter cannot produce the model's shape.
 
-    Every error is raised on every rank, so no rank is left waiting in a collective.
+    Every error is raised on every rank, so no rank is left waiting in a collective. Pass the
+    same arguments on every rank (only rank 0's are used for planning).
 
     Example:
         >>> # torchrun --nproc_per_node 2 train.py
@@ -626,15 +646,21 @@ def load(
         >>> fully_shard(model)
         >>> report = tgd.load(model, "all-MiniLM-L6-v2/")   # each rank reads about half the bytes
         >>> report.missing, report.bytes_read
-        (['classifier.weight', 'classifier.bias'], [45436416, 45436416])
+        (['classifier.weight', 'classifier.bias'], [45134848, 45134848])
     """
     started = time.perf_counter()
+    if check_finite not in ("warn", "error", False, None):
+        raise ValueError(f"check_finite must be 'warn', 'error' or False, not {check_finite!r}")
     ranks = _Ranks(process_group)
     model = _unwrap(model)
     options = {"rules": rules, "prefix": prefix, "ignore_missing": ignore_missing,
-               "ignore_unexpected": ignore_unexpected, "adapt": adapt}  # fmt: skip
-    the_plan, rng, opened = _shared_plan(ranks, model, source, plan, options)
-    src, view = _same_everywhere(ranks, model, source, opened)
+               "ignore_unexpected": ignore_unexpected, "adapt": adapt, "align": align}  # fmt: skip
+
+    def opener() -> Source:
+        return open_source(source, allow_globals=allow_globals)
+
+    the_plan, rng, opened = _shared_plan(ranks, model, opener, plan, options)
+    src, view = _same_everywhere(ranks, model, opener, opened)
     try:
         if strict and (problems := the_plan.problems()):
             raise LoadError(f"Checkpoint {src.describe()} does not fit {the_plan.model} (strict=True):", problems)
@@ -643,8 +669,15 @@ def load(
         adapted, initial, methods = ranks.agree(
             lambda: _compute(model, view, the_plan, src, whole, where, _SharedRandom(rng, seed), init_missing)
         )
-        loaded = {**staged, **adapted}
-        _commit(model, view, the_plan, initial, loaded, where)
+        merged = {**staged, **adapted}
+        loaded = {name: merged[name] for name in the_plan.entries if name in merged}  # in model order
+        nonfinite = _nonfinite(ranks, loaded) if check_finite else {}
+        if nonfinite and check_finite == "error":
+            raise LoadError(
+                f"Checkpoint {src.describe()} holds NaN or Inf values (check_finite='error'); the model is unchanged:",
+                [f"{name}: {c['nan']} NaN, {c['inf']} Inf" for name, c in nonfinite.items()],
+            )
+        ranks.agree(lambda: _commit(view, the_plan, initial, loaded, where))
     finally:
         if not isinstance(source, Source):
             src.close()  # tensors already copied stay valid
@@ -657,13 +690,14 @@ def load(
     report.world_size = ranks.size
     report.bytes_read = [b for b, _ in stats]
     report.sharded = [n for n in the_plan.entries if isinstance(loaded.get(n), DTensor)]
+    report.nonfinite = nonfinite
     if ranks.rank == 0:
         report.log(logger)
     return report  # type: ignore[return-value]
 
 
 def _shared_plan(
-    ranks: _Ranks, model: nn.Module, source: Any, plan: Plan | None, options: dict[str, Any]
+    ranks: _Ranks, model: nn.Module, opener: Callable[[], Source], plan: Plan | None, options: dict[str, Any]
 ) -> tuple[Plan, bytes, Source | None]:
     """Rank 0 plans (or checks the given plan) and broadcasts it with its random state; errors reach every rank."""
     payload: dict[str, Any] = {}
@@ -671,7 +705,7 @@ def _shared_plan(
     if ranks.rank == 0:
         try:
             _check_layout(model)
-            opened = open_source(source)
+            opened = opener()
             if plan is None:
                 made = make_plan(model, opened, **options)
                 made.model = _model_name(model)
@@ -688,12 +722,14 @@ def _shared_plan(
     return Plan.from_dict(shared["plan"]), shared["rng"], opened
 
 
-def _same_everywhere(ranks: _Ranks, model: nn.Module, source: Any, opened: Source | None) -> tuple[Source, TargetView]:
+def _same_everywhere(
+    ranks: _Ranks, model: nn.Module, opener: Callable[[], Source], opened: Source | None
+) -> tuple[Source, TargetView]:
     """Every rank: a layout DCP can load into, the same model, the same checkpoint."""
 
     def check() -> tuple[Source, TargetView, tuple[str, str]]:
         _check_layout(model)
-        src = opened if opened is not None else open_source(source)
+        src = opened if opened is not None else opener()
         view = TargetView.of(model)
         return src, view, (view.fingerprint(), src.fingerprint())
 
@@ -728,15 +764,19 @@ def _read(
     staged: dict[str, torch.Tensor] = {}
     whole: dict[str, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
-    for name, e in plan.entries.items():
-        if not e.loads:
-            continue
-        assert e.source is not None
-        if e.action == "copy" and tuple(e.source_shape or ()) == tuple(e.shape):
-            staged[name] = state[key_of(e.source)] = _empty_like(_live(view, name), device)
-        else:
-            shape, dtype = tuple(e.source_shape or ()), _torch_dtype(e.source_dtype or e.dtype)
-            whole[name] = state[key_of(e.source)] = torch.empty(shape, dtype=dtype)
+
+    def allocate() -> None:
+        for name, e in plan.entries.items():
+            if not e.loads:
+                continue
+            assert e.source is not None
+            if e.action == "copy" and tuple(e.source_shape or ()) == tuple(e.shape):
+                staged[name] = state[key_of(e.source)] = _empty_like(_live(view, name), device)
+            else:
+                shape, dtype = tuple(e.source_shape or ()), _torch_dtype(e.source_dtype or e.dtype)
+                whole[name] = state[key_of(e.source)] = torch.empty(shape, dtype=dtype)
+
+    ranks.agree(allocate)  # out of memory on one rank must not leave the others inside dcp.load
     try:
         _dcp_call(dcp.load, state, storage_reader=reader, process_group=ranks.group, no_dist=not ranks.active)
     except CheckpointException as e:
@@ -790,7 +830,6 @@ def _compute(
 
 
 def _commit(
-    model: nn.Module,
     view: TargetView,
     plan: Plan,
     initial: dict[str, torch.Tensor],
@@ -799,7 +838,7 @@ def _commit(
 ) -> None:
     """Materialise a meta model, write the initial values, then the checkpoint's (local copies only)."""
     with torch.no_grad():
-        _materialise(model, view, device)
+        _materialise(view, device)
         for name, value in initial.items():
             _write(_live(view, name), value)
         for name, e in plan.entries.items():
@@ -809,7 +848,32 @@ def _commit(
             _write(_live(view, name), value)
 
 
-def _materialise(model: nn.Module, view: TargetView, device: torch.device) -> None:
+def _nonfinite(ranks: _Ranks, loaded: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
+    """NaN / Inf counts of the loaded values, each element counted once: summed over the ranks' own parts."""
+    local: dict[str, dict[str, int]] = {}
+    for name, t in loaded.items():
+        if not (t.dtype.is_floating_point or t.dtype.is_complex) or not _counts_here(t, ranks.rank):
+            continue
+        if (counts := _count_nonfinite(t.to_local() if isinstance(t, DTensor) else t)) is not None:
+            local[name] = counts
+    total: dict[str, dict[str, int]] = {}
+    for part in ranks.gather(local):
+        for name, counts in part.items():
+            into = total.setdefault(name, {"nan": 0, "inf": 0})
+            into["nan"] += counts["nan"]
+            into["inf"] += counts["inf"]
+    return {name: total[name] for name in loaded if name in total}
+
+
+def _counts_here(t: torch.Tensor, rank: int) -> bool:
+    """Whether this rank counts ``t``: a plain (replicated) tensor on rank 0; a DTensor on the first replica."""
+    if not isinstance(t, DTensor):
+        return rank == 0
+    coordinate = t.device_mesh.get_coordinate() or []
+    return all(c == 0 for c, p in zip(coordinate, t.placements) if isinstance(p, Replicate))
+
+
+def _materialise(view: TargetView, device: torch.device) -> None:
     """Give meta tensors storage (``to_empty`` per module, so loaded modules keep their values); re-tie."""
     had_meta = False
     for module in view.modules.values():
@@ -817,8 +881,11 @@ def _materialise(model: nn.Module, view: TargetView, device: torch.device) -> No
         if any(t.is_meta for t in own):
             module.to_empty(device=device, recurse=False)
             had_meta = True
-    if had_meta:
-        _retie(model, view, _Undo())
+    if had_meta:  # to_empty gives each name its own tensor: tie them again before anything is written
+        for name, owner in view.tied.items():
+            module, attr = view.module_of(name), split_key(name)[1]
+            store = module._parameters if attr in module._parameters else module._buffers
+            store[attr] = _live(view, owner)
 
 
 def _initial_values(

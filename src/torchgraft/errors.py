@@ -109,9 +109,13 @@ class LoadError(RuntimeError):
     """
 
     def __init__(self, title: str, problems: Iterable[str]) -> None:
+        self.title = title
         self.problems = list(problems)
         body = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{title}\n{body}" if body else title)
+
+    def __reduce__(self):  # picklable across processes (torch.distributed sends errors between ranks)
+        return (type(self), (self.title, self.problems))
 
 
 class PlanError(ValueError):

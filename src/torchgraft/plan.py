@@ -183,6 +183,10 @@ class Plan:
             f"shape mismatch: {e.target} expects {list(e.shape)}, checkpoint {e.source!r} has {list(e.source_shape or ())}"
             for e in self.mismatched
         ]
+        lines += [
+            f"ambiguous: {', '.join(a['targets'])} could come from {', '.join(a['candidates'])} ({a['reason']}); pass rules= to decide"
+            for a in self.ambiguous
+        ]
         return lines
 
     def summary(self) -> dict[str, int]:
@@ -258,11 +262,16 @@ class Plan:
         """Read a plan written by :meth:`save`."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, huge integers
             raise PlanError(f"cannot read plan {str(path)!r}: {e}") from None
         if not isinstance(data, dict):
             raise PlanError(f"{str(path)!r} is not a torchgraft plan (a JSON object is expected)")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except PlanError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a damaged or hand-edited file
+            raise PlanError(f"{str(path)!r} is not a valid torchgraft plan ({type(e).__name__}: {e})") from None
 
     def check_fits(self, view: TargetView, source: Source) -> None:
         """Refuse a stale plan: the model or checkpoint layout changed since it was made."""
@@ -406,7 +415,7 @@ def plan(
     Raises:
         CheckpointError: the source cannot be opened (``UnsafeCheckpointError``: its pickle
             wants globals the safe loader refuses).
-        PlanError: an invalid ignore pattern, rule or ``adapt`` pattern.
+        PlanError: an invalid ignore pattern, rule or ``adapt`` pattern, or ``align`` not a bool.
         AdapterError: an ``adapt`` adapter is unknown or cannot produce the model's shape.
 
     Example:
@@ -416,6 +425,8 @@ def plan(
         >>> p.prefix, p.missing
         ({'mode': 'add', 'prefix': 'bert.'}, ['classifier.weight', 'classifier.bias'])
     """
+    if not isinstance(align, bool):
+        raise PlanError(f"align must be True or False, not {align!r}")
     src = open_source(source, allow_globals=allow_globals)
     view = TargetView.of(model)
     try:

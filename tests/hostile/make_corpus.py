@@ -185,7 +185,14 @@ def _(root: Path, c: Case) -> None:  # the payload is an argument of torch._util
     crafted_zip(root / c.path, _sd(), hooks=Payload(eval, touch_code(root, c)))
 
 
-@case("zip_getattr_import_chain", "malicious", "getattr_chain.pt", "unsafe", globals=["builtins.getattr", "builtins.__import__"], live=True)
+@case(
+    "zip_getattr_import_chain",
+    "malicious",
+    "getattr_chain.pt",
+    "unsafe",
+    globals=["builtins.getattr", "builtins.__import__"],
+    live=True,
+)
 def _(root: Path, c: Case) -> None:  # getattr(__import__("os"), "system")("touch ...") by hand
     data = (
         b"\x80\x02c__builtin__\ngetattr\n(c__builtin__\n__import__\n(" + _u("os") + b"tR" + _u("system") + b"tR("
@@ -250,12 +257,23 @@ def _(root: Path, c: Case) -> None:
     d.mkdir()
     sd = _sd()
     torch.save({"layer.weight": sd["layer.weight"]}, d / "pytorch_model-00001-of-00002.bin")
-    torch.save({"layer.bias": sd["layer.bias"], "x": Payload(eval, touch_code(root, c))}, d / "pytorch_model-00002-of-00002.bin")
+    torch.save(
+        {"layer.bias": sd["layer.bias"], "x": Payload(eval, touch_code(root, c))},
+        d / "pytorch_model-00002-of-00002.bin",
+    )
     weight_map = {"layer.weight": "pytorch_model-00001-of-00002.bin", "layer.bias": "pytorch_model-00002-of-00002.bin"}
     (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-@case("directory_malicious_weights", "malicious", "evil_dir", "unsafe", globals=["posix.system"], live=True, control="evil_dir/pytorch_model.bin")
+@case(
+    "directory_malicious_weights",
+    "malicious",
+    "evil_dir",
+    "unsafe",
+    globals=["posix.system"],
+    live=True,
+    control="evil_dir/pytorch_model.bin",
+)
 def _(root: Path, c: Case) -> None:
     (root / "evil_dir").mkdir()
     (root / "evil_dir" / "config.json").write_text("{}")
@@ -265,14 +283,30 @@ def _(root: Path, c: Case) -> None:
 # Refused but harmless: the error says how to allow them -------------------------------------------
 
 
-@case("whole_model_pickle", "ok", "whole_model.pt", "unsafe", globals=["torch.nn.modules.linear.Linear"], match=r"allow_globals=\[\.\.\.\]")
+@case(
+    "whole_model_pickle",
+    "ok",
+    "whole_model.pt",
+    "unsafe",
+    globals=["torch.nn.modules.linear.Linear"],
+    match=r"allow_globals=\[\.\.\.\]",
+)
 def _(root: Path, c: Case) -> None:
     torch.save(torch.nn.Linear(2, 2), root / c.path)
 
 
-@case("lightning_namespace_refused", "ok", "namespace.ckpt", "unsafe", globals=["argparse.Namespace"], match=r"allow_globals")
+@case(
+    "lightning_namespace_refused",
+    "ok",
+    "namespace.ckpt",
+    "unsafe",
+    globals=["argparse.Namespace"],
+    match=r"allow_globals",
+)
 def _(root: Path, c: Case) -> None:
-    torch.save({"epoch": 1, "state_dict": _sd(), "hyper_parameters": argparse.Namespace(lr=0.1, layers=[1, 2])}, root / c.path)
+    torch.save(
+        {"epoch": 1, "state_dict": _sd(), "hyper_parameters": argparse.Namespace(lr=0.1, layers=[1, 2])}, root / c.path
+    )
 
 
 @case("lightning_namespace_allowed", "ok", "namespace.ckpt", "ok", options={"allow_globals": ["argparse.Namespace"]})
@@ -280,7 +314,14 @@ def _(root: Path, c: Case) -> None:
     pass  # same file as the case above
 
 
-@case("allow_globals_refuses_code", "ok", "namespace.ckpt", "invalid_option", match=r"refusing to allow os.system, posix.system: it runs code", options={"allow_globals": ["os.system"]})
+@case(
+    "allow_globals_refuses_code",
+    "ok",
+    "namespace.ckpt",
+    "invalid_option",
+    match=r"refusing to allow os.system, posix.system: it runs code",
+    options={"allow_globals": ["os.system"]},
+)
 def _(root: Path, c: Case) -> None:
     pass  # allow-listing something that runs code is refused before the file is read
 
@@ -359,12 +400,16 @@ def _(root: Path, c: Case) -> None:
 
 @st_case("st_header_huge_integer", r"the header is not valid JSON \(Exceeds the limit")
 def _(root: Path, c: Case) -> None:
-    (root / c.path).write_bytes(_st_bytes(b'{"a": {"dtype": "F32", "shape": [' + b"9" * 10_000 + b'], "data_offsets": [0, 4]}}', b"\0" * 4))
+    (root / c.path).write_bytes(
+        _st_bytes(b'{"a": {"dtype": "F32", "shape": [' + b"9" * 10_000 + b'], "data_offsets": [0, 4]}}', b"\0" * 4)
+    )
 
 
 @st_case("st_offsets_out_of_range", r"entry 'b' points at bytes 4\.\.1000004, outside the 8-byte data block")
 def _(root: Path, c: Case) -> None:
-    (root / c.path).write_bytes(_st_bytes({"a": _f32(1), "b": {"dtype": "U8", "shape": [1_000_000], "data_offsets": [4, 1_000_004]}}, b"\0" * 8))
+    (root / c.path).write_bytes(
+        _st_bytes({"a": _f32(1), "b": {"dtype": "U8", "shape": [1_000_000], "data_offsets": [4, 1_000_004]}}, b"\0" * 8)
+    )
 
 
 @st_case("st_offsets_negative", r"entry 'a' points at bytes -4\.\.0, outside")
@@ -399,12 +444,18 @@ def _(root: Path, c: Case) -> None:
 
 @st_case("st_shape_size_disagree", r"entry 'a' has shape \[3, 3\] \(36 bytes as F32\) but spans 16 bytes")
 def _(root: Path, c: Case) -> None:
-    (root / c.path).write_bytes(_st_bytes({"a": {"dtype": "F32", "shape": [3, 3], "data_offsets": [0, 16]}}, b"\0" * 16))
+    (root / c.path).write_bytes(
+        _st_bytes({"a": {"dtype": "F32", "shape": [3, 3], "data_offsets": [0, 16]}}, b"\0" * 16)
+    )
 
 
-@st_case("st_shape_huge", r"entry 'a' has shape \[1099511627776, 1099511627776\] \(\d+ bytes as F32\) but spans 4 bytes")
+@st_case(
+    "st_shape_huge", r"entry 'a' has shape \[1099511627776, 1099511627776\] \(\d+ bytes as F32\) but spans 4 bytes"
+)
 def _(root: Path, c: Case) -> None:
-    (root / c.path).write_bytes(_st_bytes({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}}, b"\0" * 4))
+    (root / c.path).write_bytes(
+        _st_bytes({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}}, b"\0" * 4)
+    )
 
 
 @st_case("st_shape_negative", r"entry 'a' has an invalid shape \[-1\]")
@@ -446,7 +497,13 @@ def _(root: Path, c: Case) -> None:
     (root / c.path).write_bytes(data[: len(data) // 2])
 
 
-@case("zip_central_directory_corrupt", "broken", "zip_cd.pt", "error", match=r"\(read as torch-zip\): the zip archive is truncated or damaged \(BadZipFile")
+@case(
+    "zip_central_directory_corrupt",
+    "broken",
+    "zip_cd.pt",
+    "error",
+    match=r"\(read as torch-zip\): the zip archive is truncated or damaged \(BadZipFile",
+)
 def _(root: Path, c: Case) -> None:
     data = bytearray(_valid_zip(root))
     cd = data.find(b"PK\x01\x02")  # first central directory entry: break its signature
@@ -462,13 +519,25 @@ def _(root: Path, c: Case) -> None:
     (root / c.path).write_bytes(bytes(data))
 
 
-@case("zip_without_data_pkl", "broken", "zip_nopkl.pt", "error", match=r"has no archive/data\.pkl, so it is not a torch checkpoint")
+@case(
+    "zip_without_data_pkl",
+    "broken",
+    "zip_nopkl.pt",
+    "error",
+    match=r"has no archive/data\.pkl, so it is not a torch checkpoint",
+)
 def _(root: Path, c: Case) -> None:
     with zipfile.ZipFile(root / c.path, "w") as zf:
         zf.writestr("archive/readme.txt", "hello")
 
 
-@case("zip_storage_record_short", "broken", "zip_short.pt", "error", match=r"'data/0' holds 8 bytes, but data\.pkl declares 12 x torch\.FloatStorage = 48 bytes")
+@case(
+    "zip_storage_record_short",
+    "broken",
+    "zip_short.pt",
+    "error",
+    match=r"'data/0' holds 8 bytes, but data\.pkl declares 12 x torch\.FloatStorage = 48 bytes",
+)
 def _(root: Path, c: Case) -> None:  # with mmap, torch would read the next record's bytes as this tensor
     import io
 
@@ -479,12 +548,24 @@ def _(root: Path, c: Case) -> None:  # with mmap, torch would read the next reco
     raw_zip(root / c.path, buf.getvalue(), p.records)
 
 
-@case("zip_storage_numel_huge", "broken", "zip_numel.pt", "error", match=r"declares 1152921504606846976 x torch\.FloatStorage")
+@case(
+    "zip_storage_numel_huge",
+    "broken",
+    "zip_numel.pt",
+    "error",
+    match=r"declares 1152921504606846976 x torch\.FloatStorage",
+)
 def _(root: Path, c: Case) -> None:
     crafted_zip(root / c.path, {"w": torch.zeros(4)}, numel=1 << 60)
 
 
-@case("zip_storage_record_missing", "broken", "zip_norecord.pt", "error", match=r"names the tensor storage 'data/0', which the archive does not hold")
+@case(
+    "zip_storage_record_missing",
+    "broken",
+    "zip_norecord.pt",
+    "error",
+    match=r"names the tensor storage 'data/0', which the archive does not hold",
+)
 def _(root: Path, c: Case) -> None:
     import io
 
@@ -516,7 +597,13 @@ def _write_valid_zip(root: Path) -> Path:
     return root / "_valid.pt"
 
 
-@case("zip_duplicate_records", "broken", "zip_dup.pt", "error", match=r"the archive holds two records named 'zip_dup/data\.pkl'")
+@case(
+    "zip_duplicate_records",
+    "broken",
+    "zip_dup.pt",
+    "error",
+    match=r"the archive holds two records named 'zip_dup/data\.pkl'",
+)
 def _(root: Path, c: Case) -> None:
     import warnings
 
@@ -530,7 +617,13 @@ def _(root: Path, c: Case) -> None:
     src.close()
 
 
-@case("zip_unsupported_compression", "broken", "zip_bzip2.pt", "error", match=r"uses compression method 12, which torch cannot read")
+@case(
+    "zip_unsupported_compression",
+    "broken",
+    "zip_bzip2.pt",
+    "error",
+    match=r"uses compression method 12, which torch cannot read",
+)
 def _(root: Path, c: Case) -> None:
     src = zipfile.ZipFile(_write_valid_zip(root))
     with zipfile.ZipFile(root / c.path, "w") as out:
@@ -578,6 +671,30 @@ def _(root: Path, c: Case) -> None:
         sys.setrecursionlimit(limit)
 
 
+def _shared_dag(levels: int, fan_out: int) -> dict[str, Any]:
+    """A dict tree whose levels all point at one child: tiny as a pickle, astronomically big as a tree."""
+    node: dict[str, Any] = {"w": torch.zeros(2)}
+    for _ in range(levels):
+        node = {str(i): node for i in range(fan_out)}
+    return node
+
+
+@case(
+    "zip_shared_reference_bomb_container",
+    "broken",
+    "zip_laughs.pt",
+    "error",
+    match=r"no state dict found; top-level keys are 'model', 'epoch'",
+)
+def _(root: Path, c: Case) -> None:  # 16**12 paths: walking them one by one would never end
+    torch.save({"model": _shared_dag(12, 16), "epoch": 1}, root / c.path)
+
+
+@case("zip_shared_reference_bomb_in_state_dict", "broken", "zip_laughs_sd.pt", "ok")
+def _(root: Path, c: Case) -> None:  # flattened once per distinct dict, repeats skipped
+    torch.save({"state_dict": {**_sd(), "extra": _shared_dag(12, 16)}}, root / c.path)
+
+
 @case("zip_hostile_module_metadata", "broken", "zip_meta.pt", "ok")
 def _(root: Path, c: Case) -> None:  # a _metadata that is not {module: {version: n}} is ignored, not trusted
     sd = collections.OrderedDict(_sd())
@@ -600,7 +717,13 @@ def _(root: Path, c: Case) -> None:
     (root / c.path).write_bytes(data[: len(data) - 20])
 
 
-@case("legacy_storage_numel_huge", "broken", "legacy_numel.pth", "error", match=r"the pickle declares \d+ bytes of tensor data, but the file holds only \d+ bytes")
+@case(
+    "legacy_storage_numel_huge",
+    "broken",
+    "legacy_numel.pth",
+    "error",
+    match=r"the pickle declares \d+ bytes of tensor data, but the file holds only \d+ bytes",
+)
 def _(root: Path, c: Case) -> None:  # torch would allocate the declared size before reading
     data = _valid_legacy(root)
     i = data.index(b"cpu") + 3  # after the first storage's location string comes its numel
@@ -608,7 +731,13 @@ def _(root: Path, c: Case) -> None:  # torch would allocate the declared size be
     (root / c.path).write_bytes(data[:j] + b"\x8a\x08" + struct.pack("<q", 1 << 50) + data[j + 2 :])
 
 
-@case("legacy_storage_key_garbled", "broken", "legacy_keys.pth", "error", match=r"\(read as torch-legacy\): AssertionError")
+@case(
+    "legacy_storage_key_garbled",
+    "broken",
+    "legacy_keys.pth",
+    "error",
+    match=r"\(read as torch-legacy\): AssertionError",
+)
 def _(root: Path, c: Case) -> None:
     import io
     import pickletools
@@ -628,7 +757,14 @@ def _(root: Path, c: Case) -> None:
     (root / c.path).write_bytes(bytes(data))
 
 
-@case("plain_pickle_unsupported_opcodes", "broken", "plain_p4.pkl", "error", match=r"does not support \(Unsupported operand \d+\)", options={"format": "torch-legacy"})
+@case(
+    "plain_pickle_unsupported_opcodes",
+    "broken",
+    "plain_p4.pkl",
+    "error",
+    match=r"does not support \(Unsupported operand \d+\)",
+    options={"format": "torch-legacy"},
+)
 def _(root: Path, c: Case) -> None:
     (root / c.path).write_bytes(pickle.dumps(collections.OrderedDict(a=1), protocol=4))
 
@@ -711,7 +847,10 @@ def _(root: Path, c: Case) -> None:
     _index_dir(root, c.name, {"layer.weight": "model\u0000.safetensors"})
 
 
-@index_case("index_shard_lacks_tensor", r"puts 'layer.extra' in 'model-00001-of-00001\.safetensors', but that shard does not hold it")
+@index_case(
+    "index_shard_lacks_tensor",
+    r"puts 'layer.extra' in 'model-00001-of-00001\.safetensors', but that shard does not hold it",
+)
 def _(root: Path, c: Case) -> None:
     _index_dir(root, c.name, {**_OK_MAP, "layer.extra": "model-00001-of-00001.safetensors"})
 
@@ -721,6 +860,20 @@ def _(root: Path, c: Case) -> None:  # the error names the shard, not only the i
     d = _index_dir(root, c.name, _OK_MAP)
     with (d / "model-00001-of-00001.safetensors").open("ab") as f:
         f.write(b"\0" * 8)
+
+
+@index_case(
+    "index_shard_not_weights", r"shard\.bin': not a safetensors file or a torch checkpoint \(first bytes: b'\{\"weight'"
+)
+def _(root: Path, c: Case) -> None:  # a shard that holds an index's JSON is not read as one
+    d = _index_dir(root, c.name, {"layer.weight": "shard.bin"})
+    (d / "shard.bin").write_text(json.dumps({"weight_map": {"layer.weight": "shard.bin"}}))
+
+
+@index_case("index_shard_is_dcp_metadata", r"\.metadata': not a safetensors file or a torch checkpoint")
+def _(root: Path, c: Case) -> None:  # a shard is never opened as a checkpoint directory
+    d = _index_dir(root, c.name, {"layer.weight": ".metadata"})
+    (d / ".metadata").write_bytes(pickle.dumps({"not": "metadata"}, protocol=2)[2:])
 
 
 @case("hf_cache_snapshot_symlinks", "ok", "hf/models--org--m/snapshots/abc123/model.safetensors.index.json", "ok")
@@ -735,7 +888,13 @@ def _(root: Path, c: Case) -> None:  # a Hugging Face cache: snapshot files are 
     (snap / "model.safetensors.index.json").symlink_to("../../blobs/2222")
 
 
-@case("hf_cache_blobs_symlinked_out", "broken", "hf2/models--org--m/snapshots/abc123/model.safetensors.index.json", "error", match=r"lies outside .* \(a symlink leads to")
+@case(
+    "hf_cache_blobs_symlinked_out",
+    "broken",
+    "hf2/models--org--m/snapshots/abc123/model.safetensors.index.json",
+    "error",
+    match=r"lies outside .* \(a symlink leads to",
+)
 def _(root: Path, c: Case) -> None:  # a fake cache whose blobs/ leads elsewhere is not trusted
     repo = root / "hf2" / "models--org--m"
     snap = repo / "snapshots" / "abc123"

@@ -41,8 +41,13 @@ def _safe(root: Path, case: dict) -> dict:
         return {"status": "error", "message": str(e)}
     except ValueError as e:
         return {"status": "invalid_option", "message": str(e)}
-    except BaseException as e:  # anything else is a defect the test reports
-        return {"status": "escaped", "type": type(e).__name__, "message": str(e)[:500], "traceback": traceback.format_exc()[-2000:]}
+    except BaseException as e:  # noqa: BLE001 - anything else is a defect the test reports
+        return {
+            "status": "escaped",
+            "type": type(e).__name__,
+            "message": str(e)[:500],
+            "traceback": traceback.format_exc()[-2000:],
+        }
 
 
 def _control(root: Path, case: dict) -> dict:
@@ -53,16 +58,18 @@ def _control(root: Path, case: dict) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.load(root / (case["control"] or case["path"]), weights_only=False)  # UNSAFE on purpose: our own payloads
+            torch.load(
+                root / (case["control"] or case["path"]), weights_only=False
+            )  # UNSAFE on purpose: our own payloads
         return {"status": "loaded"}
-    except BaseException as e:  # payloads often break the load after they ran; the marker is what counts
+    except BaseException as e:  # noqa: BLE001 - payloads often break the load after they ran; the marker counts
         return {"status": "raised", "type": type(e).__name__}
 
 
 def main(argv: list[str]) -> int:
     root, mode, names = Path(argv[0]), argv[1], set(argv[2:])
     faulthandler.enable()
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = _ADDRESS_SPACE if hard == resource.RLIM_INFINITY else min(_ADDRESS_SPACE, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     cases = [c for c in json.loads((root / "manifest.json").read_text()) if c["name"] in names]

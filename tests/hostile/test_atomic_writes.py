@@ -58,18 +58,16 @@ def test_new_file_gets_the_umask_mode(tmp_path):
 @pytest.mark.parametrize("error", [RuntimeError("writer crashed"), KeyboardInterrupt()])
 def test_error_in_the_writer(dest, error):
     before = state(dest.parent)
-    with pytest.raises(type(error)):
-        with atomic_path(dest) as tmp:
-            tmp.write_bytes(b"half of the new conte")
-            raise error
+    with pytest.raises(type(error)), atomic_path(dest) as tmp:
+        tmp.write_bytes(b"half of the new conte")
+        raise error
     assert state(dest.parent) == before
 
 
 def test_error_in_the_writer_for_a_new_file(tmp_path):
-    with pytest.raises(RuntimeError, match="writer crashed"):
-        with atomic_path(tmp_path / "new.bin") as tmp:
-            tmp.write_bytes(b"partial")
-            raise RuntimeError("writer crashed")
+    with pytest.raises(RuntimeError, match="writer crashed"), atomic_path(tmp_path / "new.bin") as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("writer crashed")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -80,27 +78,30 @@ def test_failure_while_committing(dest, monkeypatch, step):
 
     monkeypatch.setattr(fileio.os, step, fail)
     before = state(dest.parent)
-    with pytest.raises(OSError, match=rf"No space left on device \({step}\)"):
-        with atomic_path(dest) as tmp:
-            tmp.write_bytes(b"new")
+    with pytest.raises(OSError, match=rf"No space left on device \({step}\)"), atomic_path(dest) as tmp:
+        tmp.write_bytes(b"new")
     monkeypatch.undo()
     assert state(dest.parent) == before
 
 
 def test_no_overwrite_refuses_before_writing(dest):
     before = state(dest.parent)
-    with pytest.raises(FileExistsError, match=r"model\.safetensors exists; pass force/overwrite to replace it"):
-        with atomic_path(dest, overwrite=False):
-            pytest.fail("the writer must not run")
+    with (
+        pytest.raises(FileExistsError, match=r"model\.safetensors exists; pass force/overwrite to replace it"),
+        atomic_path(dest, overwrite=False),
+    ):
+        pytest.fail("the writer must not run")
     assert state(dest.parent) == before
 
 
 def test_no_overwrite_when_the_file_appears_while_writing(tmp_path):
     target = tmp_path / "model.bin"
-    with pytest.raises(FileExistsError, match=r"appeared while writing; refusing to replace it"):
-        with atomic_path(target, overwrite=False) as tmp:
-            tmp.write_bytes(b"ours")
-            target.write_bytes(b"someone else's")
+    with (
+        pytest.raises(FileExistsError, match=r"appeared while writing; refusing to replace it"),
+        atomic_path(target, overwrite=False) as tmp,
+    ):
+        tmp.write_bytes(b"ours")
+        target.write_bytes(b"someone else's")
     assert target.read_bytes() == b"someone else's"
     assert [p.name for p in tmp_path.iterdir()] == ["model.bin"]
 
@@ -118,7 +119,7 @@ def test_killed_writer_leaves_the_original(dest):
                 os._exit(9)  # no finally, no cleanup: like SIGKILL
         """
     )
-    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 9
+    assert subprocess.run([sys.executable, "-c", code], timeout=60, check=False).returncode == 9
     assert dest.read_bytes() == ORIGINAL
     leftovers = [p.name for p in dest.parent.iterdir() if p != dest]
     assert len(leftovers) == 1 and leftovers[0].startswith(".model.safetensors.") and leftovers[0].endswith(".tmp")
@@ -163,3 +164,25 @@ def test_plan_save_failing_to_serialise_writes_nothing(tmp_path, plan, monkeypat
     with pytest.raises(TypeError, match="not JSON serializable"):
         plan.save(path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("{not json", r"cannot read plan .*Expecting property name"),
+        ("[" * 100_000 + "]" * 100_000, r"cannot read plan"),
+        ("[1, 2]", r"is not a torchgraft plan \(a JSON object is expected\)"),
+        ('{"torchgraft_plan": 1}', r"is not a valid torchgraft plan \(KeyError: 'entries'\)"),
+        (
+            '{"torchgraft_plan": 1, "entries": [{"target": "w"}]}',
+            r"is not a valid torchgraft plan \(KeyError: 'shape'\)",
+        ),
+        ('{"torchgraft_plan": 1, "entries": [3]}', r"is not a valid torchgraft plan \(TypeError"),
+        ('{"torchgraft_plan": 99, "entries": []}', r"not a torchgraft plan of version 1 \(found 99\)"),
+    ],
+)
+def test_damaged_plan_files_raise_plan_error(tmp_path, text, match):
+    path = tmp_path / "plan.json"
+    path.write_text(text)
+    with pytest.raises(tg.PlanError, match=match):
+        tg.Plan.load(path)

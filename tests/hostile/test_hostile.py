@@ -8,14 +8,14 @@ hang fails the cases it hit instead of killing the test session.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import make_corpus
+import pytest
 from make_corpus import CASES, MARKER_PREFIX
 
 RUNNER = Path(__file__).with_name("run_cases.py")
@@ -25,11 +25,13 @@ MAX_RSS_GROWTH_MB = 200
 BY_NAME = {c.name: c for c in CASES}
 
 
-def _run(root: Path, mode: str, names: list[str]) -> dict[str, dict]:
+def _run(root: Path, mode: str, names: list[str], env: dict[str, str] | None = None) -> dict[str, dict]:
     """Run a batch in a child process; cases without a result carry what the child left behind."""
     cmd = [sys.executable, str(RUNNER), str(root), mode, *names]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=TIMEOUT_S, check=False, env={**os.environ, **(env or {})}
+        )
         out, err, why = proc.stdout, proc.stderr, f"the child exited with {proc.returncode}"
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -41,7 +43,9 @@ def _run(root: Path, mode: str, names: list[str]) -> dict[str, dict]:
             r = json.loads(line)
             results[r["name"]] = r
     for name in names:
-        results.setdefault(name, {"status": "no result", "message": f"{why} before finishing this case; stderr: {err[-3000:]}"})
+        results.setdefault(
+            name, {"status": "no result", "message": f"{why} before finishing this case; stderr: {err[-3000:]}"}
+        )
     return results
 
 
@@ -98,3 +102,12 @@ def test_payloads_are_live(tmp_path):
     results = _run(tmp_path, "control", live)
     ran = sorted(p.name.removeprefix(MARKER_PREFIX) for p in tmp_path.glob(f"{MARKER_PREFIX}*"))
     assert ran == sorted(live), {n: results[n] for n in live if n not in ran}
+
+
+def test_environment_cannot_switch_off_the_safe_loader(tmp_path):
+    """torch honours TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only when weights_only is not passed; torchgraft always passes it."""
+    names = [c.name for c in CASES if c.kind == "malicious"]
+    make_corpus.build(tmp_path, names)
+    results = _run(tmp_path, "safe", names, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    assert {n: r["status"] for n, r in results.items()} == dict.fromkeys(names, "unsafe")
+    assert list(tmp_path.rglob(f"{MARKER_PREFIX}*")) == []

@@ -17,10 +17,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from make_corpus import TensorPickler, raw_zip
 from safetensors.torch import save_file
 
 import torchgraft as tg
-from make_corpus import TensorPickler, raw_zip
 from torchgraft.sources.base import dtype_name
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -117,7 +117,9 @@ def mutate(data: bytes, mutations: list[tuple]) -> bytes:
 
 
 @SETTINGS
-@given(kind=st.sampled_from(["safetensors", "zip", "ckpt", "legacy"]), mutations=st.lists(MUTATION, min_size=1, max_size=4))
+@given(
+    kind=st.sampled_from(["safetensors", "zip", "ckpt", "legacy"]), mutations=st.lists(MUTATION, min_size=1, max_size=4)
+)
 def test_byte_mutations_load_or_raise_checkpoint_error(work, bases, kind, mutations):
     data = mutate(bases[kind], mutations)
     suffix = {"safetensors": ".safetensors", "zip": ".pt", "ckpt": ".ckpt", "legacy": ".pth"}[kind]
@@ -138,7 +140,9 @@ def test_flips_in_tensor_bytes_keep_safetensors_readable(work, bases, pos, bit):
     data[start + pos % (len(data) - start)] ^= 1 << bit
     result = _open_all(_write(work, bytes(data), ".safetensors"))
     assert result is not None
-    assert {k: (v.shape, v.dtype) for k, v in result.items()} == {k: (v.shape, v.dtype) for k, v in _state_dict().items()}
+    assert {k: (v.shape, v.dtype) for k, v in result.items()} == {
+        k: (v.shape, v.dtype) for k, v in _state_dict().items()
+    }
 
 
 @SETTINGS

@@ -64,7 +64,11 @@ def snapshot(model: nn.Module) -> dict[str, tuple]:
     for path, module in model.named_modules(remove_duplicate=False):
         for store in ("_parameters", "_buffers"):
             for key, t in getattr(module, store).items():
-                raw = None if t is None or t.is_meta else t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone()
+                raw = (
+                    None
+                    if t is None or t.is_meta
+                    else t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone()
+                )
                 meta = None if t is None else (type(t), t.dtype, tuple(t.shape), t.device.type, t.requires_grad)
                 out[f"{path}.{key}"] = (id(t), meta, raw)
     return out
@@ -82,7 +86,10 @@ def assert_bit_identical(model: nn.Module, before: dict[str, tuple]) -> None:
 
 def checkpoint_for(model: nn.Module, *, seed: int = 1) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    return {k: torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+    return {
+        k: torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v.clone()
+        for k, v in model.state_dict().items()
+    }
 
 
 def write_shards(directory: Path, sd: dict[str, torch.Tensor], n: int) -> Path:
@@ -134,7 +141,11 @@ def test_tensor_read_failing_mid_load_leaves_model_unchanged(net):
 
         return load
 
-    src = Source({k: TensorRef(k, tuple(v.shape), str(v.dtype).removeprefix("torch."), loader(k)) for k, v in sd.items()}, path="/data/x", format="test")
+    src = Source(
+        {k: TensorRef(k, tuple(v.shape), str(v.dtype).removeprefix("torch."), loader(k)) for k, v in sd.items()},
+        path="/data/x",
+        format="test",
+    )
     before = snapshot(net)
     with pytest.raises(tg.CheckpointError, match=r"reading '.*' failed: I/O error"):
         tg.load(net, src)
@@ -155,7 +166,9 @@ def test_module_hook_raising_after_neighbours_loaded(net):
 def test_module_hook_reporting_an_error(net):
     net.middle.__class__ = Complaining
     before = snapshot(net)
-    with pytest.raises(tg.LoadError, match=r"(?s)failed; the model is unchanged.*middle\.weight: refused by the module"):
+    with pytest.raises(
+        tg.LoadError, match=r"(?s)failed; the model is unchanged.*middle\.weight: refused by the module"
+    ):
         tg.load(net, checkpoint_for(net))
     assert_bit_identical(net, before)
 
@@ -239,7 +252,10 @@ def test_nonfinite_values_are_reported_and_warned(net, caplog):
     assert report.nonfinite == {"middle.weight": {"nan": 2, "inf": 0}, "last.bias": {"nan": 0, "inf": 1}}
     assert report.to_dict()["nonfinite"] == report.nonfinite
     assert "NaN / Inf values" in str(report)
-    assert any("hold NaN or Inf values: middle.weight (2 NaN, 0 Inf), last.bias (0 NaN, 1 Inf)" in r.message for r in caplog.records)
+    assert any(
+        "hold NaN or Inf values: middle.weight (2 NaN, 0 Inf), last.bias (0 NaN, 1 Inf)" in r.message
+        for r in caplog.records
+    )
     assert not any("ready for predictions" in r.message for r in caplog.records)
     assert torch.isnan(net.middle.weight[0, 0])  # "warn" loads them
 
@@ -247,7 +263,10 @@ def test_nonfinite_values_are_reported_and_warned(net, caplog):
 def test_check_finite_error_refuses_and_leaves_model_unchanged(tmp_path, net):
     index = write_shards(tmp_path, _poisoned(net), 2)
     before = snapshot(net)
-    with pytest.raises(tg.LoadError, match=r"(?s)NaN or Inf values \(check_finite='error'\); the model is unchanged.*middle\.weight: 2 NaN, 0 Inf.*last\.bias: 0 NaN, 1 Inf"):
+    with pytest.raises(
+        tg.LoadError,
+        match=r"(?s)NaN or Inf values \(check_finite='error'\); the model is unchanged.*middle\.weight: 2 NaN, 0 Inf.*last\.bias: 0 NaN, 1 Inf",
+    ):
         tg.load(net, index, check_finite="error")
     assert_bit_identical(net, before)
 

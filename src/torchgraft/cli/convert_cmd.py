@@ -36,12 +36,12 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert import _destination, convert, parse_dtype, parse_size
+    from ..convert import convert, destination_path, parse_dtype, parse_size
 
     try:  # usage problems first, before anything is read
         parse_dtype(args.dtype)
         parse_size(args.max_shard_size)
-        _destination(args.dst)
+        destination_path(args.dst)
     except ValueError as e:
         raise UsageError(str(e)) from None
     with progress(args, "converting") as bar:

@@ -223,7 +223,7 @@ def run_plan(args: argparse.Namespace) -> int:
 def run_load(args: argparse.Namespace) -> int:
     import torchgraft as tg
 
-    from ..convert import convert, parse_dtype, parse_size
+    from ..convert import convert, destination_path, parse_dtype, parse_size
 
     try:
         dtype_name = parse_dtype(args.dtype)
@@ -232,8 +232,11 @@ def run_load(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if args.plan and (args.align or args.adapt):
         raise UsageError("--plan already decides every tensor; drop --align/--adapt (or make a new plan with them)")
-    out_path = Path(args.out)
-    if not args.force and out_path.is_file():
+    try:
+        out_path = destination_path(args.out)  # a directory means model.safetensors in it
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not args.force and out_path.exists():  # before the model is built and loaded
         raise FileExistsError(f"{out_path} exists; pass --force to replace it")
     src = _open(args)
     with status(args, "building the model and planning"):

@@ -62,7 +62,8 @@ def open(
 
     Args:
         path: a file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``, ``.ckpt``), a sharded
-            checkpoint's ``*.index.json``, a model directory, a Hugging Face repository
+            checkpoint's ``*.index.json``, a model directory, a ``torch.distributed.checkpoint``
+            directory (``.metadata`` + ``*.distcp``), a Hugging Face repository
             ``"hf:org/name[@revision]"`` (from the local cache, needs ``huggingface_hub``),
             an open :class:`Source` (returned as is) or an in-memory state dict.
         format: force a reader by name (see :data:`READERS`) instead of sniffing the content.

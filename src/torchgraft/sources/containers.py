@@ -25,28 +25,35 @@ def _is_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor)
 
 
-def _tensor_count(obj: Any, depth: int = 0, active: frozenset[int] = frozenset()) -> int:
-    """Tensors reachable through nested mappings, at most :data:`MAX_DEPTH` deep, each cycle cut."""
+def _tensor_count(obj: Any, depth: int = 0, seen: set[int] | None = None) -> int:
+    """Tensors reachable through nested mappings, at most :data:`MAX_DEPTH` deep.
+
+    Each mapping is visited once: a pickle can reference one dict from many places (a cycle,
+    or a tree of shared references that would take exponential time to walk path by path).
+    """
     if _is_tensor(obj):
         return 1
-    if isinstance(obj, Mapping) and depth < MAX_DEPTH and id(obj) not in active:
-        inner = active | {id(obj)}
-        return sum(_tensor_count(v, depth + 1, inner) for v in obj.values())
-    return 0
+    seen = set() if seen is None else seen
+    if not isinstance(obj, Mapping) or depth >= MAX_DEPTH or id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    return sum(_tensor_count(v, depth + 1, seen) for v in obj.values())
 
 
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and any(_is_tensor(v) for v in obj.values())
 
 
-def _candidates(obj: Any, prefix: str = "", depth: int = 0) -> list[str]:
-    """Dotted paths of nested mappings that directly hold tensors (depth <= 3)."""
-    if not isinstance(obj, Mapping) or depth > 3:
+def _candidates(obj: Any, prefix: str = "", depth: int = 0, seen: set[int] | None = None) -> list[str]:
+    """Dotted paths of nested mappings that directly hold tensors (depth <= 3, each mapping once)."""
+    seen = set() if seen is None else seen
+    if not isinstance(obj, Mapping) or depth > 3 or id(obj) in seen:
         return []
+    seen.add(id(obj))
     out = [prefix] if _is_state_dict(obj) else []
     for k, v in obj.items():
         if isinstance(k, str) and isinstance(v, Mapping):
-            out.extend(_candidates(v, f"{prefix}.{k}" if prefix else k, depth + 1))
+            out.extend(_candidates(v, f"{prefix}.{k}" if prefix else k, depth + 1, seen))
     return out
 
 

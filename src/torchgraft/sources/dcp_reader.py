@@ -137,7 +137,31 @@ def read_dcp_metadata(path: str | Path) -> Any:
             format=FORMAT,
             hint="this directory is not a torch.distributed.checkpoint checkpoint",
         )
+    _check_storage(root, metadata)
     return metadata
+
+
+def _check_storage(root: Path, metadata: Any) -> None:
+    """Data files must be named relative to the checkpoint and stay inside it; byte ranges must be sane."""
+    inside = root.resolve()
+    for index, info in (getattr(metadata, "storage_data", None) or {}).items():
+        where = getattr(index, "fqn", index)
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or Path(rel).is_absolute() or not (root / rel).resolve().is_relative_to(inside):
+            raise CheckpointError(
+                root,
+                f"{METADATA_FILE} points {where!r} at {rel!r}, outside the checkpoint",
+                format=FORMAT,
+                hint="refusing to read files outside the checkpoint directory",
+            )
+        span = (getattr(info, "offset", 0), getattr(info, "length", 0))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in span):
+            raise CheckpointError(
+                root,
+                f"{METADATA_FILE} gives {where!r} an invalid byte range {span!r}",
+                format=FORMAT,
+                hint="the file is damaged; save it again",
+            )
 
 
 def _skeleton(metadata: Any) -> tuple[dict[Any, Any], dict[int, str], dict[str, str]]:

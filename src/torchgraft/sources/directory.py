@@ -105,22 +105,30 @@ def _confined_shard(index: Path, root: Path, shard: str, bad) -> Path:
     return target
 
 
-def _shard_format(target: Path) -> str | None:
-    """Shards are opened as weight files only: a shard may never be read as an index or directory."""
+#: Readers that open folders or lists of files: a shard is never read through them (no recursion).
+_NOT_SHARD_READERS = frozenset({"directory", "index", "dcp"})
+
+
+def _open_shard(target: Path, options: dict[str, Any]) -> Source:
+    """Open one shard with a single-file reader, chosen by content like :func:`torchgraft.open`."""
     from . import READERS
 
     try:
+        size = target.stat().st_size
         with target.open("rb") as f:
             head = f.read(16)
-        size = target.stat().st_size
-    except OSError:
-        return None
+    except OSError as e:
+        raise CheckpointError(target, f"cannot read the file ({e.strerror or e})", hint="check the file's permissions") from None
     if size == 0:
-        return None  # the generic open reports the empty file
+        raise CheckpointError(target, "the file is empty", hint="the download or save was interrupted: fetch it again")
     for reader in READERS:
-        if reader.name not in ("directory", "index") and reader.matches(target, head, size):
-            return reader.name
-    return None
+        if reader.name not in _NOT_SHARD_READERS and reader.matches(target, head, size):
+            return reader.open(target, **options)
+    raise CheckpointError(
+        target,
+        f"not a safetensors file or a torch checkpoint (first bytes: {head[:8]!r})",
+        hint="a shard named by an index must be a weights file; download it again",
+    )
 
 
 def open_index(path: Path, **options: Any) -> Source:
@@ -131,8 +139,6 @@ def open_index(path: Path, **options: Any) -> Source:
     cache, where a snapshot's files are symlinks). A shard is always a weights file, never
     another index or a directory.
     """
-    from . import open as open_source
-
     fmt = "sharded-safetensors" if ".safetensors" in path.name else "sharded-torch"
 
     def bad(reason: str, hint: str = "the index is damaged; download it again") -> CheckpointError:
@@ -160,7 +166,7 @@ def open_index(path: Path, **options: Any) -> Source:
     opened: dict[str, Source] = {}
     try:
         for shard, target in shards.items():
-            opened[shard] = open_source(target, format=_shard_format(target), **options)
+            opened[shard] = _open_shard(target, options)
         entries = {}
         for name, shard in weight_map.items():
             src = opened[shard]

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
-    "StorageRecord",
-    "PickleScan",
-    "scan_pickles",
-    "pickle_globals",
-    "checkpoint_globals",
-    "refused_globals",
-    "dangerous_globals",
     "MAX_SCAN_BYTES",
+    "PickleScan",
+    "StorageRecord",
+    "checkpoint_globals",
+    "dangerous_globals",
+    "pickle_globals",
+    "refused_globals",
+    "scan_pickles",
 ]
 
 #: At most this many bytes of one file or zip member are scanned (the pickled part of a
@@ -251,7 +251,7 @@ def scan_pickles(data: bytes, *, max_pickles: int = 8) -> PickleScan:
                 if op.name == "STOP":
                     finished = True
                     break
-        except Exception:  # not (or no longer) a pickle: malformed opcode or argument
+        except Exception:  # noqa: BLE001, S110 - not (or no longer) a pickle: the scan ends here
             pass
         if not finished:  # truncated, or the bytes after the last pickle
             if scan.pickles == 0:
@@ -301,8 +301,8 @@ def checkpoint_globals(path: str | Path, *, limit: int = MAX_SCAN_BYTES) -> list
 def refused_globals(names: list[str]) -> list[str]:
     """The subset of ``names`` that torch's ``weights_only`` unpickler would refuse."""
     try:
-        from torch import _weights_only_unpickler as w
         import torch.serialization as s
+        from torch import _weights_only_unpickler as w
 
         allowed = set(w._get_allowed_globals())
         for obj in s.get_safe_globals():
@@ -310,7 +310,7 @@ def refused_globals(names: list[str]) -> list[str]:
                 allowed.add(obj[1])
             else:
                 allowed.add(f"{obj.__module__}.{obj.__qualname__}")
-    except Exception:  # private API moved: report everything, which errs on the safe side
+    except Exception:  # noqa: BLE001 - private API moved: report everything, which errs on the safe side
         return list(names)
     return [n for n in names if n not in allowed]
 

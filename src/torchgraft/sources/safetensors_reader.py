@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import CheckpointError
 from .base import DTYPE_SIZES, Source, TensorRef
 
-__all__ = ["read_header", "open_safetensors", "looks_like_safetensors", "torch_shape", "SAFETENSORS_DTYPES"]
+__all__ = ["SAFETENSORS_DTYPES", "looks_like_safetensors", "open_safetensors", "read_header", "torch_shape"]
 
 FORMAT = "safetensors"
 

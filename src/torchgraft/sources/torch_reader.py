@@ -24,7 +24,7 @@ from .base import Source, TensorRef, dtype_name
 from .containers import MAX_DEPTH, find_state_dict
 from .pickle_scan import MAX_SCAN_BYTES, checkpoint_globals, dangerous_globals, refused_globals, scan_pickles
 
-__all__ = ["open_torch", "torch_format", "safe_torch_load", "resolve_allow_globals", "MAX_INFLATED_BYTES"]
+__all__ = ["MAX_INFLATED_BYTES", "open_torch", "resolve_allow_globals", "safe_torch_load", "torch_format"]
 
 _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -34,7 +34,13 @@ MAX_INFLATED_BYTES = 1 << 30
 #: ... nor by a larger factor than this (deflate reaches ~1000x only on crafted data).
 _MAX_INFLATE_RATIO = 200
 #: Pickle opcodes and messages of torch's safe unpickler that mean "refused", not "damaged".
-_REFUSALS = ("GLOBAL", "Trying to call reduce", "Can only create new object", "Can only build", "Only persistent_load of storage")
+_REFUSALS = (
+    "GLOBAL",
+    "Trying to call reduce",
+    "Can only create new object",
+    "Can only build",
+    "Only persistent_load of storage",
+)
 
 _HINT_CORRUPT = (
     "the file is truncated or damaged: download it again. If it is a TensorFlow or Flax checkpoint, "
@@ -125,7 +131,7 @@ def _element_size(storage_type: str) -> int | None:
         return 1
     try:
         return int(torch._utils._element_size(torch.storage._get_dtype_from_pickle_storage_type(short)))
-    except Exception:
+    except Exception:  # noqa: BLE001 - an unknown storage type: let torch check it
         return None
 
 
@@ -145,7 +151,9 @@ def _check_zip(path: Path, size: int, bad) -> bool:
                     if info.file_size != info.compress_size:
                         raise bad(f"record {info.filename!r} is stored uncompressed but its two sizes disagree")
                 elif info.compress_type != zipfile.ZIP_DEFLATED:
-                    raise bad(f"record {info.filename!r} uses compression method {info.compress_type}, which torch cannot read")
+                    raise bad(
+                        f"record {info.filename!r} uses compression method {info.compress_type}, which torch cannot read"
+                    )
                 elif info.file_size > min(MAX_INFLATED_BYTES, max(1 << 20, _MAX_INFLATE_RATIO * info.compress_size)):
                     raise bad(
                         f"record {info.filename!r} would inflate from {info.compress_size} to {info.file_size} bytes "
@@ -158,12 +166,14 @@ def _check_zip(path: Path, size: int, bad) -> bool:
             pkl = by_name.get(root + "data.pkl")
             if pkl is None:
                 listing = ", ".join(i.filename for i in infos[:6])
-                raise bad(f"the zip archive has no {root}data.pkl, so it is not a torch checkpoint (it holds {listing})")
+                raise bad(
+                    f"the zip archive has no {root}data.pkl, so it is not a torch checkpoint (it holds {listing})"
+                )
             with zf.open(pkl) as f:
                 data = f.read(pkl.file_size + 1)
     except CheckpointError:
         raise
-    except Exception as e:  # BadZipFile, zlib.error, EOFError, struct.error, ...
+    except Exception as e:  # noqa: BLE001 - BadZipFile, zlib.error, EOFError, struct.error, ...
         raise bad(f"the zip archive is truncated or damaged ({type(e).__name__}: {_first_line(str(e))})") from None
     scan = scan_pickles(data, max_pickles=1)
     if not scan.resolved:
@@ -199,7 +209,9 @@ def _check_legacy(path: Path, size: int, bad) -> None:
     for record in {r.key: r for r in scan.storages}.values():
         declared += record.numel * (_element_size(record.type) or 0)
     if declared > size:
-        raise bad(f"the pickle declares {declared} bytes of tensor data, but the file holds only {size} bytes (truncated or corrupt)")
+        raise bad(
+            f"the pickle declares {declared} bytes of tensor data, but the file holds only {size} bytes (truncated or corrupt)"
+        )
 
 
 # loading ----------------------------------------------------------------------------------------
@@ -242,7 +254,7 @@ def safe_torch_load(path: Path, *, mmap: bool, allow_globals: Iterable[str | Any
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise _refusal(path, fmt, str(e), extra) from None
-    except Exception as e:  # RuntimeError, EOFError, struct.error, AssertionError, MemoryError, ...
+    except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, struct.error, AssertionError, MemoryError, ...
         raise bad(f"{type(e).__name__}: {_first_line(str(e))}") from None
 
 
@@ -250,7 +262,7 @@ def _refusal(path: Path, fmt: str, msg: str, extra: list[tuple[str, Any]]) -> Ch
     """Turn an ``UnpicklingError`` of the safe loader into an unsafe-file or a damaged-file error."""
     try:
         names = refused_globals(checkpoint_globals(path))
-    except Exception:
+    except Exception:  # noqa: BLE001 - the names are a courtesy; the refusal stands
         names = []
     allowed = {name for name, _ in extra}
     names = [n for n in names if n not in allowed]
@@ -285,22 +297,34 @@ def _first_line(msg: str) -> str:
 
 
 def _flatten(
-    sd: Mapping[str, Any], skipped: dict[str, str], prefix: str = "", depth: int = 0, active: frozenset[int] = frozenset()
+    sd: Mapping[str, Any],
+    skipped: dict[str, str],
+    prefix: str = "",
+    depth: int = 0,
+    seen: set[int] | None = None,
 ) -> Iterator[tuple[str, Any]]:
-    """Nested mappings as dotted keys, in order; cycles and nesting deeper than :data:`MAX_DEPTH` are skipped."""
-    active = active | {id(sd)}
+    """Nested mappings as dotted keys, in order.
+
+    Each mapping is expanded once (a pickle can reference one dict from many places: a cycle,
+    or shared references that would multiply the keys exponentially); repeats and nesting
+    deeper than :data:`MAX_DEPTH` are listed in ``skipped``.
+    """
+    seen = {id(sd)} if seen is None else seen
     for k, v in sd.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping) and not hasattr(v, "shape"):
-            if id(v) in active or depth + 1 > MAX_DEPTH:
-                skipped[key] = f"{type(v).__name__} (nested too deep or cyclic)"
+            if id(v) in seen or depth + 1 > MAX_DEPTH:
+                skipped[key] = f"{type(v).__name__} (nested too deep, cyclic or repeated)"
             else:
-                yield from _flatten(v, skipped, key + ".", depth + 1, active)
+                seen.add(id(v))
+                yield from _flatten(v, skipped, key + ".", depth + 1, seen)
         else:
             yield key, v
 
 
-def open_torch(path: Path, *, container: str | None = None, allow_globals: Iterable[str | Any] | None = None, **_: Any) -> Source:
+def open_torch(
+    path: Path, *, container: str | None = None, allow_globals: Iterable[str | Any] | None = None, **_: Any
+) -> Source:
     """Open a ``.bin/.pt/.pth/.ckpt`` file: zip files memory-mapped, legacy pickles read once."""
     import torch
 

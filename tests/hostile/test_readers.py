@@ -1,0 +1,154 @@
+"""Unit tests of the hardened readers: the pickle scan, the zip and legacy checks, sub-byte safetensors dtypes."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+
+import pytest
+import torch
+from make_corpus import Payload, TensorPickler, raw_zip
+from safetensors.torch import save_file
+
+import torchgraft as tg
+from torchgraft.sources.pickle_scan import (
+    UNRESOLVED_STACK_GLOBAL,
+    StorageRecord,
+    checkpoint_globals,
+    dangerous_globals,
+    pickle_globals,
+    refused_globals,
+    scan_pickles,
+)
+from torchgraft.sources.safetensors_reader import looks_like_safetensors
+from torchgraft.sources.torch_reader import torch_format
+
+
+def test_scan_finds_storages_of_a_torch_zip(tmp_path):
+    torch.save({"w": torch.zeros(3, 4), "b": torch.zeros(2, dtype=torch.float16)}, tmp_path / "m.pt")
+    with zipfile.ZipFile(tmp_path / "m.pt") as zf:
+        data = zf.read("m/data.pkl")
+    scan = scan_pickles(data, max_pickles=1)
+    assert scan.resolved and scan.pickles == 1
+    assert scan.storages == [
+        StorageRecord("0", "torch.FloatStorage", 12, "cpu"),
+        StorageRecord("1", "torch.HalfStorage", 2, "cpu"),
+    ]
+    assert scan.globals == [
+        "torch._utils._rebuild_tensor_v2",
+        "torch.FloatStorage",
+        "collections.OrderedDict",
+        "torch.HalfStorage",
+    ]
+
+
+def test_scan_reads_the_five_pickles_of_a_legacy_file(tmp_path):
+    torch.save({"w": torch.zeros(5)}, tmp_path / "m.pth", _use_new_zipfile_serialization=False)
+    scan = scan_pickles((tmp_path / "m.pth").read_bytes(), max_pickles=5)
+    assert scan.pickles == 5 and scan.resolved
+    assert [(s.type, s.numel) for s in scan.storages] == [("torch.FloatStorage", 5)]
+
+
+def test_scan_never_executes_and_maps_python2_names(tmp_path):
+    marker = tmp_path / "ran"
+    data = pickle.dumps([Payload(eval, f"open({str(marker)!r}, 'w')"), {1, 2}], protocol=2)
+    found = pickle_globals(data)
+    assert found == ["builtins.eval", "builtins.set"]  # the pickle says __builtin__.eval
+    assert refused_globals(found) == ["builtins.eval"]  # builtins.set is on torch's allow-list
+    assert dangerous_globals(found) == ["builtins.eval"]
+    assert not marker.exists()
+
+
+def test_scan_resolves_stack_global_through_the_memo():
+    data = pickle.dumps({"a": Payload(os.system, "true"), "b": Payload(os.system, "true")}, protocol=4)
+    assert pickle_globals(data) == ["posix.system"]
+
+
+def test_scan_reports_a_stack_global_it_cannot_resolve():
+    # STACK_GLOBAL whose module and name come from a call result, not from literals
+    data = b"\x80\x04" + b"\x8c\x08builtins\x8c\x03str\x93)R" + b"\x8c\x06system\x93."
+    assert UNRESOLVED_STACK_GLOBAL in pickle_globals(data)
+    assert dangerous_globals([UNRESOLVED_STACK_GLOBAL]) == [UNRESOLVED_STACK_GLOBAL]
+
+
+def test_scan_marks_non_literal_persistent_ids_unresolved():
+    buf = io.BytesIO()
+    TensorPickler(buf, storage_type=Payload(os.system, "true")).dump({"w": torch.zeros(2)})
+    scan = scan_pickles(buf.getvalue(), max_pickles=1)
+    assert not scan.resolved and scan.storages == []
+    assert "posix.system" in scan.globals
+
+
+def test_scan_stops_quietly_on_garbage():
+    scan = scan_pickles(b"\x80\x02\xff\xfe garbage", max_pickles=3)
+    assert scan.pickles == 0 and not scan.resolved and scan.globals == []
+
+
+def test_checkpoint_globals_does_not_inflate_a_zip_bomb(tmp_path):
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path, "w") as zf, zf.open(zipfile.ZipInfo("bomb/data.pkl"), "w", force_zip64=True) as f:
+        f.write(pickle.dumps({"x": Payload(os.system, "true")}, protocol=2))
+        for _ in range(64):
+            f.write(b"\0" * (1 << 20))
+    assert checkpoint_globals(path, limit=1 << 16) == ["posix.system"]  # read 64 KiB, not 64 MiB
+
+
+@pytest.mark.parametrize(
+    ("names", "dangerous"),
+    [
+        (["argparse.Namespace", "collections.OrderedDict"], []),
+        (
+            ["posix.system", "subprocess.Popen", "runpy._run_code", "os.path.join"],
+            ["posix.system", "subprocess.Popen", "runpy._run_code", "os.path.join"],
+        ),
+        (
+            ["builtins.getattr", "builtins.set", "functools.partial", "torch.hub.load"],
+            ["builtins.getattr", "functools.partial", "torch.hub.load"],
+        ),
+    ],
+)
+def test_dangerous_globals(names, dangerous):
+    assert dangerous_globals(names) == dangerous
+
+
+def test_truncated_zip_is_still_read_as_a_zip(tmp_path):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "m.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "m.pt").read_bytes()[:300])
+    assert torch_format(tmp_path / "cut.pt") == "torch-zip"
+    with pytest.raises(
+        tg.CheckpointError, match=r"\(read as torch-zip\): the zip archive is truncated or damaged \(BadZipFile"
+    ):
+        tg.open(tmp_path / "cut.pt")
+
+
+def test_header_length_is_judged_by_the_reader_not_the_sniffer():
+    assert looks_like_safetensors(b"\xff" * 8 + b"{", 20)
+    assert not looks_like_safetensors(b"PK\x03\x04" + b"\0" * 12, 20)
+    assert not looks_like_safetensors(b"\x80\x02" + b"\0" * 14, 20)
+
+
+def test_compressed_tensor_records_are_read_without_mmap(tmp_path):
+    sd = {"w": torch.arange(6.0).reshape(2, 3)}
+    torch.save(sd, tmp_path / "m.pt")
+    with zipfile.ZipFile(tmp_path / "m.pt") as src, zipfile.ZipFile(tmp_path / "deflated.pt", "w") as out:
+        for info in src.infolist():  # re-zipped by a generic tool: every record deflated
+            out.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    assert torch.equal(tg.open(tmp_path / "deflated.pt")["w"].load(), sd["w"])
+
+
+def test_packed_float4_safetensors_shapes_agree(tmp_path):
+    if not hasattr(torch, "float4_e2m1fn_x2"):
+        pytest.skip("this torch has no float4")
+    save_file({"q": torch.zeros(4, 2, dtype=torch.float4_e2m1fn_x2)}, tmp_path / "q.safetensors")
+    ref = tg.open(tmp_path / "q.safetensors")["q"]
+    assert ref.shape == (4, 2) and tuple(ref.load().shape) == (4, 2)
+
+
+def test_valid_zip_with_crafted_records_loads(tmp_path):
+    buf = io.BytesIO()
+    pickler = TensorPickler(buf)
+    pickler.dump({"w": torch.arange(4.0)})
+    raw_zip(tmp_path / "ok.pt", buf.getvalue(), pickler.records)
+    assert torch.equal(tg.open(tmp_path / "ok.pt")["w"].load(), torch.arange(4.0))
