@@ -70,10 +70,17 @@ def test_torchvision_weights_into_hf_mobilenet_without_rules(hf_mobilenet, tv_re
     first = report.aligned["mobilenet_v2.conv_stem.first_conv.convolution.weight"]
     assert first["source"] == "features.0.0.weight"
     assert "only tensor of shape (32, 3, 3, 3)" in first["reason"]
-    assert report.aligned["mobilenet_v2.conv_stem.reduce_1x1.normalization.running_var"]["source"] == "features.1.conv.2.running_var"
-    assert report.aligned["mobilenet_v2.layer.0.expand_1x1.convolution.weight"]["source"] == "features.2.conv.0.0.weight"
+    assert (
+        report.aligned["mobilenet_v2.conv_stem.reduce_1x1.normalization.running_var"]["source"]
+        == "features.1.conv.2.running_var"
+    )
+    assert (
+        report.aligned["mobilenet_v2.layer.0.expand_1x1.convolution.weight"]["source"] == "features.2.conv.0.0.weight"
+    )
     # layer.3 and layer.4 have identical shapes: only order tells them apart
-    assert report.aligned["mobilenet_v2.layer.4.conv_3x3.normalization.weight"]["source"] == "features.6.conv.1.1.weight"
+    assert (
+        report.aligned["mobilenet_v2.layer.4.conv_3x3.normalization.weight"]["source"] == "features.6.conv.1.1.weight"
+    )
     with torch.no_grad():
         err = (model(pixel_values=images).logits - tv_reference(images)).abs().max().item()
     assert err < 1e-5
@@ -107,8 +114,11 @@ def test_renamed_and_adapted_first_conv(mobilenet_path, tv_reference):
     report = tg.load(model, mobilenet_path, align=True, adapt="auto")
     assert report.adapted["mobilenet_v2.conv_stem.first_conv.convolution.weight"]["name"] == "input_channels"
     assert report.aligned["mobilenet_v2.conv_stem.first_conv.convolution.weight"]["source"] == "features.0.0.weight"
-    assert torch.equal(model.mobilenet_v2.conv_stem.conv_3x3.convolution.weight, tv_reference.features[1].conv[0][0].weight)
-    assert not torch.equal(model.mobilenet_v2.conv_stem.first_conv.convolution.weight, torch.zeros(32, 1, 3, 3))
+    assert torch.equal(
+        model.mobilenet_v2.conv_stem.conv_3x3.convolution.weight, tv_reference.features[1].conv[0][0].weight
+    )
+    expected = tv_reference.features[0][0].weight.sum(1, keepdim=True)  # input_channels(method="sum"): 3 -> 1
+    assert torch.allclose(model.mobilenet_v2.conv_stem.first_conv.convolution.weight, expected)
 
 
 # ---------------------------------------------------------------------------
@@ -214,7 +224,12 @@ class TwoLinears(nn.Module):
 
 
 def test_two_same_shaped_modules_without_clues_are_reported_not_guessed(tmp_path):
-    sd = {"x.weight": torch.randn(4, 4), "x.bias": torch.randn(4), "y.weight": torch.randn(4, 4), "y.bias": torch.randn(4)}
+    sd = {
+        "x.weight": torch.randn(4, 4),
+        "x.bias": torch.randn(4),
+        "y.weight": torch.randn(4, 4),
+        "y.bias": torch.randn(4),
+    }
     path = save_st(sd, tmp_path / "xy.safetensors")
     model = TwoLinears()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -230,19 +245,37 @@ def test_two_same_shaped_modules_without_clues_are_reported_not_guessed(tmp_path
         assert torch.equal(v, before[k]), k  # nothing was placed
     text = str(report)
     assert "ambiguous" in text and "x.{bias,weight}" in text
-    with pytest.raises(tg.LoadError, match=r"(?s)missing: a.weight.*ambiguous: a.weight, a.bias, b.weight, b.bias could come from x"):
+    with pytest.raises(
+        tg.LoadError, match=r"(?s)missing: a.weight.*ambiguous: a.weight, a.bias, b.weight, b.bias could come from x"
+    ):
         tg.load(TwoLinears(), path, align=True, strict=True)
 
 
 def test_sorted_in_memory_dict_is_not_trusted_either():
-    sd = dict(sorted({"x.weight": torch.randn(4, 4), "x.bias": torch.randn(4), "y.weight": torch.randn(4, 4), "y.bias": torch.randn(4)}.items()))
+    sd = dict(
+        sorted(
+            {
+                "x.weight": torch.randn(4, 4),
+                "x.bias": torch.randn(4),
+                "y.weight": torch.randn(4, 4),
+                "y.bias": torch.randn(4),
+            }.items()
+        )
+    )
     p = tg.plan(TwoLinears(), sd, align=True)
     assert p.aligned == {} and len(p.ambiguous) == 1
 
 
 def test_file_order_decides_only_where_it_is_trustworthy(tmp_path):
     # insertion order (a torch.save'd state dict) is network order: zeta came first
-    sd = OrderedDict([("zeta.weight", torch.randn(4, 4)), ("zeta.bias", torch.randn(4)), ("eta.weight", torch.randn(4, 4)), ("eta.bias", torch.randn(4))])
+    sd = OrderedDict(
+        [
+            ("zeta.weight", torch.randn(4, 4)),
+            ("zeta.bias", torch.randn(4)),
+            ("eta.weight", torch.randn(4, 4)),
+            ("eta.bias", torch.randn(4)),
+        ]
+    )
     torch.save(sd, tmp_path / "ordered.pt")
     p = tg.plan(TwoLinears(), tmp_path / "ordered.pt", align=True)
     assert p.aligned["a.weight"]["source"] == "zeta.weight" and p.aligned["b.weight"]["source"] == "eta.weight"
@@ -260,7 +293,14 @@ def test_order_and_names_disagree_nothing_is_paired():
             self.k = nn.Linear(4, 4)
 
     # file order says q <- key (key came first); names say q <- query
-    sd = OrderedDict([("key.weight", torch.randn(4, 4)), ("key.bias", torch.randn(4)), ("query.weight", torch.randn(4, 4)), ("query.bias", torch.randn(4))])
+    sd = OrderedDict(
+        [
+            ("key.weight", torch.randn(4, 4)),
+            ("key.bias", torch.randn(4)),
+            ("query.weight", torch.randn(4, 4)),
+            ("query.bias", torch.randn(4)),
+        ]
+    )
     p = tg.plan(QK(), sd, align=True)
     assert p.aligned == {}
     assert "disagree" in p.ambiguous[0]["reason"]
@@ -299,7 +339,11 @@ def test_sequential_indices_vs_names():
     torch.manual_seed(0)
     src = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
     src[1].running_mean.normal_()
-    named = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 8, 3), bn=nn.BatchNorm2d(8), act=nn.ReLU(), flat=nn.Flatten(), fc=nn.Linear(8 * 6 * 6, 5)))
+    named = nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(3, 8, 3), bn=nn.BatchNorm2d(8), act=nn.ReLU(), flat=nn.Flatten(), fc=nn.Linear(8 * 6 * 6, 5)
+        )
+    )
     report = tg.load(named.eval(), src.state_dict(), align=True, strict=True)
     assert report.aligned["bn.num_batches_tracked"]["source"] == "1.num_batches_tracked"
     x = torch.randn(2, 3, 8, 8)
@@ -312,7 +356,9 @@ def test_sequential_indices_vs_names():
 
 class ConvBN(nn.Sequential):
     def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__(OrderedDict(convolution=nn.Conv2d(cin, cout, 3, stride, 1, bias=False), normalization=nn.BatchNorm2d(cout)))
+        super().__init__(
+            OrderedDict(convolution=nn.Conv2d(cin, cout, 3, stride, 1, bias=False), normalization=nn.BatchNorm2d(cout))
+        )
 
 
 class HFStyleBlock(nn.Module):
@@ -332,7 +378,10 @@ class HFStyleNet(nn.Module):
         self.model = nn.Module()
         self.model.embedder = ConvBN(3, 8, 2)
         self.model.stages = nn.ModuleList(
-            nn.ModuleDict({"layers": nn.Sequential(HFStyleBlock(8 if s == 0 else 16, 16, 1 + s), HFStyleBlock(16, 16, 1))}) for s in range(2)
+            nn.ModuleDict(
+                {"layers": nn.Sequential(HFStyleBlock(8 if s == 0 else 16, 16, 1 + s), HFStyleBlock(16, 16, 1))}
+            )
+            for s in range(2)
         )
         self.classifier = nn.Linear(16, classes)
 
@@ -463,7 +512,9 @@ class TimmBlock(nn.Module):
     def __init__(self, d: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(d)
-        self.attn = nn.ModuleDict({"q": nn.Linear(d, d), "k": nn.Linear(d, d), "v": nn.Linear(d, d), "proj": nn.Linear(d, d)})
+        self.attn = nn.ModuleDict(
+            {"q": nn.Linear(d, d), "k": nn.Linear(d, d), "v": nn.Linear(d, d), "proj": nn.Linear(d, d)}
+        )
         self.norm2 = nn.LayerNorm(d)
         self.mlp = nn.ModuleDict({"fc1": nn.Linear(d, 4 * d), "fc2": nn.Linear(4 * d, d)})
 
@@ -483,7 +534,9 @@ class HFViTLayer(nn.Module):
     def __init__(self, d: int):
         super().__init__()
         self.attention = nn.Module()
-        self.attention.attention = nn.ModuleDict({"query": nn.Linear(d, d), "key": nn.Linear(d, d), "value": nn.Linear(d, d)})
+        self.attention.attention = nn.ModuleDict(
+            {"query": nn.Linear(d, d), "key": nn.Linear(d, d), "value": nn.Linear(d, d)}
+        )
         self.attention.output = nn.ModuleDict({"dense": nn.Linear(d, d)})
         self.intermediate = nn.ModuleDict({"dense": nn.Linear(d, 4 * d)})
         self.output = nn.ModuleDict({"dense": nn.Linear(4 * d, d)})
@@ -522,7 +575,10 @@ def test_hf_vit_into_timm_vit(container, tmp_path):
     # made), and no name says it: refused, not guessed
     assert "blocks.1.norm1.weight" in p.missing and "blocks.1.norm1.weight" not in a
     amb = next(x for x in p.ambiguous if "blocks.1.norm1.weight" in x["targets"])
-    assert set(amb["candidates"]) >= {"vit.encoder.layer.1.layernorm_before.weight", "vit.encoder.layer.1.layernorm_after.weight"}
+    assert set(amb["candidates"]) >= {
+        "vit.encoder.layer.1.layernorm_before.weight",
+        "vit.encoder.layer.1.layernorm_after.weight",
+    }
     if container == "ordered":
         assert "crosses pairs already made" in amb["reason"]
 
@@ -535,7 +591,13 @@ class MetaLlama(nn.Module):
         for _ in range(n):
             layer = nn.Module()
             layer.attention = nn.ModuleDict({w: nn.Linear(d, d, bias=False) for w in ("wq", "wk", "wv", "wo")})
-            layer.feed_forward = nn.ModuleDict({"w1": nn.Linear(d, 3 * d, bias=False), "w2": nn.Linear(3 * d, d, bias=False), "w3": nn.Linear(d, 3 * d, bias=False)})
+            layer.feed_forward = nn.ModuleDict(
+                {
+                    "w1": nn.Linear(d, 3 * d, bias=False),
+                    "w2": nn.Linear(3 * d, d, bias=False),
+                    "w3": nn.Linear(d, 3 * d, bias=False),
+                }
+            )
             layer.attention_norm, layer.ffn_norm = nn.LayerNorm(d, bias=False), nn.LayerNorm(d, bias=False)
             self.layers.append(layer)
         self.norm = nn.LayerNorm(d, bias=False)
@@ -551,8 +613,17 @@ class HFLlama(nn.Module):
         for _ in range(n):
             layer = nn.Module()
             layer.self_attn = nn.ModuleDict({f"{w}_proj": nn.Linear(d, d, bias=False) for w in "qkvo"})
-            layer.mlp = nn.ModuleDict({"gate_proj": nn.Linear(d, 3 * d, bias=False), "up_proj": nn.Linear(d, 3 * d, bias=False), "down_proj": nn.Linear(3 * d, d, bias=False)})
-            layer.input_layernorm, layer.post_attention_layernorm = nn.LayerNorm(d, bias=False), nn.LayerNorm(d, bias=False)
+            layer.mlp = nn.ModuleDict(
+                {
+                    "gate_proj": nn.Linear(d, 3 * d, bias=False),
+                    "up_proj": nn.Linear(d, 3 * d, bias=False),
+                    "down_proj": nn.Linear(3 * d, d, bias=False),
+                }
+            )
+            layer.input_layernorm, layer.post_attention_layernorm = (
+                nn.LayerNorm(d, bias=False),
+                nn.LayerNorm(d, bias=False),
+            )
             self.model.layers.append(layer)
         self.model.norm = nn.LayerNorm(d, bias=False)
         self.lm_head = nn.Linear(d, 50, bias=False)
@@ -584,7 +655,9 @@ def test_original_llama_names_into_hf_names(tmp_path):
 
 
 def test_mlm_head_never_fills_the_pooler(tmp_path):
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     torch.manual_seed(0)
     path = save_st(transformers.BertForMaskedLM(config).state_dict(), tmp_path / "mlm.safetensors")
     p = tg.plan(transformers.BertModel(config), path, align=True)
@@ -623,7 +696,10 @@ def test_alignment_reads_no_bytes_and_works_on_shards(tmp_path):
     half = len(keys) // 2
     for i, part in enumerate((keys[:half], keys[half:])):
         save_st({k: src.state_dict()[k] for k in part}, tmp_path / f"model-0000{i + 1}-of-00002.safetensors")
-    index = {"metadata": {}, "weight_map": {k: f"model-0000{1 if j < half else 2}-of-00002.safetensors" for j, k in enumerate(keys)}}
+    index = {
+        "metadata": {},
+        "weight_map": {k: f"model-0000{1 if j < half else 2}-of-00002.safetensors" for j, k in enumerate(keys)},
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     model = HFStyleNet().eval()
     tg.load(model, tmp_path / "model.safetensors.index.json", align=True, strict=True)
@@ -648,7 +724,9 @@ def test_saved_plan_keeps_the_alignment_and_refuses_stale_use(tmp_path):
     model = HFStyleNet().eval()
     report = tg.load(model, path, plan=loaded)  # no align=True needed: the plan carries it
     assert report.aligned == plan.aligned and report.missing == []
-    assert torch.equal(model.model.stages[1]["layers"][1].layer[1].normalization.running_var, src.layer2[1].bn2.running_var)
+    assert torch.equal(
+        model.model.stages[1]["layers"][1].layer[1].normalization.running_var, src.layer2[1].bn2.running_var
+    )
     with pytest.raises(tg.PlanError, match=r"stale plan: the model's names or shapes changed"):
         tg.load(HFStyleNet(classes=3), path, plan=loaded)
     torch.save({k: v for k, v in src.state_dict().items() if not k.startswith("fc.")}, tmp_path / "other.pt")
@@ -681,7 +759,9 @@ def test_export_rules_falls_back_to_literals_when_numbers_shift():
     assert rules == {"features.2.conv": "layer.0.conv", "features.3.conv": "layer.1.conv"}
     # a template that would also rename a key matched by name is not used
     pairs = {"a.0.w": "b.0.w"}
-    assert export_rules(pairs, ["a.0.w", "a.1.w"], loaded_by_name=["a.1.w"], targets=["b.0.w", "a.1.w"]) == {"a.0": "b.0"}
+    assert export_rules(pairs, ["a.0.w", "a.1.w"], loaded_by_name=["a.1.w"], targets=["b.0.w", "a.1.w"]) == {
+        "a.0": "b.0"
+    }
 
 
 def test_align_function_on_names_and_shapes_only():
@@ -693,5 +773,7 @@ def test_align_function_on_names_and_shapes_only():
     assert {(p.target, p.source) for p in result.pairs} == {("a.weight", "y.weight"), ("b.weight", "x.weight")}
     assert all(p.confidence == 0.95 and "only tensor of shape" in p.reason for p in result.pairs)
     # integers never pair with floats
-    result = align([("a.ids", (1, 8), "int64", True)], [("x.ids", "x.ids", (1, 8), "float32", True)], source_ordered=False)
+    result = align(
+        [("a.ids", (1, 8), "int64", True)], [("x.ids", "x.ids", (1, 8), "float32", True)], source_ordered=False
+    )
     assert result.pairs == [] and result.ambiguous == []

@@ -68,11 +68,13 @@ _NBT = "num_batches_tracked"
 _UNORDERED_FORMATS = ("safetensors", "sharded")  # keys sorted (by dtype, then name), not network order
 
 # Words that name a kind of layer or a container, not a role: they never decide a pair by name.
-_GENERIC = frozenset(
-    "weight bias layer layers block blocks module modules model net network dense linear fc conv convolution "
-    "proj projection norm bn ln layernorm batchnorm groupnorm gn self op ops seq sequential main body features "
-    "feature stage stages unit units sub wrapper inner base backbone param params parameter".split()
-)
+_GENERIC = frozenset({
+    "weight", "bias", "layer", "layers", "block", "blocks", "module", "modules", "model", "net", "network",
+    "dense", "linear", "fc", "conv", "convolution", "proj", "projection", "norm", "bn", "ln", "layernorm",
+    "batchnorm", "groupnorm", "gn", "self", "op", "ops", "seq", "sequential", "main", "body", "features",
+    "feature", "stage", "stages", "unit", "units", "sub", "wrapper", "inner", "base", "backbone", "param",
+    "params", "parameter",
+})  # fmt: skip
 # Words that mean the same role under different conventions (timm / torchvision / Hugging Face / original repos).
 _SYNONYMS: tuple[frozenset[str], ...] = tuple(
     frozenset(group.split())
@@ -373,7 +375,9 @@ def _what(item: _Unit | _Node, plural: bool = False) -> str:
         return f"block{s} of {len(item.units)} modules with {'the same structure' if plural else 'this structure'}"
     if len(item.body) == 1:
         return f"tensor{s} of shape {_fmt_shape(item.body[0].shape)}"
-    parts = [(f"{n} x " if n > 1 else "") + _fmt_shape(shape) for shape, n in Counter(t.shape for t in item.body).items()]
+    parts = [
+        (f"{n} x " if n > 1 else "") + _fmt_shape(shape) for shape, n in Counter(t.shape for t in item.body).items()
+    ]
     return f"module{s} with shapes " + " + ".join(parts)
 
 
@@ -540,7 +544,11 @@ class _Aligner:
         if order is not None and (crossing := [t.path for t, s in zip(ts, order) if self._crosses(R, t, s)]):
             # both orders are registration orders, but of parallel branches (a shortcut registered before
             # or after the main path): ranks would cross pairs already made, so order says nothing here
-            self._why(R, ts, f"the checkpoint's order crosses pairs already made (at {', '.join(crossing[:3])}), and names do not tell them apart")
+            self._why(
+                R,
+                ts,
+                f"the checkpoint's order crosses pairs already made (at {', '.join(crossing[:3])}), and names do not tell them apart",
+            )
             order = None
         out: list[Pair] = []
         if order is not None:
@@ -560,7 +568,11 @@ class _Aligner:
                 elif support is not None:
                     out.append((t, s, 0.75, reason))
             if not out:
-                self._why(R, ts, f"{kt} on each side in order, but {ctx} also holds unrelated modules and nothing confirms these")
+                self._why(
+                    R,
+                    ts,
+                    f"{kt} on each side in order, but {ctx} also holds unrelated modules and nothing confirms these",
+                )
             return out
         used: set[int] = set()
         for t, (s, why) in names.items():
@@ -574,7 +586,11 @@ class _Aligner:
                 out.append((t, s, 0.75 if R.complete else 0.7, f"{what} in {ctx}; {why}"))
         if len(out) < kt:
             sorted_note = "the checkpoint's key order is not the network's" if not self.S.trusted else "counts differ"
-            self._why(R, ts, f"{kt} model and {ks} checkpoint items of the same shapes; {sorted_note}, and names do not tell them apart")
+            self._why(
+                R,
+                ts,
+                f"{kt} model and {ks} checkpoint items of the same shapes; {sorted_note}, and names do not tell them apart",
+            )
         return out
 
     def _crosses(self, R: _Region, t, s) -> bool:
@@ -661,7 +677,12 @@ class _Aligner:
             why = _agree(_role(_rel(t.path, R.t_root)), _role(_rel(s.path, R.s_root)))
             why = f"names agree: {why}" if why is not None else self._neighbour(t, s)
             if why is not None:
-                self._pair_units(t, s, min(0.6, R.conf), f"the only unmatched module on either side in {R.ctx}, same layout, other shapes; {why}")
+                self._pair_units(
+                    t,
+                    s,
+                    min(0.6, R.conf),
+                    f"the only unmatched module on either side in {R.ctx}, same layout, other shapes; {why}",
+                )
                 return
         t_seq = sorted(R.t_units, key=lambda u: u.order)
         s_seq = _total_order(list(R.s_units), trusted=self.S.trusted)
@@ -728,7 +749,9 @@ class _Aligner:
             return
         self.paired_t.add(x.key)
         self.paired_s.add(y.key)
-        self.result.pairs.append(Aligned(x.key, y.key, round(conf, 2), reason, x.shape == y.shape or (x.shape == () and y.shape == (1,))))
+        self.result.pairs.append(
+            Aligned(x.key, y.key, round(conf, 2), reason, x.shape == y.shape or (x.shape == () and y.shape == (1,)))
+        )
 
     def _single_tensors(self) -> None:
         """Tensors whose shape occurs once in the model and once in the checkpoint, still unpaired."""
@@ -740,12 +763,18 @@ class _Aligner:
             if y is None or self.T.tensor_count[(x.shape, x.kind)] != 1 or x.attr == _NBT:
                 continue
             if x.numel >= 4096 or _agree(_role(x.key), _role(y.key)) is not None:
-                self._pair_tensor(x, y, 0.8, f"only tensor of shape {_fmt_shape(x.shape)} in the model and the checkpoint")
+                self._pair_tensor(
+                    x, y, 0.8, f"only tensor of shape {_fmt_shape(x.shape)} in the model and the checkpoint"
+                )
 
     def _record_ambiguous(self) -> None:
         done: set[int] = set()
         for R in reversed(self.regions):  # deepest first: a unit is reported in the smallest region holding it
-            left_t = [u for u in R.t_units if u not in self.t2s and id(u) not in done and any(x.key not in self.paired_t for x in u.body)]
+            left_t = [
+                u
+                for u in R.t_units
+                if u not in self.t2s and id(u) not in done and any(x.key not in self.paired_t for x in u.body)
+            ]
             left_s = [u for u in R.s_units if u not in self.s2t and any(y.key not in self.paired_s for y in u.body)]
             done.update(id(u) for u in R.t_units)
             groups: dict[tuple, list[_Unit]] = defaultdict(list)
@@ -841,7 +870,7 @@ def align_plan(
             anchors.setdefault(split_key(k)[0], split_key(names[e.source])[0])
     result = align(
         ((k, info.shape, info.dtype, k in left_t) for k, info in view.entries.items()),
-        ((k, names[k], source[k].shape, source[k].dtype, k in unused_set) for k in source.keys() if k in names),
+        ((k, names[k], source[k].shape, source[k].dtype, k in unused_set) for k in source if k in names),
         source_ordered=source_order_trusted(source),
         anchors=anchors,
     )
@@ -877,7 +906,13 @@ def _apply(table: Mapping[str, str], keys: Iterable[str]) -> dict[str, str | Non
     return apply_rules(keys, compile_rules(table), builtin=False).mapping
 
 
-def export_rules(pairs: Mapping[str, str], all_keys: Iterable[str], *, loaded_by_name: Iterable[str] = (), targets: Iterable[str] = ()) -> dict[str, str]:
+def export_rules(
+    pairs: Mapping[str, str],
+    all_keys: Iterable[str],
+    *,
+    loaded_by_name: Iterable[str] = (),
+    targets: Iterable[str] = (),
+) -> dict[str, str]:
     """A rules table that maps each checkpoint key in ``pairs`` to its model key.
 
     Module-level templates (``"encoder.layer.{}.attention.self.query": "blocks.{}.attn.q"``)
@@ -905,7 +940,12 @@ def export_rules(pairs: Mapping[str, str], all_keys: Iterable[str], *, loaded_by
     entry_level: dict[str, str] = {}
     seen_src: dict[str, str] = {}
     for (sm, tm), members in by_module.items():
-        if sm and tm and all(split_key(s)[1] == split_key(t)[1] for s, t in members) and seen_src.setdefault(sm, tm) == tm:
+        if (
+            sm
+            and tm
+            and all(split_key(s)[1] == split_key(t)[1] for s, t in members)
+            and seen_src.setdefault(sm, tm) == tm
+        ):
             modules[sm] = tm
         else:
             entry_level.update(members)
@@ -977,7 +1017,12 @@ def alignment_renderable(aligned: Mapping[str, Mapping[str, Any]], ambiguous: li
         for t, s, lo, hi, reason, n in _group_pairs(aligned):
             conf = f"{lo:.2f}" if lo == hi else f"{lo:.2f}-{hi:.2f}"
             table.add_row(t, s, conf, reason + (f" (+{n - 1} like it)" if n > 1 else ""))
-        parts += [Text(f"aligned by structure: {len(aligned)} entries (plan.aligned; plan.rules() exports them)", style="bold"), table]
+        parts += [
+            Text(
+                f"aligned by structure: {len(aligned)} entries (plan.aligned; plan.rules() exports them)", style="bold"
+            ),
+            table,
+        ]
     if ambiguous:
         table = Table(show_lines=True, expand=False)
         table.add_column("model (not loaded)", overflow="fold")
@@ -991,6 +1036,8 @@ def alignment_renderable(aligned: Mapping[str, Mapping[str, Any]], ambiguous: li
             targets = [k for a in group for k in a["targets"]]
             candidates = [k for a in group for k in a["candidates"]]
             more = f" (and {len(group) - 1} more like it)" if len(group) > 1 else ""
-            table.add_row("\n".join(collapse_keys(targets)), "\n".join(collapse_keys(candidates)), str(group[0]["reason"]) + more)
+            table.add_row(
+                "\n".join(collapse_keys(targets)), "\n".join(collapse_keys(candidates)), str(group[0]["reason"]) + more
+            )
         parts += [Text("ambiguous: left missing, pass rules= to decide", style="bold"), table]
     return Group(*parts)

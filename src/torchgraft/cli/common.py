@@ -61,7 +61,7 @@ def console(args: argparse.Namespace | None = None, *, stderr: bool = False):
     return Console(
         file=stream,
         highlight=False,
-        soft_wrap=False,
+        soft_wrap=not tty,  # piped output: never break a line of text (paths are long)
         width=None if tty else 120,
         force_terminal=tty,
         color_system="auto" if tty else None,
