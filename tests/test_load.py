@@ -538,3 +538,20 @@ def test_report_to_dict_is_json():
     assert data["missing"] == ["head.weight", "head.bias"] and data["initialised"] == {"head": "reset_parameters"}
     text = str(report)
     assert "missing (initialised)" in text and "base-model prefix: added 'base.'" in text
+
+
+def test_one_coincidence_is_not_a_prefix():
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls_token = nn.Parameter(torch.zeros(1, 4))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = Inner()
+            self.fc = nn.Linear(4, 2)
+
+    src = {"cls_token": torch.ones(1, 4), "proj.weight": torch.ones(2, 4)}
+    assert tg.plan(Net(), src).prefix == {}  # one name that happens to fit is not a base-model prefix
+    assert tg.plan(Net(), src, prefix="enc").prefix == {"mode": "add", "prefix": "enc."}  # unless asked for

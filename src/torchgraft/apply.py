@@ -33,8 +33,7 @@ from torch import nn
 from .errors import LoadError
 from .initialize import initialise_module
 from .keys import split_key
-from .plan import Entry, Plan
-from .plan import plan as make_plan
+from .plan import Entry, Plan, build_plan
 from .policy import AdaptSpec
 from .report import LoadReport
 from .rules import RuleSpec
@@ -159,7 +158,7 @@ def load(
     src = open_source(source, allow_globals=allow_globals)
     view = TargetView.of(model)
     if plan is None:
-        plan = make_plan(model, src, rules=rules, prefix=prefix, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected, adapt=adapt,
+        plan = build_plan(model, view, src, rules=rules, prefix=prefix, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected, adapt=adapt,
                          align=align)
     else:
         plan.check_fits(view, src)
@@ -207,9 +206,7 @@ def _stage(
     materialise_on: torch.device,
 ) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Read every planned tensor once; adapt; cast/move those that will be assigned."""
-    live = {**model.state_dict(keep_vars=True)}
-    for name in view.nonpersistent:
-        live[name] = view.module_of(name)._buffers[split_key(name)[1]]
+    live = view.tensors
     assign_modules: set[str] = set()
     for name, e in plan.entries.items():
         if not e.loads:

@@ -9,18 +9,17 @@ both sides and adds per-tensor and per-layer relative change (``‖B − A‖ / 
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from difflib import SequenceMatcher
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .keys import collapse_keys, natural_key
+from .keys import collapse_keys, natural_key, prefix_gains
 from .sources import Source
 
 if TYPE_CHECKING:
@@ -130,11 +129,9 @@ class CheckpointDiff:
         return _renderable(self)
 
     def __str__(self) -> str:
-        from rich.console import Console
+        from .report import render_text
 
-        buf = io.StringIO()
-        Console(file=buf, width=120, force_terminal=False, color_system=None, highlight=False).print(self)
-        return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
+        return render_text(self)
 
     def plot(self, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
         """Draw the per-layer relative change as a bar chart (PNG), written atomically.
@@ -266,16 +263,7 @@ def _prefix_reason(prefix: Mapping[str, Any]) -> str:
 def _prefix_pairs(only_a: list[str], only_b: list[str]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """B's names are A's with a leading ``p.`` added (``add``) or removed (``strip``)."""
     set_a, set_b = set(only_a), set(only_b)
-    gains: Counter[tuple[str, str]] = Counter()
-    for depth in (1, 2):
-        for name in only_b:
-            parts = name.split(".", depth)
-            if len(parts) > depth and parts[depth] in set_a:
-                gains["add", ".".join(parts[:depth]) + "."] += 1
-        for name in only_a:
-            parts = name.split(".", depth)
-            if len(parts) > depth and parts[depth] in set_b:
-                gains["strip", ".".join(parts[:depth]) + "."] += 1
+    gains = prefix_gains(set_a, set_b)
     if not gains:
         return {}, []
     (mode, prefix), count = max(gains.items(), key=lambda kv: (kv[1], -len(kv[0][1])))

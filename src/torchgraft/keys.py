@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 __all__ = ["collapse_groups", "collapse_keys", "format_ranges", "natural_key", "split_key"]
@@ -94,3 +94,27 @@ def collapse_groups(keys: Iterable[str]) -> list[tuple[str, list[str]]]:
 def _fill(template: str, values: list[str]) -> str:
     it = iter(values)
     return re.sub("#", lambda _m: next(it), template)
+
+
+def prefix_gains(source: set[str], target: set[str], *, max_depth: int = 2) -> Counter[tuple[str, str]]:
+    """How many names would match if a leading module path were added or removed.
+
+    Returns counts keyed by ``("add", "p.")`` (a target name is ``p.`` + a source name) and
+    ``("strip", "p.")`` (a source name is ``p.`` + a target name), for prefixes of up to
+    ``max_depth`` components.
+
+    Example:
+        >>> prefix_gains({"embeddings.w", "encoder.w"}, {"bert.embeddings.w", "bert.encoder.w"})
+        Counter({('add', 'bert.'): 2})
+    """
+    gains: Counter[tuple[str, str]] = Counter()
+    for depth in range(1, max_depth + 1):
+        for t in target:
+            parts = t.split(".", depth)
+            if len(parts) > depth and parts[depth] in source:
+                gains["add", ".".join(parts[:depth]) + "."] += 1
+        for s in source:
+            parts = s.split(".", depth)
+            if len(parts) > depth and parts[depth] in target:
+                gains["strip", ".".join(parts[:depth]) + "."] += 1
+    return gains

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import PlanError
 from .integrations import hf
-from .keys import split_key
+from .keys import prefix_gains, split_key
 from .rules import RuleSpec, apply_rules, compile_rules, suffix_matcher
 from .sources import Source
 from .sources import open as open_source
@@ -339,22 +339,14 @@ def _resolve_prefix(option: str | None, declared: str | None, keys: set[str], ex
     """
     if option == "":
         return _Prefix("", "")
-    gains: Counter[tuple[str, str]] = Counter()
     unmatched = keys - expected
-    for depth in (1, 2):
-        # add: the model expects "p.<key>"
-        for t in expected:
-            parts = t.split(".", depth)
-            if len(parts) > depth and parts[depth] in unmatched:
-                gains["add", ".".join(parts[:depth]) + "."] += 1
-        # strip: the checkpoint has "p.<key>"
-        for s in unmatched:
-            parts = s.split(".", depth)
-            if len(parts) > depth and parts[depth] in expected:
-                gains["strip", ".".join(parts[:depth]) + "."] += 1
+    gains = prefix_gains(unmatched, expected)
     if option is not None:
         want = option.rstrip(".") + "."
         gains = Counter({k: v for k, v in gains.items() if k[1] == want})
+    else:  # inferred: the declared base_model_prefix, or a prefix that explains more than one coincidence
+        declared_prefix = f"{declared}." if declared else None
+        gains = Counter({k: v for k, v in gains.items() if k[1] == declared_prefix or v >= 2 or v == len(unmatched)})
     if not gains:
         return _Prefix("", "")
     preferred = (declared or "") + "."
@@ -425,10 +417,35 @@ def plan(
         >>> p.prefix, p.missing
         ({'mode': 'add', 'prefix': 'bert.'}, ['classifier.weight', 'classifier.bias'])
     """
+    src = open_source(source, allow_globals=allow_globals)
+    return build_plan(
+        model,
+        TargetView.of(model),
+        src,
+        rules=rules,
+        prefix=prefix,
+        ignore_missing=ignore_missing,
+        ignore_unexpected=ignore_unexpected,
+        adapt=adapt,
+        align=align,
+    )
+
+
+def build_plan(
+    model: nn.Module,
+    view: TargetView,
+    src: Source,
+    *,
+    rules: RuleSpec | None = None,
+    prefix: str | None = None,
+    ignore_missing: Iterable[str | re.Pattern[str]] = (),
+    ignore_unexpected: Iterable[str | re.Pattern[str]] = (),
+    adapt: AdaptSpec | None = None,
+    align: bool = False,
+) -> Plan:
+    """:func:`plan` for callers that already hold the model's :class:`TargetView` and an open source."""
     if not isinstance(align, bool):
         raise PlanError(f"align must be True or False, not {align!r}")
-    src = open_source(source, allow_globals=allow_globals)
-    view = TargetView.of(model)
     try:
         user_rules = compile_rules(rules)
     except (TypeError, ValueError) as e:

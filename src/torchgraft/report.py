@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .plan import Plan
     from .sources import Source
 
-__all__ = ["LoadReport", "render_plan"]
+__all__ = ["LoadReport", "render_plan", "render_text"]
 
 _MAX_LINES = 12
 
@@ -56,7 +56,8 @@ def _renderable(title: str, rows: Iterable[tuple[str, Sequence[str], str]], foot
     return Group(Text(title, style="bold"), table, *(Text(line) for line in footer))
 
 
-def _render(renderable, *, width: int = 120) -> str:
+def render_text(renderable: Any, *, width: int = 120) -> str:
+    """Plain text of a rich renderable (no colours, trailing spaces trimmed): what ``str()`` of reports returns."""
     from rich.console import Console
 
     buf = io.StringIO()
@@ -310,12 +311,12 @@ class LoadReport:
         return self._renderable()
 
     def __str__(self) -> str:
-        return _render(self._renderable())
+        return render_text(self._renderable())
 
 
 def render_plan(plan: Plan) -> str:
     """``str(plan)``: what each group of tensors will go through, before anything is read."""
-    return _render(plan_renderable(plan))
+    return render_text(plan_renderable(plan))
 
 
 def plan_renderable(plan: Plan):

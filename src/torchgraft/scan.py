@@ -11,7 +11,6 @@ Importing this module does not import torch; scanning a pickle does (for the all
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import zipfile
@@ -129,11 +128,9 @@ class ScanReport:
         return _renderable(self)
 
     def __str__(self) -> str:
-        from rich.console import Console
+        from .report import render_text
 
-        buf = io.StringIO()
-        Console(file=buf, width=120, force_terminal=False, color_system=None, highlight=False).print(self)
-        return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
+        return render_text(self)
 
 
 def scan(path: str | os.PathLike[str]) -> ScanReport:

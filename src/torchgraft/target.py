@@ -15,6 +15,7 @@ from .keys import split_key
 from .sources.base import dtype_name
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `import torchgraft` stays light
+    import torch
     from torch import nn
 
 __all__ = ["TargetInfo", "TargetView"]
@@ -37,12 +38,14 @@ class TargetView:
         tied: name -> the first name holding the same tensor (only for the later names).
         nonpersistent: buffers the model computes itself and does not save (``position_ids``).
         modules: module path -> module, for hooks and initialisation.
+        tensors: name -> the model's tensor now (entries and non-persistent buffers), by reference.
     """
 
     entries: dict[str, TargetInfo]
     tied: dict[str, str]
     nonpersistent: dict[str, TargetInfo]
     modules: dict[str, nn.Module] = field(repr=False)
+    tensors: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
     @classmethod
     def of(cls, model: nn.Module) -> TargetView:
@@ -50,11 +53,13 @@ class TargetView:
         state = model.state_dict(keep_vars=True)
         param_ids = {id(p) for _, p in model.named_parameters(remove_duplicate=False)}
         entries: dict[str, TargetInfo] = {}
+        tensors: dict[str, torch.Tensor] = {}
         first_by_id: dict[int, str] = {}
         tied: dict[str, str] = {}
         for name, t in state.items():
             if not hasattr(t, "shape"):  # _extra_state objects
                 continue
+            tensors[name] = t
             entries[name] = TargetInfo(tuple(t.shape), dtype_name(t.dtype), t.device.type == "meta", id(t) in param_ids)
             owner = first_by_id.setdefault(id(t), name)
             if owner != name:
@@ -66,7 +71,8 @@ class TargetView:
                 if b is not None:
                     key = f"{path}.{bname}" if path else bname
                     nonpersistent[key] = TargetInfo(tuple(b.shape), dtype_name(b.dtype), b.device.type == "meta", False)
-        return cls(entries, tied, nonpersistent, modules)
+                    tensors[key] = b
+        return cls(entries, tied, nonpersistent, modules, tensors)
 
     def module_of(self, key: str) -> nn.Module:
         return self.modules[split_key(key)[0]]
