@@ -3,7 +3,8 @@
     make bench                                   # all sizes and formats (generates checkpoints once)
     .venv/bin/python benchmarks/run.py --sizes bert-base --repeats 3
 
-Checkpoints (random weights, BERT layout) are generated once into ``$TORCHGRAFT_BENCH_DIR``
+Formats: safetensors, torch zip, legacy torch pickle (which cannot be memory-mapped: its
+floor is torch.load + assign). Checkpoints (random weights, BERT layout) are generated once into ``$TORCHGRAFT_BENCH_DIR``
 (default ``~/.cache/torchgraft-bench``), outside the repository. Every measurement runs in a
 fresh process (imports are done before the clock starts); contenders alternate within each
 repeat, and the table shows medians, ratios to the bare floor, peak anonymous (private) memory
@@ -16,7 +17,7 @@ Contenders:
   from_pretrained transformers' BertModel.from_pretrained(dir)
   torchgraft      model on meta + tg.load(model, path)  (default: also scans every value for NaN/Inf)
   tg-nocheck      the same with check_finite=False (the pure zero-copy path)
-  tg-copy         tg.load into a model already built on CPU (copy in place) -- compare with "torch"
+  tg-copy         tg.load(check_finite=False) into a model already built on CPU (copy in place) -- compare with "torch"
   tg-bf16         model on meta + tg.load(..., dtype=bfloat16)  (streaming cast)
   plan            tg.plan only (names and shapes)
 """
@@ -39,7 +40,7 @@ SIZES = {
     "bert-large": (1024, 24, 4096, 16),
     "bert-1.3b": (2048, 24, 8192, 16),
 }
-FORMATS = ("safetensors", "torch-zip")
+FORMATS = ("safetensors", "torch-zip", "torch-legacy")
 CONTENDERS = ("raw-read", "torch", "floor", "from_pretrained", "torchgraft", "tg-nocheck", "tg-copy", "tg-bf16", "plan")
 
 
@@ -86,7 +87,7 @@ def generate(size: str, fmt: str) -> Path:
     if fmt == "safetensors":
         save_file(sd, tmp, metadata={"format": "pt"})
     else:
-        torch.save(sd, tmp)
+        torch.save(sd, tmp, _use_new_zipfile_serialization=fmt == "torch-zip")
     tmp.rename(path)
     config.save_pretrained(path.parent)
     return path
@@ -126,6 +127,9 @@ def worker(contender: str, size: str, fmt: str) -> dict:
     from transformers.utils import logging as hf_logging
 
     import torchgraft as tg
+    import torchgraft.apply  # noqa: F401  (the clock starts after imports, for every contender)
+    import torchgraft.policy  # noqa: F401
+    import torchgraft.report  # noqa: F401
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -161,7 +165,7 @@ def worker(contender: str, size: str, fmt: str) -> dict:
             with safe_open(path, "pt") as f:
                 sd = {k: f.get_tensor(k) for k in f.keys()}
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == "torch-zip")  # legacy: no mmap
         model.load_state_dict(sd, strict=False, assign=True)
     elif contender == "from_pretrained":
         model = BertModel.from_pretrained(path.parent)
@@ -174,7 +178,7 @@ def worker(contender: str, size: str, fmt: str) -> dict:
             model = BertModel(config)
         tg.load(model, path, check_finite=False)
     elif contender == "tg-copy":
-        tg.load(prebuilt, path)
+        tg.load(prebuilt, path, check_finite=False)
     elif contender == "tg-bf16":
         with torch.device("meta"):
             model = BertModel(config)

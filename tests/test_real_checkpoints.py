@@ -170,3 +170,31 @@ def test_dtype_bf16_on_meta(minilm_dir, minilm_config):
     tg.load(model, minilm_dir, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.embeddings.position_ids.dtype == torch.int64
+
+
+def _mapped_files() -> dict[tuple[int, int], str]:
+    """Address ranges of file-backed mappings of this process (Linux)."""
+    ranges = {}
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                ranges[(lo, hi)] = parts[5]
+    return ranges
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+@pytest.mark.parametrize("fmt", ["safetensors", "torch-zip"])
+def test_meta_load_is_zero_copy_from_the_file(tmp_path, minilm_sd, minilm_config, fmt):
+    """Loaded parameters live in the file's memory map: no private copy of the weights."""
+    path = tmp_path / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
+    save_file(minilm_sd, path) if fmt == "safetensors" else torch.save(minilm_sd, path)
+    with torch.device("meta"):
+        model = transformers.BertModel(minilm_config)
+    tg.load(model, path, check_finite=False)
+    maps = _mapped_files()
+    for name, p in model.named_parameters():
+        ptr = p.data_ptr()
+        owner = next((f for (lo, hi), f in maps.items() if lo <= ptr < hi), None)
+        assert owner == str(path), f"{name} is not backed by {path} (found {owner})"

@@ -126,7 +126,7 @@ def test_find_state_dict_plain():
     assert find_state_dict(sd, container=None, path="x", format="f")[:2] == (sd, "")
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+@pytest.mark.parametrize("fmt", ["safetensors", "torch", "legacy"])
 def test_sharded_checkpoint(tmp_path, sd, fmt):
     keys = list(sd)
     shards = {"s1": {k: sd[k] for k in keys[:2]}, "s2": {k: sd[k] for k in keys[2:]}}
@@ -135,13 +135,13 @@ def test_sharded_checkpoint(tmp_path, sd, fmt):
         fname = f"model-0000{i}-of-00002.{'safetensors' if fmt == 'safetensors' else 'bin'}"
         if fmt == "safetensors":
             save_file(part, tmp_path / fname)
-        else:
-            torch.save(part, tmp_path / fname)
+        else:  # legacy shards are read whole, so they are opened by two threads
+            torch.save(part, tmp_path / fname, _use_new_zipfile_serialization=fmt == "torch")
         weight_map.update({k: fname for k in part})
     index = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
     (tmp_path / index).write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}))
     src = tg.open(tmp_path)  # the directory finds the index
-    assert src.format == f"sharded-{fmt}"
+    assert src.format == ("sharded-safetensors" if fmt == "safetensors" else "sharded-torch")
     assert len(src.files) == 2
     _same(src, sd)
 
@@ -291,3 +291,17 @@ def test_checkpoint_error_pickles():
 def test_load_error_pickles():
     e = pickle.loads(pickle.dumps(tg.LoadError("title", ["a", "b"])))
     assert isinstance(e, tg.LoadError) and e.problems == ["a", "b"] and str(e) == "title\n  - a\n  - b"
+
+
+def test_parallel_legacy_shards_report_the_broken_one(tmp_path, sd):
+    keys = list(sd)
+    weight_map = {}
+    for i, part in enumerate([keys[:1], keys[1:2], keys[2:]]):
+        name = f"pytorch_model-{i}.bin"
+        torch.save({k: sd[k] for k in part}, tmp_path / name, _use_new_zipfile_serialization=False)
+        weight_map.update(dict.fromkeys(part, name))
+    bad = tmp_path / "pytorch_model-1.bin"
+    bad.write_bytes(bad.read_bytes()[:40])
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(tg.CheckpointError, match=r"pytorch_model-1.bin' \(read as torch-legacy\)"):
+        tg.open(tmp_path)
