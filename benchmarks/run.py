@@ -127,9 +127,9 @@ def worker(contender: str, size: str, fmt: str) -> dict:
     from transformers.utils import logging as hf_logging
 
     import torchgraft as tg
-    import torchgraft.apply  # noqa: F401  (the clock starts after imports, for every contender)
-    import torchgraft.policy  # noqa: F401
-    import torchgraft.report  # noqa: F401
+    import torchgraft.apply
+    import torchgraft.policy
+    import torchgraft.report
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

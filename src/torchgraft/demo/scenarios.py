@@ -14,7 +14,7 @@ from typing import Any
 
 from .assets import INSTALL_HINT, AssetMissing
 
-__all__ = ["Scenario", "SCENARIOS", "register_scenario", "run_demo"]
+__all__ = ["SCENARIOS", "Scenario", "register_scenario", "run_demo"]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # torch is imported where it is used, so `import torchgraft` 
     from torch import nn
 
 
-__all__ = ["is_hf_model", "base_model_prefix", "ignore_patterns", "init_weights_fn"]
+__all__ = ["base_model_prefix", "ignore_patterns", "init_weights_fn", "is_hf_model"]
 
 
 def is_hf_model(model: nn.Module) -> bool:

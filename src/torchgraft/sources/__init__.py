@@ -15,7 +15,7 @@ from .directory import open_directory, open_index
 from .safetensors_reader import looks_like_safetensors, open_safetensors
 from .torch_reader import open_torch
 
-__all__ = ["Reader", "READERS", "register_reader", "open", "Source", "TensorRef", "DTYPE_SIZES", "dtype_name"]
+__all__ = ["DTYPE_SIZES", "READERS", "Reader", "Source", "TensorRef", "dtype_name", "open", "register_reader"]
 
 _HEAD_BYTES = 16
 
