@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import CheckpointError
+from .sources.pickle_scan import danger_of as _danger_of
 from .sources.pickle_scan import pickle_globals, refused_globals
 from .sources.safetensors_reader import looks_like_safetensors, read_header
 
@@ -30,34 +31,10 @@ _PICKLE_V0_STARTS = b"(c]}"  # protocol 0/1 pickles start with MARK, GLOBAL, EMP
 _MAX_MEMBER_BYTES = 512 * 1024 * 1024
 _UNSCANNED = "<unscanned pickle>"
 
-#: What a refused global can do, by module or full name (a hint only: the verdict comes from the allow-list).
-_DANGER: dict[str, str] = {
-    "os": "runs commands / touches files", "posix": "runs commands / touches files", "nt": "runs commands / touches files",
-    "subprocess": "runs commands", "pty": "runs commands", "commands": "runs commands",
-    "builtins.eval": "runs code", "builtins.exec": "runs code", "builtins.compile": "runs code",
-    "builtins.__import__": "imports modules", "builtins.getattr": "reaches any attribute",
-    "builtins.setattr": "changes any attribute", "builtins.open": "opens files", "builtins.breakpoint": "runs code",
-    "__builtin__.eval": "runs code", "__builtin__.exec": "runs code",
-    "runpy": "runs code", "importlib": "imports modules", "code": "runs code", "sys": "changes the interpreter",
-    "shutil": "touches files", "socket": "opens network connections", "webbrowser": "opens URLs",
-    "ctypes": "calls native code", "marshal": "loads code objects", "pickle": "unpickles more data",
-    "_pickle": "unpickles more data", "dill": "unpickles more data", "torch.hub": "downloads and runs code",
-    "functools.partial": "calls any function", "operator.attrgetter": "reaches any attribute",
-    "operator.methodcaller": "calls any method", "<unresolved STACK_GLOBAL>": "a global that cannot be resolved statically",
-    _UNSCANNED: "not scanned",
-}  # fmt: skip
-
 
 def danger_of(name: str) -> str:
     """What a global can do when unpickled, or ``""`` when nothing is known (a hint, not the verdict)."""
-    if name in _DANGER:
-        return _DANGER[name]
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        hint = _DANGER.get(".".join(parts[:i]))
-        if hint:
-            return hint
-    return ""
+    return "not scanned" if name == _UNSCANNED else _danger_of(name)
 
 
 @dataclass

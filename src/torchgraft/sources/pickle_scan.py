@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "DANGERS",
     "MAX_SCAN_BYTES",
     "PickleScan",
     "StorageRecord",
     "checkpoint_globals",
+    "danger_of",
     "dangerous_globals",
     "pickle_globals",
     "refused_globals",
@@ -315,20 +317,44 @@ def refused_globals(names: list[str]) -> list[str]:
     return [n for n in names if n not in allowed]
 
 
-#: Modules whose globals run commands or code, touch files or the interpreter when a pickle calls them.
-_DANGEROUS_MODULES = {
-    "os", "posix", "nt", "subprocess", "commands", "pty", "sys", "runpy", "importlib", "code", "codeop",
-    "pdb", "bdb", "shutil", "socket", "webbrowser", "ctypes", "marshal", "pickle", "_pickle", "dill",
-    "cloudpickle", "multiprocessing", "asyncio", "timeit", "trace", "cProfile", "profile", "types",
-    "torch.hub", "numpy.testing", "pip", "setuptools",
+_CMD, _CODE, _FILES, _IMPORT = "runs commands", "runs code", "touches files", "imports modules"
+#: What a global can do when a pickle calls it, by full name or by module (every global of the module).
+#: One table for messages, ``allow_globals`` refusals and ``torchgraft scan``; the protection itself
+#: is torch's allow-list, which refuses everything not on it.
+DANGERS: dict[str, str] = {
+    "os": f"{_CMD} / {_FILES}", "posix": f"{_CMD} / {_FILES}", "nt": f"{_CMD} / {_FILES}",
+    "subprocess": _CMD, "commands": _CMD, "pty": _CMD, "sys": "changes the interpreter",
+    "runpy": _CODE, "importlib": _IMPORT, "code": _CODE, "codeop": _CODE, "pdb": _CODE, "bdb": _CODE,
+    "shutil": _FILES, "socket": "opens network connections", "webbrowser": "opens URLs",
+    "ctypes": "calls native code", "marshal": "loads code objects", "pickle": "unpickles more data",
+    "_pickle": "unpickles more data", "dill": "unpickles more data", "cloudpickle": "unpickles more data",
+    "multiprocessing": "starts processes", "asyncio": _CODE, "timeit": _CODE, "trace": _CODE,
+    "cProfile": _CODE, "profile": _CODE, "types": "builds code objects", "torch.hub": "downloads and runs code",
+    "numpy.testing": _CODE, "pip": "installs packages", "setuptools": _CODE,
+    "builtins.eval": _CODE, "builtins.exec": _CODE, "builtins.compile": _CODE, "builtins.breakpoint": _CODE,
+    "builtins.__import__": _IMPORT, "builtins.getattr": "reaches any attribute",
+    "builtins.setattr": "changes any attribute", "builtins.delattr": "changes any attribute",
+    "builtins.open": "opens files", "builtins.globals": "reaches the interpreter's state",
+    "builtins.locals": "reaches the interpreter's state", "builtins.vars": "reaches the interpreter's state",
+    "builtins.input": "reads the terminal", "builtins.help": _CODE, "builtins.memoryview": "reads raw memory",
+    "__builtin__.eval": _CODE, "__builtin__.exec": _CODE,
+    "functools.partial": "calls any function", "functools.reduce": "calls any function",
+    "operator.attrgetter": "reaches any attribute", "operator.methodcaller": "calls any method",
+    "operator.call": "calls any function", "torch.load": "unpickles more data",
+    UNRESOLVED_STACK_GLOBAL: "a global that cannot be resolved statically",
 }  # fmt: skip
-_DANGEROUS_NAMES = {
-    "builtins.eval", "builtins.exec", "builtins.compile", "builtins.__import__", "builtins.getattr",
-    "builtins.setattr", "builtins.delattr", "builtins.open", "builtins.breakpoint", "builtins.globals",
-    "builtins.locals", "builtins.vars", "builtins.input", "builtins.help", "builtins.memoryview",
-    "functools.partial", "functools.reduce", "operator.attrgetter", "operator.methodcaller",
-    "operator.call", "torch.load", UNRESOLVED_STACK_GLOBAL,
-}  # fmt: skip
+
+
+def danger_of(name: str) -> str:
+    """What ``name`` can do when a pickle calls it (from :data:`DANGERS`), or ``""`` when nothing is known."""
+    if name in DANGERS:
+        return DANGERS[name]
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        hint = DANGERS.get(".".join(parts[:i]))
+        if hint:
+            return hint
+    return ""
 
 
 def dangerous_globals(names: list[str]) -> list[str]:
@@ -337,9 +363,4 @@ def dangerous_globals(names: list[str]) -> list[str]:
     A guard rail for messages and for ``allow_globals``; not the protection itself (that is
     torch's allow-list, which refuses everything not on it).
     """
-    out = []
-    for n in names:
-        parts = n.split(".")
-        if n in _DANGEROUS_NAMES or any(".".join(parts[:i]) in _DANGEROUS_MODULES for i in range(1, len(parts))):
-            out.append(n)
-    return out
+    return [n for n in names if danger_of(n)]
