@@ -21,6 +21,7 @@ from torchgraft.sources.pickle_scan import (
     pickle_globals,
     refused_globals,
     scan_pickles,
+    storage_records,
 )
 from torchgraft.sources.safetensors_reader import looks_like_safetensors
 from torchgraft.sources.torch_reader import torch_format
@@ -42,6 +43,60 @@ def test_scan_finds_storages_of_a_torch_zip(tmp_path):
         "collections.OrderedDict",
         "torch.HalfStorage",
     ]
+
+
+def test_storage_records_match_the_opcode_scan_and_run_nothing(tmp_path):
+    torch.save({"w": torch.zeros(3, 4), "b": torch.zeros(2, dtype=torch.float16), "t": torch.zeros(1)}, tmp_path / "m.pt")
+    with zipfile.ZipFile(tmp_path / "m.pt") as zf:
+        data = zf.read("m/data.pkl")
+    assert storage_records(data) == scan_pickles(data, max_pickles=1).storages
+    assert [r.numel for r in storage_records(data) or []] == [12, 2, 1]
+    marker = tmp_path / "ran"
+    hostile = pickle.dumps([Payload(eval, f"open({str(marker)!r}, 'w')"), Payload(os.system, f"touch {marker}")])
+    assert storage_records(hostile) == []  # the globals are inert stand-ins: nothing was called
+    assert not marker.exists()
+
+
+class _Plain:
+    pass
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x80\x02\xff\xfe garbage",  # not a pickle
+        pickle.dumps(_Plain(), protocol=2),  # NEWOBJ needs a real class
+    ],
+)
+def test_storage_records_give_up_instead_of_guessing(data):
+    assert storage_records(data) is None
+
+
+def test_storage_records_give_up_on_a_computed_persistent_id():
+    buf = io.BytesIO()
+    TensorPickler(buf, storage_type=Payload(os.system, "true")).dump({"w": torch.zeros(2)})
+    assert storage_records(buf.getvalue()) is None  # the opcode scan decides then (and says unresolved)
+
+
+class _SharedKeyPickler(TensorPickler):
+    """Every tensor names storage record "0"; the first reference declares 6 floats, later ones 3."""
+
+    def persistent_id(self, obj):
+        pid = super().persistent_id(obj)
+        if pid is None:
+            return None
+        first = not getattr(self, "_named", False)
+        self._named = True
+        return ("storage", torch.FloatStorage, "0", "cpu", 6 if first else 3)
+
+
+def test_a_storage_declared_twice_is_checked_at_every_reference(tmp_path):
+    # torch sizes a storage by its first reference: a matching second one must not hide a larger first
+    buf = io.BytesIO()
+    _SharedKeyPickler(buf).dump({"a": torch.zeros(3), "b": torch.zeros(3)})
+    raw_zip(tmp_path / "twice.pt", buf.getvalue(), {"0": torch.zeros(3).numpy().tobytes()})
+    with pytest.raises(tg.CheckpointError, match=r"'data/0' holds 12 bytes, but data\.pkl declares 6 x"):
+        tg.open(tmp_path / "twice.pt")
 
 
 def test_scan_reads_the_five_pickles_of_a_legacy_file(tmp_path):

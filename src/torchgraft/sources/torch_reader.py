@@ -10,6 +10,7 @@ hostile or damaged file from making torch allocate unbounded memory or map the w
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import pickle
 import re
@@ -22,7 +23,14 @@ from typing import Any
 from ..errors import CheckpointError, UnsafeCheckpointError
 from .base import Source, TensorRef, dtype_name
 from .containers import MAX_DEPTH, find_state_dict
-from .pickle_scan import MAX_SCAN_BYTES, checkpoint_globals, dangerous_globals, refused_globals, scan_pickles
+from .pickle_scan import (
+    MAX_SCAN_BYTES,
+    checkpoint_globals,
+    dangerous_globals,
+    refused_globals,
+    scan_pickles,
+    storage_records,
+)
 
 __all__ = ["MAX_INFLATED_BYTES", "open_torch", "resolve_allow_globals", "safe_torch_load", "torch_format"]
 
@@ -122,6 +130,7 @@ def _allowed(extra: list[tuple[str, Any]]) -> Iterator[None]:
 # checks before torch.load ---------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)
 def _element_size(storage_type: str) -> int | None:
     """Bytes per element of a pickled storage class (``"torch.FloatStorage"`` -> 4); ``None`` if unknown."""
     import torch
@@ -175,11 +184,14 @@ def _check_zip(path: Path, size: int, bad) -> bool:
         raise
     except Exception as e:  # noqa: BLE001 - BadZipFile, zlib.error, EOFError, struct.error, ...
         raise bad(f"the zip archive is truncated or damaged ({type(e).__name__}: {_first_line(str(e))})") from None
-    scan = scan_pickles(data, max_pickles=1)
-    if not scan.resolved:
-        return False  # torch checks record sizes itself when it reads them into memory
+    records = storage_records(data)  # C speed; the opcode scan below handles what it gives up on
+    if records is None:
+        scan = scan_pickles(data, max_pickles=1)
+        if not scan.resolved:
+            return False  # torch checks record sizes itself when it reads them into memory
+        records = scan.storages
     mmap = True
-    for record in {r.key: r for r in scan.storages}.values():
+    for record in records:  # every reference to a storage (torch sizes it by the first one)
         info = by_name.get(f"{root}data/{record.key}")
         if info is None:
             raise bad(f"data.pkl names the tensor storage 'data/{record.key}', which the archive does not hold")
@@ -206,7 +218,7 @@ def _check_legacy(path: Path, size: int, bad) -> None:
         raise bad(f"cannot read the file ({e.strerror or e})") from None
     scan = scan_pickles(data, max_pickles=5)  # magic number, protocol, sys info, payload, storage keys
     declared = 0
-    for record in {r.key: r for r in scan.storages}.values():
+    for record in {r.key: r for r in reversed(scan.storages)}.values():  # torch sizes a storage by its first reference
         declared += record.numel * (_element_size(record.type) or 0)
     if declared > size:
         raise bad(
