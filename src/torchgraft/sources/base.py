@@ -154,7 +154,7 @@ class Source(Mapping[str, TensorRef]):
             self._closer()
             self._closer = None
 
-    def __enter__(self) -> Source:
+    def __enter__(self) -> Source:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 import threading
@@ -127,7 +128,7 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
             raise bad(f"entry {_r(name)} has shape {_r(shape)} ({expected} bytes as {dtype}) but spans {end - begin} bytes")
         spans.append((begin, end, name))
     spans.sort()
-    for (b1, e1, n1), (b2, _e2, n2) in zip(spans, spans[1:]):
+    for (b1, e1, n1), (b2, _e2, n2) in itertools.pairwise(spans):
         if b2 < e1:
             raise bad(f"entries {_r(n1)} and {_r(n2)} overlap in the data block")
     # like the safetensors library: the entries tile the data block exactly, from byte 0 to its end
@@ -184,7 +185,7 @@ class _LazySafeOpen:
                         raise CheckpointError(self.path, str(e), format=FORMAT, hint="re-download or re-convert the file") from None
         try:
             return self._handle.get_tensor(name)
-        except Exception as e:  # the library's own error types vary by version
+        except Exception as e:  # noqa: BLE001 - the library's own error types vary by version
             raise CheckpointError(self.path, f"reading {name!r} failed: {e}", format=FORMAT) from None
 
     def close(self) -> None:
