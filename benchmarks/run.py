@@ -163,7 +163,7 @@ def worker(contender: str, size: str, fmt: str) -> dict:
             model = BertModel(config)
         if fmt == "safetensors":
             with safe_open(path, "pt") as f:
-                sd = {k: f.get_tensor(k) for k in f.keys()}
+                sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == "torch-zip")  # legacy: no mmap
         model.load_state_dict(sd, strict=False, assign=True)
