@@ -47,7 +47,10 @@ def test_minilm_into_token_classification(minilm_dir):
 def test_strict_on_real_checkpoint_lists_every_problem(minilm_dir, minilm_config):
     config = transformers.BertConfig.from_pretrained(minilm_dir, num_labels=2)
     model = transformers.BertForTokenClassification(config)
-    with pytest.raises(tg.LoadError, match=r"(?s)missing: classifier.weight \[2, 384\].*missing: classifier.bias.*unexpected: pooler.dense"):
+    with pytest.raises(
+        tg.LoadError,
+        match=r"(?s)missing: classifier.weight \[2, 384\].*missing: classifier.bias.*unexpected: pooler.dense",
+    ):
         tg.load(model, minilm_dir, strict=True)
 
 
@@ -88,7 +91,9 @@ def test_layerscale_gamma_round_trips_untouched():
     model = Block()
     report = tg.load(model, src, strict=True)
     assert report.renamed == {}
-    assert torch.equal(model.ls1.gamma, src["ls1.gamma"]) and torch.equal(model.beta_proj.weight, src["beta_proj.weight"])
+    assert torch.equal(model.ls1.gamma, src["ls1.gamma"]) and torch.equal(
+        model.beta_proj.weight, src["beta_proj.weight"]
+    )
 
 
 def test_mobilenet_legacy_pickle_strict(mobilenet_path):
@@ -198,3 +203,19 @@ def test_meta_load_is_zero_copy_from_the_file(tmp_path, minilm_sd, minilm_config
         ptr = p.data_ptr()
         owner = next((f for (lo, hi), f in maps.items() if lo <= ptr < hi), None)
         assert owner == str(path), f"{name} is not backed by {path} (found {owner})"
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+def test_legacy_pickle_with_aligned_records_is_mapped_not_read(mobilenet_path):
+    """torchvision's legacy .pth has its float records aligned: the weights stay in the page cache."""
+    reference = torch.load(mobilenet_path, map_location="cpu", weights_only=True)
+    with torch.device("meta"):
+        model = mobilenet_v2()
+    report = tg.load(model, mobilenet_path, strict=True, check_finite=False)
+    assert report.ok
+    maps = _mapped_files()
+    for name, t in model.named_parameters():
+        owner = next((f for (lo, hi), f in maps.items() if lo <= t.data_ptr() < hi), None)
+        assert owner == str(mobilenet_path), f"{name} is not backed by the .pth (found {owner})"
+    state = model.state_dict()
+    assert all(torch.equal(t, reference[name]) for name, t in state.items())

@@ -16,6 +16,7 @@ import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = [
     "DANGERS",
@@ -70,18 +71,24 @@ _MARK_ON_STACK = _Mark()
 
 @dataclass(frozen=True)
 class _Global:
-    """A global named by a pickle; inert: calling it does nothing (see :func:`storage_records`)."""
-
     name: str
-
-    def __call__(self, *args: object, **kwargs: object) -> _Inert:
-        return _INERT
 
 
 class _Inert:
-    """What calling a :class:`_Global` yields: accepts every container and state opcode, keeps nothing."""
+    """Base of the stand-ins :func:`storage_records` puts in place of every global.
+
+    A stand-in class takes any arguments (``REDUCE``, ``NEWOBJ``), any state (``BUILD``) and
+    any items (``SETITEMS``, ``APPENDS``), and keeps nothing; calling an instance does the same.
+    """
 
     __slots__ = ()
+    inert_name = ""
+
+    def __new__(cls, *args: object, **kwargs: object) -> _Inert:  # noqa: PYI034 - typing.Self needs 3.11
+        return object.__new__(cls)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
 
     def __call__(self, *args: object, **kwargs: object) -> _Inert:
         return self
@@ -160,6 +167,8 @@ def _storage_record(pid: object) -> StorageRecord | None:
     if not (isinstance(pid, tuple) and len(pid) in (5, 6) and _text(pid[0]) == "storage"):
         return None
     _, stype, key, location, numel = pid[:5]
+    if isinstance(stype, type) and issubclass(stype, _Inert) and stype.inert_name:
+        stype = _Global(stype.inert_name)
     if not isinstance(stype, _Global) or _text(key) is None or _text(location) is None:
         return None
     if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
@@ -304,12 +313,12 @@ class _Unresolved(Exception):
 class _InertUnpickler(pickle.Unpickler):
     """The C unpickler with every global replaced by an inert :class:`_Global` (nothing is imported)."""
 
-    def __init__(self, data: bytes) -> None:
-        super().__init__(io.BytesIO(data), encoding="utf-8")
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__(file, encoding="utf-8")
         self.records: list[StorageRecord] = []
 
-    def find_class(self, module: str, name: str) -> _Global:
-        return _Global(_global_name(module, name))
+    def find_class(self, module: str, name: str) -> type[_Inert]:
+        return type("InertGlobal", (_Inert,), {"__slots__": (), "inert_name": _global_name(module, name)})
 
     def persistent_load(self, pid: object) -> _Inert:
         record = _storage_record(pid)
@@ -319,15 +328,17 @@ class _InertUnpickler(pickle.Unpickler):
         return _INERT
 
 
-def storage_records(data: bytes) -> list[StorageRecord] | None:
+def storage_records(data: bytes | BinaryIO) -> list[StorageRecord] | None:
     """The storage persistent ids of the first pickle in ``data``, in order, at C speed.
 
+    ``data`` is bytes or a binary file positioned at the pickle (left just after it).
+
     The pickle is run by Python's C unpickler with every global replaced by an inert
-    stand-in, so nothing is imported or called; containers and objects the stand-ins cannot
-    play along with make it give up. Returns ``None`` then, or when a persistent id is not a
-    literal storage tuple: use :func:`scan_pickles` (opcode by opcode) instead.
+    stand-in class (:class:`_Inert`), so nothing is imported or called. Returns ``None`` when
+    the pickle is not one (or is damaged), or when a persistent id is not a literal storage
+    tuple: use :func:`scan_pickles` (opcode by opcode) instead.
     """
-    reader = _InertUnpickler(data)
+    reader = _InertUnpickler(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     try:
         reader.load()
     except Exception:  # noqa: BLE001 - not a plain torch pickle: the caller falls back to the opcode scan

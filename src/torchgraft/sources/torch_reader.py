@@ -10,7 +10,6 @@ hostile or damaged file from making torch allocate unbounded memory or map the w
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import pickle
 import re
@@ -23,6 +22,7 @@ from typing import Any
 from ..errors import CheckpointError, UnsafeCheckpointError
 from .base import Source, TensorRef, dtype_name
 from .containers import MAX_DEPTH, find_state_dict
+from .legacy_reader import NOT_PLAIN, element_size, read_legacy
 from .pickle_scan import (
     MAX_SCAN_BYTES,
     checkpoint_globals,
@@ -130,20 +130,6 @@ def _allowed(extra: list[tuple[str, Any]]) -> Iterator[None]:
 # checks before torch.load ---------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
-def _element_size(storage_type: str) -> int | None:
-    """Bytes per element of a pickled storage class (``"torch.FloatStorage"`` -> 4); ``None`` if unknown."""
-    import torch
-
-    short = storage_type.rpartition(".")[2]
-    if short == "UntypedStorage":
-        return 1
-    try:
-        return int(torch._utils._element_size(torch.storage._get_dtype_from_pickle_storage_type(short)))
-    except Exception:  # noqa: BLE001 - an unknown storage type: let torch check it
-        return None
-
-
 def _check_zip(path: Path, size: int, bad) -> bool:
     """Validate a torch zip before torch reads it; return whether it may be memory-mapped."""
     try:
@@ -195,7 +181,7 @@ def _check_zip(path: Path, size: int, bad) -> bool:
         info = by_name.get(f"{root}data/{record.key}")
         if info is None:
             raise bad(f"data.pkl names the tensor storage 'data/{record.key}', which the archive does not hold")
-        itemsize = _element_size(record.type)
+        itemsize = element_size(record.type)
         if itemsize is None:
             mmap = False
             continue
@@ -219,7 +205,7 @@ def _check_legacy(path: Path, size: int, bad) -> None:
     scan = scan_pickles(data, max_pickles=5)  # magic number, protocol, sys info, payload, storage keys
     declared = 0
     for record in {r.key: r for r in reversed(scan.storages)}.values():  # torch sizes a storage by its first reference
-        declared += record.numel * (_element_size(record.type) or 0)
+        declared += record.numel * (element_size(record.type) or 0)
     if declared > size:
         raise bad(
             f"the pickle declares {declared} bytes of tensor data, but the file holds only {size} bytes (truncated or corrupt)"
@@ -256,14 +242,19 @@ def safe_torch_load(path: Path, *, mmap: bool, allow_globals: Iterable[str | Any
         raise bad(f"cannot read the file ({e.strerror or e})") from None
     if fmt == "torch-zip":
         mmap = _check_zip(path, size, bad) and mmap
-    else:
-        _check_legacy(path, size, bad)
-        mmap = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols; we raise instead
             with _allowed(extra):
+                if fmt == "torch-legacy":
+                    loaded = read_legacy(path, size=size, bad=bad)  # parallel reads, see legacy_reader
+                    if loaded is not NOT_PLAIN:
+                        return loaded
+                    _check_legacy(path, size, bad)
+                    mmap = False
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         raise _refusal(path, fmt, str(e), extra) from None
     except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, struct.error, AssertionError, MemoryError, ...
