@@ -332,7 +332,9 @@ def test_torchrun_fsdp2_cpu(nproc, torchrun_inputs, tmp_path):
         "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")]),
     }
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[:3000]}\n...\n{done.stderr[-6000:]}"
+    assert done.returncode == 0, (
+        f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[:3000]}\n...\n{done.stderr[-6000:]}"
+    )
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == nproc
     runs = result["rank_results"]

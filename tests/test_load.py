@@ -152,8 +152,11 @@ def test_strict_lists_every_problem_and_changes_nothing():
     src["stray.weight"] = torch.zeros(1)
     model = TinyNet()
     before = snapshot(model)
-    with pytest.raises(tg.LoadError, match=r"(?s)strict=True.*missing: conv.weight \[8, 3, 3, 3\].*unexpected: stray.weight.*"
-                       r"shape mismatch: head.weight expects \[4, 8\], checkpoint 'head.weight' has \[7, 8\]") as info:
+    with pytest.raises(
+        tg.LoadError,
+        match=r"(?s)strict=True.*missing: conv.weight \[8, 3, 3, 3\].*unexpected: stray.weight.*"
+        r"shape mismatch: head.weight expects \[4, 8\], checkpoint 'head.weight' has \[7, 8\]",
+    ) as info:
         tg.load(model, src, strict=True)
     assert len(info.value.problems) == 4  # conv.weight, stray, head.weight, head.bias
     assert_unchanged(model, before)
@@ -165,7 +168,12 @@ def test_mismatched_shapes_are_initialised_and_reported(caplog):
     with caplog.at_level(logging.WARNING, logger="torchgraft"):
         report = tg.load(model, src)
     assert [m["key"] for m in report.mismatched] == ["head.weight", "head.bias"]
-    assert report.mismatched[0] == {"key": "head.weight", "shape": [4, 8], "source": "head.weight", "source_shape": [7, 8]}
+    assert report.mismatched[0] == {
+        "key": "head.weight",
+        "shape": [4, 8],
+        "source": "head.weight",
+        "source_shape": [7, 8],
+    }
     assert report.initialised == {"head": "reset_parameters"}
     assert "newly initialised because their shapes differ" in caplog.text
 
@@ -456,7 +464,9 @@ def test_error_messages_from_hooks_roll_back():
 
     model = Net()
     before = snapshot(model)
-    with pytest.raises(tg.LoadError, match=r"(?s)Loading into Net failed; the model is unchanged.*p.weight: refused by Picky"):
+    with pytest.raises(
+        tg.LoadError, match=r"(?s)Loading into Net failed; the model is unchanged.*p.weight: refused by Picky"
+    ):
         tg.load(model, Net().state_dict())
     assert_unchanged(model, before)
 

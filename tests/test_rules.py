@@ -16,8 +16,15 @@ def rename(keys, rules=None, expected=None):
 
 
 def test_templates_with_layer_numbers_and_drops():
-    m = rename(["old.3.fc.weight", "old.12.fc.bias", "aux_head.bias", "other"], {"old.{}.fc": "new.{}.proj", "aux_head": None})
-    assert m == {"old.3.fc.weight": "new.3.proj.weight", "old.12.fc.bias": "new.12.proj.bias", "aux_head.bias": None, "other": "other"}
+    m = rename(
+        ["old.3.fc.weight", "old.12.fc.bias", "aux_head.bias", "other"], {"old.{}.fc": "new.{}.proj", "aux_head": None}
+    )
+    assert m == {
+        "old.3.fc.weight": "new.3.proj.weight",
+        "old.12.fc.bias": "new.12.proj.bias",
+        "aux_head.bias": None,
+        "other": "other",
+    }
 
 
 def test_template_matches_whole_components_only():
@@ -52,7 +59,13 @@ def test_rule_key_type_checked():
 
 def test_legacy_layernorm_names():
     m = rename(
-        ["bert.embeddings.LayerNorm.gamma", "enc.ln_f.beta", "blk.norm1.gamma", "h.0.ln_1.gamma", "final_layer_norm.beta"]
+        [
+            "bert.embeddings.LayerNorm.gamma",
+            "enc.ln_f.beta",
+            "blk.norm1.gamma",
+            "h.0.ln_1.gamma",
+            "final_layer_norm.beta",
+        ]
     )
     assert m == {
         "bert.embeddings.LayerNorm.gamma": "bert.embeddings.LayerNorm.weight",

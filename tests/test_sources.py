@@ -17,7 +17,11 @@ from torchgraft.sources.containers import find_state_dict
 @pytest.fixture
 def sd():
     torch.manual_seed(0)
-    return {"a.weight": torch.randn(3, 4), "a.bias": torch.randn(3), "b.running_mean": torch.zeros(3, dtype=torch.float16)}
+    return {
+        "a.weight": torch.randn(3, 4),
+        "a.bias": torch.randn(3),
+        "b.running_mean": torch.zeros(3, dtype=torch.float16),
+    }
 
 
 def _same(src: tg.Source, sd: dict) -> None:
@@ -95,7 +99,9 @@ def test_container_option_picks_ema(tmp_path, sd):
 def test_container_option_unknown_lists_choices(tmp_path, sd):
     path = tmp_path / "c.pt"
     torch.save({"state_dict": sd}, path)
-    with pytest.raises(tg.CheckpointError, match=r"(?s)container 'model_ema' is not in the file.*Try: choose one of \['state_dict'\]"):
+    with pytest.raises(
+        tg.CheckpointError, match=r"(?s)container 'model_ema' is not in the file.*Try: choose one of \['state_dict'\]"
+    ):
         tg.open(path, container="model_ema")
 
 
@@ -162,7 +168,9 @@ def test_directory_single_loose_file(tmp_path, sd):
 
 
 def test_missing_file():
-    with pytest.raises(tg.CheckpointError, match=r"'/nonexistent/model.bin': no such file or directory\n  Try: check the path"):
+    with pytest.raises(
+        tg.CheckpointError, match=r"'/nonexistent/model.bin': no such file or directory\n  Try: check the path"
+    ):
         tg.open("/nonexistent/model.bin")
 
 
@@ -173,7 +181,9 @@ def test_checkpoint_error_is_oserror():
 
 def test_directory_without_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(tg.CheckpointError, match=r"\(read as directory\): no weights found; the directory holds config.json"):
+    with pytest.raises(
+        tg.CheckpointError, match=r"\(read as directory\): no weights found; the directory holds config.json"
+    ):
         tg.open(tmp_path)
 
 
@@ -200,7 +210,9 @@ def test_corrupt_zip(tmp_path, sd):
     path = tmp_path / "m.pt"
     torch.save(sd, path)
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(tg.CheckpointError, match=r"(?s)m.pt' \(read as torch-zip\).*Try: the file is truncated or damaged"):
+    with pytest.raises(
+        tg.CheckpointError, match=r"(?s)m.pt' \(read as torch-zip\).*Try: the file is truncated or damaged"
+    ):
         tg.open(path)
 
 
@@ -230,7 +242,9 @@ class _Evil:
 def test_unsafe_pickle_names_the_global(tmp_path, zip_format):
     path = tmp_path / "evil.pt"
     torch.save({"w": torch.zeros(1), "x": _Evil()}, path, _use_new_zipfile_serialization=zip_format)
-    with pytest.raises(tg.UnsafeCheckpointError, match=r"(?s)refuses: posix.system.*nothing in it was executed") as info:
+    with pytest.raises(
+        tg.UnsafeCheckpointError, match=r"(?s)refuses: posix.system.*nothing in it was executed"
+    ) as info:
         tg.open(path)
     assert info.value.globals == ["posix.system"]
 
@@ -258,7 +272,9 @@ def test_index_errors(tmp_path, sd):
     with pytest.raises(tg.CheckpointError, match=r"shard '../outside.safetensors' lies outside"):
         tg.open(index)
     index.write_text(json.dumps({"weight_map": {"not.there": "shard.safetensors"}}))
-    with pytest.raises(tg.CheckpointError, match=r"puts 'not.there' in 'shard.safetensors', but that shard does not hold it"):
+    with pytest.raises(
+        tg.CheckpointError, match=r"puts 'not.there' in 'shard.safetensors', but that shard does not hold it"
+    ):
         tg.open(index)
 
 

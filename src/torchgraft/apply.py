@@ -158,8 +158,17 @@ def load(
     src = open_source(source, allow_globals=allow_globals)
     view = TargetView.of(model)
     if plan is None:
-        plan = build_plan(model, view, src, rules=rules, prefix=prefix, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected, adapt=adapt,
-                         align=align)
+        plan = build_plan(
+            model,
+            view,
+            src,
+            rules=rules,
+            prefix=prefix,
+            ignore_missing=ignore_missing,
+            ignore_unexpected=ignore_unexpected,
+            adapt=adapt,
+            align=align,
+        )
     else:
         plan.check_fits(view, src)
     if strict and (problems := plan.problems()):
@@ -242,7 +251,9 @@ def _stage(
     return staged, assign_modules
 
 
-def _find_nonfinite(staged: dict[str, torch.Tensor], view: TargetView, dtype: torch.dtype | None) -> dict[str, dict[str, int]]:
+def _find_nonfinite(
+    staged: dict[str, torch.Tensor], view: TargetView, dtype: torch.dtype | None
+) -> dict[str, dict[str, int]]:
     """Model name -> ``{"nan": n, "inf": n}`` for staged tensors that are not finite in their final dtype."""
     out: dict[str, dict[str, int]] = {}
     for name, tensor in staged.items():
@@ -266,7 +277,9 @@ def _count_nonfinite(tensor: torch.Tensor) -> dict[str, int] | None:
     finite are the values counted exactly (a sum of large finite values may overflow).
     """
     try:
-        wide = tensor.sum(dtype=torch.float32) if tensor.element_size() < 4 and not tensor.is_complex() else tensor.sum()
+        wide = (
+            tensor.sum(dtype=torch.float32) if tensor.element_size() < 4 and not tensor.is_complex() else tensor.sum()
+        )
         if bool(torch.isfinite(wide)):
             return None
         counts = {"nan": int(torch.isnan(tensor).sum()), "inf": int(torch.isinf(tensor).sum())}
@@ -387,7 +400,9 @@ def _commit(
             _load_module(view, plan, src, path, by_module[path], False, undo, False, errors)
         _retie(view, plan, undo)
     if errors:  # unreachable for stock modules with checked tensors; said plainly if it ever happens
-        raise LoadError(f"Loading into {type(model).__name__} failed part way; some tensors were already copied:", errors)
+        raise LoadError(
+            f"Loading into {type(model).__name__} failed part way; some tensors were already copied:", errors
+        )
 
 
 @contextlib.contextmanager

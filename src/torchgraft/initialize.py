@@ -31,8 +31,16 @@ class Initializer:
 
 
 INITIALIZERS: list[Initializer] = [
-    Initializer("transformers _init_weights", lambda root, m: hf.init_weights_fn(root) is not None, lambda root, m: root._init_weights(m)),  # type: ignore[operator]
-    Initializer("reset_parameters", lambda root, m: callable(getattr(m, "reset_parameters", None)), lambda root, m: m.reset_parameters()),  # type: ignore[operator]
+    Initializer(
+        "transformers _init_weights",
+        lambda root, m: hf.init_weights_fn(root) is not None,
+        lambda root, m: root._init_weights(m),
+    ),  # type: ignore[operator]
+    Initializer(
+        "reset_parameters",
+        lambda root, m: callable(getattr(m, "reset_parameters", None)),
+        lambda root, m: m.reset_parameters(),
+    ),  # type: ignore[operator]
 ]
 
 

@@ -279,7 +279,9 @@ class Plan:
         if self.model_fingerprint and self.model_fingerprint != view.fingerprint():
             problems.append(f"the model's names or shapes changed (plan made for {self.model or 'another model'})")
         if self.source_fingerprint and self.source_fingerprint != source.fingerprint():
-            problems.append(f"the checkpoint's names, shapes or dtypes changed (plan made for {self.source or 'another file'})")
+            problems.append(
+                f"the checkpoint's names, shapes or dtypes changed (plan made for {self.source or 'another file'})"
+            )
         if problems:
             raise PlanError("stale plan: " + "; ".join(problems) + ". Make a new one with tg.plan(model, source).")
 
@@ -503,7 +505,9 @@ def build_plan(
         if live[src_name] != name:
             why.append(f"prefix {pfx.mode} {pfx.prefix!r}")
         e.note = "; ".join(why)
-        if ref.shape != info.shape and not (info.shape == () and ref.shape == (1,)):  # (1,) -> () as load_state_dict allows
+        if ref.shape != info.shape and not (
+            info.shape == () and ref.shape == (1,)
+        ):  # (1,) -> () as load_state_dict allows
             e.action, e.mismatched = "init", True
         entries[name] = e
 
@@ -514,8 +518,17 @@ def build_plan(
             continue
         ref = src[src_name]
         if info.meta and ref.shape == info.shape:
-            entries[name] = Entry(name, "copy", info.shape, info.dtype, src_name, ref.shape, ref.dtype, buffer=True,
-                                  note="non-persistent buffer, loaded to materialise the meta model")
+            entries[name] = Entry(
+                name,
+                "copy",
+                info.shape,
+                info.dtype,
+                src_name,
+                ref.shape,
+                ref.dtype,
+                buffer=True,
+                note="non-persistent buffer, loaded to materialise the meta model",
+            )
         else:
             ignored[src_name] = f"non-persistent buffer {name!r}: computed by the model, not loaded"
 
@@ -523,8 +536,16 @@ def build_plan(
     if align:
         from .align import align_plan
 
-        ambiguous = align_plan(view, src, entries, unused, live, renamed=renamed, metadata_map=metadata_map,
-                               skip=lambda k: _matches(unexp_patterns, k, live.get(k)) is not None)
+        ambiguous = align_plan(
+            view,
+            src,
+            entries,
+            unused,
+            live,
+            renamed=renamed,
+            metadata_map=metadata_map,
+            skip=lambda k: _matches(unexp_patterns, k, live.get(k)) is not None,
+        )
 
     # Tied weights: one tensor under several names is loaded once.
     for name, owner in view.tied.items():
@@ -585,5 +606,3 @@ def _source_name_guess(target: str, pfx: _Prefix) -> str:
     if pfx.mode == "strip":
         return pfx.prefix + target
     return target
-
-

@@ -68,7 +68,8 @@ def render_text(renderable: Any, *, width: int = 120) -> str:
 def describe_adapter(spec: dict[str, Any]) -> str:
     """``{"name": "input_channels", "args": {"method": "sum"}}`` -> ``input_channels(method='sum')``."""
     args = ", ".join(
-        f"{k}=[{len(v)} items]" if isinstance(v, list) and len(v) > 6 else f"{k}={v!r}" for k, v in spec.get("args", {}).items()
+        f"{k}=[{len(v)} items]" if isinstance(v, list) and len(v) > 6 else f"{k}={v!r}"
+        for k, v in spec.get("args", {}).items()
     )
     return f"{spec.get('name')}({args})" if args else str(spec.get("name"))
 
@@ -163,7 +164,12 @@ class LoadReport:
             missing=plan.missing,
             unexpected=list(plan.unexpected),
             mismatched=[
-                {"key": e.target, "shape": list(e.shape), "source": e.source, "source_shape": list(e.source_shape or ())}
+                {
+                    "key": e.target,
+                    "shape": list(e.shape),
+                    "source": e.source,
+                    "source_shape": list(e.source_shape or ()),
+                }
                 for e in plan.mismatched
             ],
             renamed=dict(plan.renamed),
@@ -237,7 +243,9 @@ class LoadReport:
 
     def nonfinite_message(self) -> str:
         counts = [f"{k} ({c['nan']} NaN, {c['inf']} Inf)" for k, c in self.nonfinite.items()]
-        shown = ", ".join(counts[:_MAX_LINES]) + (f" and {len(counts) - _MAX_LINES} more" if len(counts) > _MAX_LINES else "")
+        shown = ", ".join(counts[:_MAX_LINES]) + (
+            f" and {len(counts) - _MAX_LINES} more" if len(counts) > _MAX_LINES else ""
+        )
         return (
             f"Some weights of {self.model} loaded from {self.source} hold NaN or Inf values: {shown}.\n"
             "The checkpoint is damaged, or a cast to a narrower dtype overflowed; pass check_finite='error' to refuse such loads."
@@ -265,7 +273,9 @@ class LoadReport:
             )
         adapted = {k: v for k, v in self.adapted.items() if v.get("name") != "reinit"}
         if adapted:
-            logger.info("Adapted %d weights of %s to its shapes %s.", len(adapted), self.model, _adapter_summary(adapted))
+            logger.info(
+                "Adapted %d weights of %s to its shapes %s.", len(adapted), self.model, _adapter_summary(adapted)
+            )
         if self.nonfinite:
             logger.warning(self.nonfinite_message())
         if self.ok and not reinit and not self.nonfinite:
@@ -289,7 +299,11 @@ class LoadReport:
             ("ignored", list(self.ignored), ""),
             ("NaN / Inf values", list(self.nonfinite), ""),
         ]
-        footer = [line for line in [_prefix_line(self.prefix), f"renamed: {len(self.renamed)} keys" if self.renamed else ""] if line]
+        footer = [
+            line
+            for line in [_prefix_line(self.prefix), f"renamed: {len(self.renamed)} keys" if self.renamed else ""]
+            if line
+        ]
         if self.missing:
             footer.append("Newly initialised: train these on a downstream task before relying on predictions.")
         if self.unexpected:
@@ -326,8 +340,12 @@ def plan_renderable(plan: Plan):
         label = {
             "copy": "load",
             "adapt": "adapt",
-            "init": "initialise (shape mismatch)" if e.mismatched else (
-                "initialise (adapt: reinit)" if e.adapter else ("initialise (ignored)" if e.ignored else "initialise (missing)")
+            "init": "initialise (shape mismatch)"
+            if e.mismatched
+            else (
+                "initialise (adapt: reinit)"
+                if e.adapter
+                else ("initialise (ignored)" if e.ignored else "initialise (missing)")
             ),
             "tied": "tied",
             "default": "module default",
@@ -346,7 +364,11 @@ def plan_renderable(plan: Plan):
     if plan.renamed:
         footer.append(f"renamed: {len(plan.renamed)} keys (plan.renamed)")
     footer += plan.notes
-    return _with_alignment(_renderable(f"plan: {plan.source} ({plan.source_format}) -> {plan.model}", rows, footer), plan.aligned, plan.ambiguous)
+    return _with_alignment(
+        _renderable(f"plan: {plan.source} ({plan.source_format}) -> {plan.model}", rows, footer),
+        plan.aligned,
+        plan.ambiguous,
+    )
 
 
 def _with_alignment(renderable, aligned: dict[str, dict[str, Any]], ambiguous: list[dict[str, Any]]):

@@ -81,7 +81,9 @@ def _template_rule(template: str, replacement: str | None) -> Rule:
     if replacement is not None:
         n = template.count("{}")
         if replacement.count("{}") != n:
-            raise ValueError(f"rule {template!r} -> {replacement!r}: both sides need the same number of '{{}}' placeholders")
+            raise ValueError(
+                f"rule {template!r} -> {replacement!r}: both sides need the same number of '{{}}' placeholders"
+            )
         parts = replacement.replace("\\", "\\\\").split("{}")
         repl = parts[0] + "".join(rf"\g<{i + 1}>" + p for i, p in enumerate(parts[1:]))
     return Rule(f"{template} -> {replacement}", regex, repl)

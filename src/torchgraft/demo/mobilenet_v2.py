@@ -60,7 +60,15 @@ class MobileNetV2(nn.Module):
 
     def __init__(self, num_classes: int = 1000, *, in_channels: int = 3, width_mult: float = 1.0, dropout: float = 0.2):
         super().__init__()
-        settings = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+        settings = [
+            [1, 16, 1, 1],
+            [6, 24, 2, 2],
+            [6, 32, 3, 2],
+            [6, 64, 4, 2],
+            [6, 96, 3, 1],
+            [6, 160, 3, 2],
+            [6, 320, 1, 1],
+        ]
         cin = _make_divisible(32 * width_mult)
         self.last_channel = _make_divisible(1280 * max(1.0, width_mult))
         features: list[nn.Module] = [ConvBNActivation(in_channels, cin, stride=2)]

@@ -54,12 +54,17 @@ def _bert(console: Any) -> bool:
     console.print(report)
     model.eval()
     logits = model(torch.tensor([[101, 7592, 2088, 102]])).logits
-    ok = set(report.missing) == {"classifier.weight", "classifier.bias"} and set(report.unexpected) == {"pooler.dense.weight", "pooler.dense.bias"}
+    ok = set(report.missing) == {"classifier.weight", "classifier.bias"} and set(report.unexpected) == {
+        "pooler.dense.weight",
+        "pooler.dense.bias",
+    }
     console.print(f"forward pass: logits {tuple(logits.shape)}; check {'passed' if ok else 'FAILED'}")
     return ok
 
 
-@register_scenario("legacy", "The same weights saved the old way (LayerNorm.gamma/beta, 'bert.' prefix, legacy pickle) into BertModel")
+@register_scenario(
+    "legacy", "The same weights saved the old way (LayerNorm.gamma/beta, 'bert.' prefix, legacy pickle) into BertModel"
+)
 def _legacy(console: Any) -> bool:
     import torch
     from transformers import BertConfig, BertModel
@@ -83,12 +88,16 @@ def _legacy(console: Any) -> bool:
     console.print(report)
     same = all(torch.equal(model.state_dict()[k], src[k].load()) for k in src if k in model.state_dict())
     ok = same and not report.missing and report.unexpected == ["cls.seq_relationship.weight"]
-    console.print(f"renamed {len(report.renamed)} keys (e.g. bert.embeddings.LayerNorm.gamma -> embeddings.LayerNorm.weight); "
-                  f"all tensors equal: {same}; check {'passed' if ok else 'FAILED'}")
+    console.print(
+        f"renamed {len(report.renamed)} keys (e.g. bert.embeddings.LayerNorm.gamma -> embeddings.LayerNorm.weight); "
+        f"all tensors equal: {same}; check {'passed' if ok else 'FAILED'}"
+    )
     return ok
 
 
-@register_scenario("mobilenet", "torchvision's MobileNetV2 ImageNet weights (legacy pickle) into a torchvision-layout model, strict")
+@register_scenario(
+    "mobilenet", "torchvision's MobileNetV2 ImageNet weights (legacy pickle) into a torchvision-layout model, strict"
+)
 def _mobilenet(console: Any) -> bool:
     import torch
 
@@ -110,7 +119,9 @@ def _mobilenet(console: Any) -> bool:
     return report.ok and diff == 0.0
 
 
-@register_scenario("surgery", "The seed's surgery: MobileNetV2 made 1-channel and 2-class, its ImageNet weights adapted while loading")
+@register_scenario(
+    "surgery", "The seed's surgery: MobileNetV2 made 1-channel and 2-class, its ImageNet weights adapted while loading"
+)
 def _surgery(console: Any) -> bool:
     import torch
 
@@ -148,9 +159,16 @@ def _surgery(console: Any) -> bool:
     x = torch.rand(2, 1, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (auto.forward_features(x) - reference.forward_features(x.repeat(1, 3, 1, 1))).abs().max().item()
-    console.print(f"adapt='auto' chose {auto_report.adapted['features.0.0.weight']} for the first conv; "
-                  f"features of grey images vs the RGB network on them repeated to 3 channels: max |diff| = {diff:g}")
-    ok = conv_err < 1e-6 and rest_same and set(report.reinitialised) == {"classifier.1.weight", "classifier.1.bias"} and diff < 1e-4
+    console.print(
+        f"adapt='auto' chose {auto_report.adapted['features.0.0.weight']} for the first conv; "
+        f"features of grey images vs the RGB network on them repeated to 3 channels: max |diff| = {diff:g}"
+    )
+    ok = (
+        conv_err < 1e-6
+        and rest_same
+        and set(report.reinitialised) == {"classifier.1.weight", "classifier.1.bias"}
+        and diff < 1e-4
+    )
     console.print(f"check {'passed' if ok else 'FAILED'}")
     return ok
 

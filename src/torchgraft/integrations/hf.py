@@ -19,7 +19,11 @@ __all__ = ["base_model_prefix", "ignore_patterns", "init_weights_fn", "is_hf_mod
 
 
 def is_hf_model(model: nn.Module) -> bool:
-    return hasattr(model, "config") and callable(getattr(model, "_init_weights", None)) and hasattr(model, "base_model_prefix")
+    return (
+        hasattr(model, "config")
+        and callable(getattr(model, "_init_weights", None))
+        and hasattr(model, "base_model_prefix")
+    )
 
 
 def base_model_prefix(model: nn.Module) -> str | None:

@@ -108,7 +108,9 @@ def open(
             with p.open("rb") as f:
                 head = f.read(_HEAD_BYTES)
         except OSError as e:
-            raise CheckpointError(p, f"cannot read the file ({e.strerror or e})", hint="check the file's permissions") from None
+            raise CheckpointError(
+                p, f"cannot read the file ({e.strerror or e})", hint="check the file's permissions"
+            ) from None
         if size == 0:
             raise CheckpointError(p, "the file is empty", hint="the download or save was interrupted: fetch it again")
     elif not p.is_dir():  # a FIFO or device would block or never end

@@ -69,7 +69,9 @@ def _get(obj: Any, path: str) -> Any:
     return obj
 
 
-def find_state_dict(obj: Any, *, container: str | None, path: str, format: str) -> tuple[Mapping[str, Any], str, list[str]]:
+def find_state_dict(
+    obj: Any, *, container: str | None, path: str, format: str
+) -> tuple[Mapping[str, Any], str, list[str]]:
     """Pick the state dict out of a loaded checkpoint object.
 
     Rule: with ``container`` given, exactly that dotted path (``"state_dict_ema"``,
@@ -99,7 +101,9 @@ def find_state_dict(obj: Any, *, container: str | None, path: str, format: str) 
                 hint=f"choose one of {candidates or sorted(map(str, obj))}",
             ) from None
         if not _is_state_dict(chosen):
-            raise CheckpointError(path, f"container {container!r} holds no tensors", format=format, hint=f"choose one of {candidates}")
+            raise CheckpointError(
+                path, f"container {container!r} holds no tensors", format=format, hint=f"choose one of {candidates}"
+            )
         return chosen, container, candidates
     node: Mapping[str, Any] = obj
     trail: list[str] = []

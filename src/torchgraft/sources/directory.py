@@ -118,7 +118,9 @@ def _open_shard(target: Path, options: dict[str, Any]) -> Source:
         with target.open("rb") as f:
             head = f.read(16)
     except OSError as e:
-        raise CheckpointError(target, f"cannot read the file ({e.strerror or e})", hint="check the file's permissions") from None
+        raise CheckpointError(
+            target, f"cannot read the file ({e.strerror or e})", hint="check the file's permissions"
+        ) from None
     if size == 0:
         raise CheckpointError(target, "the file is empty", hint="the download or save was interrupted: fetch it again")
     for reader in READERS:
@@ -200,7 +202,9 @@ def open_index(path: Path, **options: Any) -> Source:
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers with too many digits
         raise bad(f"the index is not valid JSON ({_first_line(e)})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
         raise bad("the index has no 'weight_map' object mapping tensor names to shard files")
     root = path.parent.resolve()
     shards: dict[str, Path] = {}

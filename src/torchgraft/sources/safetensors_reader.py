@@ -67,7 +67,9 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
     """
     path = Path(path)
 
-    def bad(reason: str, hint: str = "the file is damaged or not safetensors; download or convert it again") -> CheckpointError:
+    def bad(
+        reason: str, hint: str = "the file is damaged or not safetensors; download or convert it again"
+    ) -> CheckpointError:
         return CheckpointError(path, reason, format=FORMAT, hint=hint)
 
     try:
@@ -80,7 +82,9 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
             if n > MAX_HEADER_BYTES:
                 raise bad(f"the header claims {n} bytes, more than the {MAX_HEADER_BYTES} the format allows")
             if n > size - 8:
-                raise bad(f"the header claims {n} bytes but the file holds only {size - 8} after the length field (truncated?)")
+                raise bad(
+                    f"the header claims {n} bytes but the file holds only {size - 8} after the length field (truncated?)"
+                )
             raw = f.read(n)
     except OSError as e:
         if isinstance(e, CheckpointError):
@@ -109,10 +113,19 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
             raise bad(f"entry {_r(name)} lacks dtype, shape or data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-            raise bad(f"entry {_r(name)} has unknown dtype {_r(dtype)}", hint="upgrade torchgraft/safetensors, or re-save the file")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise bad(
+                f"entry {_r(name)} has unknown dtype {_r(dtype)}",
+                hint="upgrade torchgraft/safetensors, or re-save the file",
+            )
+        if not (
+            isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
             raise bad(f"entry {_r(name)} has an invalid shape {_r(shape)}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
             raise bad(f"entry {_r(name)} has invalid data_offsets {_r(offsets)}")
         begin, end = offsets
         numel = 1
@@ -123,9 +136,13 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
             raise bad(f"entry {_r(name)} has shape {_r(shape)}, which does not fill whole bytes as {dtype}")
         expected = bits // 8
         if not 0 <= begin <= end <= data_len:
-            raise bad(f"entry {_r(name)} points at bytes {begin}..{end}, outside the {data_len}-byte data block (truncated?)")
+            raise bad(
+                f"entry {_r(name)} points at bytes {begin}..{end}, outside the {data_len}-byte data block (truncated?)"
+            )
         if end - begin != expected:
-            raise bad(f"entry {_r(name)} has shape {_r(shape)} ({expected} bytes as {dtype}) but spans {end - begin} bytes")
+            raise bad(
+                f"entry {_r(name)} has shape {_r(shape)} ({expected} bytes as {dtype}) but spans {end - begin} bytes"
+            )
         spans.append((begin, end, name))
     spans.sort()
     for (b1, e1, n1), (b2, _e2, n2) in itertools.pairwise(spans):
@@ -135,10 +152,14 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
     covered = 0
     for begin, end, name in spans:
         if begin != covered:
-            raise bad(f"entry {_r(name)} starts at byte {begin} of the data block, but the previous entry ends at {covered} (a gap)")
+            raise bad(
+                f"entry {_r(name)} starts at byte {begin} of the data block, but the previous entry ends at {covered} (a gap)"
+            )
         covered = end
     if covered != data_len:
-        raise bad(f"the entries cover {covered} of the {data_len} bytes in the data block (trailing bytes: damaged or appended to?)")
+        raise bad(
+            f"the entries cover {covered} of the {data_len} bytes in the data block (trailing bytes: damaged or appended to?)"
+        )
     return header, metadata, 8 + n
 
 
@@ -182,7 +203,9 @@ class _LazySafeOpen:
                     try:
                         self._handle = safe_open(str(self.path), framework="pt", device="cpu")
                     except (SafetensorError, OSError) as e:
-                        raise CheckpointError(self.path, str(e), format=FORMAT, hint="re-download or re-convert the file") from None
+                        raise CheckpointError(
+                            self.path, str(e), format=FORMAT, hint="re-download or re-convert the file"
+                        ) from None
         try:
             return self._handle.get_tensor(name)
         except Exception as e:  # noqa: BLE001 - the library's own error types vary by version
@@ -197,7 +220,9 @@ def open_safetensors(path: Path, **_: Any) -> Source:
     header, metadata, _ = read_header(path)
     handle = _LazySafeOpen(path)
     entries = {
-        name: TensorRef(name, torch_shape(info["dtype"], info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], _getter(handle, name))
+        name: TensorRef(
+            name, torch_shape(info["dtype"], info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], _getter(handle, name)
+        )
         for name, info in header.items()
     }
     return Source(entries, path=str(path), format=FORMAT, metadata=metadata, closer=handle.close)
