@@ -3,8 +3,9 @@
     make bench                                   # all sizes and formats (generates checkpoints once)
     .venv/bin/python benchmarks/run.py --sizes bert-base --repeats 3
 
-Formats: safetensors, torch zip, legacy torch pickle (which cannot be memory-mapped: its
-floor is torch.load + assign). Checkpoints (random weights, BERT layout) are generated once into ``$TORCHGRAFT_BENCH_DIR``
+Formats: safetensors, torch zip, legacy torch pickle (torch.load cannot memory-map it: its
+floor is torch.load + assign), and a legacy file whose float records happen to start 4-byte
+aligned (torchgraft maps those instead of reading them; the plain one is misaligned). Checkpoints (random weights, BERT layout) are generated once into ``$TORCHGRAFT_BENCH_DIR``
 (default ``~/.cache/torchgraft-bench``), outside the repository. Every measurement runs in a
 fresh process (imports are done before the clock starts); contenders alternate within each
 repeat, and the table shows medians, ratios to the bare floor, peak anonymous (private) memory
@@ -40,7 +41,7 @@ SIZES = {
     "bert-large": (1024, 24, 4096, 16),
     "bert-1.3b": (2048, 24, 8192, 16),
 }
-FORMATS = ("safetensors", "torch-zip", "torch-legacy")
+FORMATS = ("safetensors", "torch-zip", "torch-legacy", "torch-legacy-aligned")
 CONTENDERS = ("raw-read", "torch", "floor", "from_pretrained", "torchgraft", "tg-nocheck", "tg-copy", "tg-bf16", "plan")
 
 
@@ -86,11 +87,34 @@ def generate(size: str, fmt: str) -> Path:
     tmp = path.with_suffix(".tmp")
     if fmt == "safetensors":
         save_file(sd, tmp, metadata={"format": "pt"})
+    elif fmt == "torch-legacy-aligned":  # padded until the float records start 4-byte aligned
+        from collections import OrderedDict
+
+        for pad in range(16):
+            padded = OrderedDict(sd)
+            padded._metadata = {"": {"version": 1}, "pad": {"x": "x" * pad}}  # type: ignore[attr-defined]
+            torch.save(padded, tmp, _use_new_zipfile_serialization=False)
+            if (_legacy_data_start(tmp) + 8) % 4 == 0:
+                break
     else:
         torch.save(sd, tmp, _use_new_zipfile_serialization=fmt == "torch-zip")
     tmp.rename(path)
     config.save_pretrained(path.parent)
     return path
+
+
+def _legacy_data_start(path: Path) -> int:
+    """Offset of the first storage record of a legacy torch file (after its five pickles)."""
+    import pickle
+
+    from torchgraft.sources.pickle_scan import storage_records
+
+    with open(path, "rb") as f:
+        for _ in range(3):
+            pickle.load(f)  # noqa: S301 - our own file, written just above
+        storage_records(f)
+        pickle.load(f)  # noqa: S301
+        return f.tell()
 
 
 # Worker ----------------------------------------------------------------------------

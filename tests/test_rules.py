@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from torchgraft.keys import collapse_keys, format_ranges, natural_key
-from torchgraft.rules import apply_rules, compile_rules, invert_rules, suffix_matcher
+from torchgraft.keys import collapse_keys, format_ranges, layout_fingerprint, natural_key
+from torchgraft.rules import BUILTIN_RULES, apply_rules, compile_rules, invert_rules, suffix_matcher
 
 
 def rename(keys, rules=None, expected=None):
@@ -130,3 +132,34 @@ def test_collapse_and_ranges():
     # an incomplete product is not collapsed into keys that do not exist
     assert collapse_keys(["x.2.y.3", "x.2.y.5", "x.4.y.3"]) == ["x.2.y.{3,5}", "x.4.y.3"]
     assert sorted(["l.10", "l.2"], key=natural_key) == ["l.2", "l.10"]
+
+
+_FRAGMENTS = ["module", "_orig_mod", "LayerNorm", "norm1", "ln_f", "gamma", "beta", "weight_g", "weight_v",
+              "parametrizations", "weight", "original0", "original1", "bias", "0", "ls1", "beta_proj"]  # fmt: skip
+
+
+@given(st.lists(st.sampled_from(_FRAGMENTS), min_size=1, max_size=6))
+def test_every_key_a_builtin_rule_matches_contains_one_of_its_hints(parts):
+    key = ".".join(parts)
+    for rule in BUILTIN_RULES:
+        if rule.pattern.search(key):
+            assert any(h in key for h in rule.hints), (rule.name, key)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(max_size=12), st.lists(st.integers(0, 10**12), max_size=4), st.sampled_from(["float32", "int64"])
+        ),
+        max_size=8,
+    )
+)
+def test_layout_fingerprint_is_the_hash_of_json_rows(rows):
+    """Plans saved before the fast fingerprint stay valid: the bytes hashed are json.dumps' bytes."""
+    import hashlib
+    import json
+
+    old = hashlib.sha256()
+    for name, shape, dtype in rows:
+        old.update(json.dumps([name, tuple(shape), dtype]).encode())
+    assert layout_fingerprint(rows) == old.hexdigest()[:16]

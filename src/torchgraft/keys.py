@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from json.encoder import encode_basestring_ascii as _json_string  # what json.dumps uses for str
 
-__all__ = ["collapse_groups", "collapse_keys", "format_ranges", "natural_key", "split_key"]
+__all__ = ["collapse_groups", "collapse_keys", "format_ranges", "layout_fingerprint", "natural_key", "split_key"]
 
 _NUM = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 
@@ -15,6 +17,24 @@ def split_key(key: str) -> tuple[str, str]:
     """``"encoder.layer.0.dense.weight"`` -> ``("encoder.layer.0.dense", "weight")``."""
     module, _, attr = key.rpartition(".")
     return module, attr
+
+
+def layout_fingerprint(rows: Iterable[tuple[str, Sequence[int]] | tuple[str, Sequence[int], str]]) -> str:
+    """16 hex digits of SHA-256 over ``(name, shape[, dtype])`` rows, each hashed as ``json.dumps([...])``.
+
+    Plans store these to refuse a stale plan. The bytes are built directly (the same as
+    ``json.dumps`` writes, so saved plans stay valid) because one ``json.dumps`` per tensor
+    cost a millisecond per load.
+
+        >>> layout_fingerprint([("w", (2, 3), "float32")]) == layout_fingerprint([("w", [2, 3], "float32")])
+        True
+    """
+    parts = []
+    for name, shape, *rest in rows:
+        fields = [_json_string(name), "[" + ", ".join(str(int(d)) for d in shape) + "]"]
+        fields += [_json_string(r) for r in rest]
+        parts.append("[" + ", ".join(fields) + "]")
+    return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
 
 
 def natural_key(key: str) -> tuple[tuple[int, int | str], ...]:

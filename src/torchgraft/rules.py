@@ -47,6 +47,8 @@ class Rule:
     builtin: bool = False
     needs_target: bool = False
     repeat: bool = False
+    #: substrings one of which every key the pattern matches contains (a cheap first test)
+    hints: tuple[str, ...] = ()
 
     def apply(self, key: str) -> str | None:
         if self.replacement is None:
@@ -58,13 +60,13 @@ _NORM = r"(?:[A-Za-z_]*[Nn]orm[A-Za-z0-9_]*|ln(?:_?[A-Za-z0-9]+)?|LayerNorm[A-Za
 
 #: Rules every load applies (after the user's), in order.
 BUILTIN_RULES: tuple[Rule, ...] = (
-    Rule("wrapper prefix", re.compile(r"(?:^|(?<=\.))(?:module|_orig_mod)\."), "", builtin=True, repeat=True),
-    Rule("legacy LayerNorm.gamma", re.compile(rf"(^|\.)({_NORM})\.gamma$"), r"\1\2.weight", builtin=True),
-    Rule("legacy LayerNorm.beta", re.compile(rf"(^|\.)({_NORM})\.beta$"), r"\1\2.bias", builtin=True),
-    Rule("weight_norm g -> parametrizations", re.compile(r"(^|\.)weight_g$"), r"\1parametrizations.weight.original0", builtin=True, needs_target=True),
-    Rule("weight_norm v -> parametrizations", re.compile(r"(^|\.)weight_v$"), r"\1parametrizations.weight.original1", builtin=True, needs_target=True),
-    Rule("parametrizations -> weight_norm g", re.compile(r"(^|\.)parametrizations\.weight\.original0$"), r"\1weight_g", builtin=True, needs_target=True),
-    Rule("parametrizations -> weight_norm v", re.compile(r"(^|\.)parametrizations\.weight\.original1$"), r"\1weight_v", builtin=True, needs_target=True),
+    Rule("wrapper prefix", re.compile(r"(?:^|(?<=\.))(?:module|_orig_mod)\."), "", builtin=True, repeat=True, hints=("module.", "_orig_mod.")),
+    Rule("legacy LayerNorm.gamma", re.compile(rf"(^|\.)({_NORM})\.gamma$"), r"\1\2.weight", builtin=True, hints=(".gamma",)),
+    Rule("legacy LayerNorm.beta", re.compile(rf"(^|\.)({_NORM})\.beta$"), r"\1\2.bias", builtin=True, hints=(".beta",)),
+    Rule("weight_norm g -> parametrizations", re.compile(r"(^|\.)weight_g$"), r"\1parametrizations.weight.original0", builtin=True, needs_target=True, hints=("weight_g",)),
+    Rule("weight_norm v -> parametrizations", re.compile(r"(^|\.)weight_v$"), r"\1parametrizations.weight.original1", builtin=True, needs_target=True, hints=("weight_v",)),
+    Rule("parametrizations -> weight_norm g", re.compile(r"(^|\.)parametrizations\.weight\.original0$"), r"\1weight_g", builtin=True, needs_target=True, hints=("parametrizations.",)),
+    Rule("parametrizations -> weight_norm v", re.compile(r"(^|\.)parametrizations\.weight\.original1$"), r"\1weight_v", builtin=True, needs_target=True, hints=("parametrizations.",)),
 )  # fmt: skip
 
 RuleSpec = Mapping["str | re.Pattern[str]", "str | None"] | Sequence[tuple["str | re.Pattern[str]", "str | None"]]
@@ -127,13 +129,11 @@ def suffix_matcher(expected: Iterable[str]) -> Callable[[str], bool]:
     prefix is resolved.
     """
     exact = set(expected)
-    suffixes = set()
-    for k in exact:
-        parts = k.split(".")
-        for i in range(len(parts)):
-            suffixes.add(".".join(parts[i:]))
+    suffixes: set[str] = set()  # built on the first call: most loads never ask
 
     def is_expected(key: str) -> bool:
+        if not suffixes:
+            suffixes.update(".".join(parts[i:]) for k in exact for parts in [k.split(".")] for i in range(len(parts)))
         if key in suffixes:
             return True
         parts = key.split(".")
@@ -175,25 +175,36 @@ def apply_rules(
             without it built-in rules apply wherever their pattern matches, except those
             that need a target.
     """
-    table = list(rules) + (list(BUILTIN_RULES) if builtin else [])
     result = RenameResult(mapping={})
     for original in keys:
-        key: str | None = original
         applied: list[str] = []
-        for rule in table:
-            if key is None:
-                break
-            if not rule.pattern.search(key):
-                continue
-            if rule.builtin and is_expected is not None and is_expected(key):
-                continue
-            new = rule.apply(key)
-            if rule.needs_target and (is_expected is None or new is None or not is_expected(new)):
-                continue
-            if new != key:
-                applied.append(rule.name)
-                key = new
+        key = _apply(rules, original, applied, is_expected)
+        # most keys match no built-in rule: substring tests rule them out before any regex runs
+        if builtin and key is not None and any(h in key for h in _BUILTIN_HINTS):
+            key = _apply(BUILTIN_RULES, key, applied, is_expected)
         result.mapping[original] = key
         if applied:
             result.reasons[original] = applied
     return result
+
+
+_BUILTIN_HINTS = tuple(dict.fromkeys(h for rule in BUILTIN_RULES for h in rule.hints))
+
+
+def _apply(
+    table: Sequence[Rule], key: str | None, applied: list[str], is_expected: Callable[[str], bool] | None
+) -> str | None:
+    for rule in table:
+        if key is None:
+            break
+        if not rule.pattern.search(key):
+            continue
+        if rule.builtin and is_expected is not None and is_expected(key):
+            continue
+        new = rule.apply(key)
+        if rule.needs_target and (is_expected is None or new is None or not is_expected(new)):
+            continue
+        if new != key:
+            applied.append(rule.name)
+            key = new
+    return key

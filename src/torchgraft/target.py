@@ -6,12 +6,10 @@ the meta device).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .keys import split_key
+from .keys import layout_fingerprint, split_key
 from .sources.base import dtype_name
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `import torchgraft` stays light
@@ -79,7 +77,4 @@ class TargetView:
 
     def fingerprint(self) -> str:
         """Hash of names and shapes (not dtypes, not values)."""
-        h = hashlib.sha256()
-        for name, info in self.entries.items():
-            h.update(json.dumps([name, info.shape]).encode())
-        return h.hexdigest()[:16]
+        return layout_fingerprint((name, info.shape) for name, info in self.entries.items())

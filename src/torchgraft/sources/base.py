@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
+
+from ..keys import layout_fingerprint
 
 if TYPE_CHECKING:  # torch is imported lazily: listing a safetensors file must not pay for it
     import torch
@@ -142,11 +142,7 @@ class Source(Mapping[str, TensorRef]):
 
     def fingerprint(self) -> str:
         """A short hash of names, shapes and dtypes: identifies the layout, not the values."""
-        h = hashlib.sha256()
-        for name in sorted(self._entries):
-            r = self._entries[name]
-            h.update(json.dumps([name, r.shape, r.dtype]).encode())
-        return h.hexdigest()[:16]
+        return layout_fingerprint((name, r.shape, r.dtype) for name, r in sorted(self._entries.items()))
 
     def close(self) -> None:
         """Release file handles and memory maps (tensors already loaded stay valid)."""
