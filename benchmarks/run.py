@@ -111,9 +111,9 @@ def _legacy_data_start(path: Path) -> int:
 
     with open(path, "rb") as f:
         for _ in range(3):
-            pickle.load(f)  # noqa: S301 - our own file, written just above
+            pickle.load(f)  # our own file, written just above
         storage_records(f)
-        pickle.load(f)  # noqa: S301
+        pickle.load(f)
         return f.tell()
 
 
@@ -239,6 +239,17 @@ def measure(contender: str, size: str, fmt: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _in_process(contender: str, size: str, fmt: str) -> dict:
+    import gc
+
+    try:
+        result = worker(contender, size, fmt)
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        return {"error": f"{type(e).__name__}: {e}"}
+    gc.collect()  # the model of this run is gone before the next starts
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(SIZES))
@@ -247,6 +258,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="time every contender inside this one process (warm: imports, allocator and caches reused; "
+        "one untimed call of each first) instead of a fresh process per measurement",
+    )
     args = ap.parse_args()
     sizes, formats, contenders = args.sizes.split(","), args.formats.split(","), args.contenders.split(",")
     if args.worker:
@@ -257,14 +274,21 @@ def main() -> None:
 
     console = Console(width=170)
     results: dict[tuple[str, str, str], list[dict]] = {}
+    run_one = _in_process if args.in_process else measure
     for size in sizes:
         for fmt in formats:
             console.print(f"[dim]checkpoint {size} {fmt}: {generate(size, fmt)}[/dim]")
             measure("raw-read", size, fmt)  # warm the page cache
+            if args.in_process:
+                for c in contenders:
+                    run_one(c, size, fmt)  # imports and first-call costs out of the way
             for _ in range(args.repeats):
                 for c in contenders:  # alternate contenders within each repeat
-                    results.setdefault((size, fmt, c), []).append(measure(c, size, fmt))
-    table = Table(title=f"torchgraft benchmarks ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, torch {_torch_version()})")
+                    results.setdefault((size, fmt, c), []).append(run_one(c, size, fmt))
+    mode = "in one warm process" if args.in_process else "fresh process each"
+    table = Table(
+        title=f"torchgraft benchmarks ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, torch {_torch_version()}, {mode})"
+    )
     for col in ("checkpoint", "format", "contender", "median s", "x floor", "x from_pretrained", "anon growth", "peak RSS growth"):
         table.add_column(col, justify="right" if col not in ("checkpoint", "format", "contender") else "left")
     for size in sizes:

@@ -78,13 +78,14 @@ def main() -> None:
     ap.add_argument("--size", default="bert-large")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(worker(args.worker[0], args.size, int(args.worker[1])))
         return
     rows = []
-    for fmt in FORMATS:
+    for fmt in args.formats.split(","):
         d = sharded_dir(args.size, fmt, args.shards)
         times: dict[int, list[float]] = {1: [], 2: []}
         for _ in range(args.repeats):
