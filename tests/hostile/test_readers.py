@@ -78,6 +78,20 @@ def test_storage_records_play_along_with_objects_they_do_not_know():
     assert [(r.key, r.type, r.numel) for r in storage_records(buf.getvalue()) or []] == [("0", "torch.FloatStorage", 2)]
 
 
+def test_storage_records_stay_inert_when_extension_codes_are_registered(tmp_path):
+    import copyreg
+
+    marker = tmp_path / "ran"
+    copyreg.add_extension(os.system.__module__, "system", 240)
+    try:
+        data = pickle.dumps(Payload(os.system, f"touch {marker}"), protocol=2)  # EXT1 240, then REDUCE
+        assert b"\x82\xf0" in data
+        assert storage_records(data) is None  # the extension would bypass find_class: refuse to run it
+    finally:
+        copyreg.remove_extension(os.system.__module__, "system", 240)
+    assert not marker.exists()
+
+
 def test_storage_records_give_up_on_a_computed_persistent_id():
     buf = io.BytesIO()
     TensorPickler(buf, storage_type=Payload(os.system, "true")).dump({"w": torch.zeros(2)})

@@ -9,6 +9,7 @@ checks against the file before ``torch.load`` allocates anything.
 
 from __future__ import annotations
 
+import copyreg
 import io
 import pickle
 import pickletools
@@ -338,6 +339,9 @@ def storage_records(data: bytes | BinaryIO) -> list[StorageRecord] | None:
     the pickle is not one (or is damaged), or when a persistent id is not a literal storage
     tuple: use :func:`scan_pickles` (opcode by opcode) instead.
     """
+    if copyreg._extension_cache or copyreg._inverted_registry:  # type: ignore[attr-defined]
+        # EXT opcodes would fetch registered objects without find_class: not inert any more
+        return None
     reader = _InertUnpickler(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     try:
         reader.load()

@@ -1,11 +1,14 @@
-"""torch checkpoints (zip and legacy pickle) through ``torch.load(weights_only=True)``, never a plain unpickle.
+"""torch checkpoints (zip and legacy pickle) through torch's ``weights_only`` unpickler, never a plain unpickle.
 
-Before ``torch.load`` sees a file it is checked without unpickling anything: a zip's
-directory must be sound (records inside the file, no duplicate names, no record that would
-inflate absurdly), and the storages that ``data.pkl`` declares must match the records that
-hold them; a legacy file may not declare more tensor bytes than it holds. That keeps a
-hostile or damaged file from making torch allocate unbounded memory or map the wrong bytes.
-"""
+Before ``torch.load`` sees a zip it is checked without unpickling anything: its directory
+must be sound (records inside the file, no duplicate names, no record that would inflate
+absurdly), and every storage reference in ``data.pkl`` must match the size of the record
+that holds it (found at C speed with inert stand-ins for the pickle's globals, see
+:func:`~torchgraft.sources.pickle_scan.storage_records`). Legacy files are read by
+:mod:`~torchgraft.sources.legacy_reader` (the same unpickler; records checked before any
+allocation, mapped where aligned, otherwise read by threads), or by ``torch.load`` for layouts
+it leaves alone, after checking that the file holds the bytes it declares. That keeps a
+hostile or damaged file from making torch allocate unbounded memory or map the wrong bytes."""
 
 from __future__ import annotations
 
