@@ -12,7 +12,9 @@ repeat, and the table shows medians, ratios to the bare floor, peak anonymous (p
 growth and peak RSS growth (which also counts page-cache pages mapped from the file).
 
 Contenders:
-  raw-read        read the file's bytes (the I/O floor, page cache warm)
+  raw-read        read the file's bytes into one reused buffer (the I/O floor, page cache warm)
+  read-fresh      read the file into freshly allocated memory by torchgraft's reader threads: the
+                  floor for any load that must copy (legacy records that cannot be mapped)
   torch           torch.load / safetensors.load_file, then load_state_dict into a model built on CPU
   floor           model on meta + memory map + load_state_dict(assign=True)  (the zero-copy floor)
   from_pretrained transformers' BertModel.from_pretrained(dir)
@@ -42,7 +44,18 @@ SIZES = {
     "bert-1.3b": (2048, 24, 8192, 16),
 }
 FORMATS = ("safetensors", "torch-zip", "torch-legacy", "torch-legacy-aligned")
-CONTENDERS = ("raw-read", "torch", "floor", "from_pretrained", "torchgraft", "tg-nocheck", "tg-copy", "tg-bf16", "plan")
+CONTENDERS = (
+    "raw-read",
+    "read-fresh",
+    "torch",
+    "floor",
+    "from_pretrained",
+    "torchgraft",
+    "tg-nocheck",
+    "tg-copy",
+    "tg-bf16",
+    "plan",
+)
 
 
 def bench_dir() -> Path:
@@ -179,6 +192,8 @@ def worker(contender: str, size: str, fmt: str) -> dict:
             view = memoryview(buf)
             while f.readinto(view):
                 pass
+    elif contender == "read-fresh":
+        _read_fresh(path)
     elif contender == "torch":
         sd = load_file(path) if fmt == "safetensors" else torch.load(path, map_location="cpu", weights_only=True)
         prebuilt.load_state_dict(sd, strict=False)
@@ -222,6 +237,33 @@ def worker(contender: str, size: str, fmt: str) -> dict:
         "rss_growth": max(sampler.peak_rss, _status("VmRSS:")) - rss0,
         "file_bytes": path.stat().st_size,
     }
+
+
+def _read_fresh(path: Path) -> None:
+    """The whole file into new memory, 16 MiB pieces over READ_WORKERS threads with os.preadv."""
+    import ctypes
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from torchgraft.sources.legacy_reader import PIECE_BYTES, READ_WORKERS
+
+    size = path.stat().st_size
+    out = torch.empty(size, dtype=torch.uint8)
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(offset: int) -> None:
+        n = min(PIECE_BYTES, size - offset)
+        view = memoryview((ctypes.c_char * n).from_address(out.data_ptr() + offset)).cast("B")
+        done = 0
+        while done < n:
+            done += os.preadv(fd, [view[done:]], offset + done)
+
+    try:
+        with ThreadPoolExecutor(READ_WORKERS) as pool:
+            list(pool.map(read, range(0, size, PIECE_BYTES)))
+    finally:
+        os.close(fd)
 
 
 # Driver ----------------------------------------------------------------------------
@@ -289,7 +331,16 @@ def main() -> None:
     table = Table(
         title=f"torchgraft benchmarks ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, torch {_torch_version()}, {mode})"
     )
-    for col in ("checkpoint", "format", "contender", "median s", "x floor", "x from_pretrained", "anon growth", "peak RSS growth"):
+    for col in (
+        "checkpoint",
+        "format",
+        "contender",
+        "median s",
+        "x floor",
+        "x from_pretrained",
+        "anon growth",
+        "peak RSS growth",
+    ):
         table.add_column(col, justify="right" if col not in ("checkpoint", "format", "contender") else "left")
     for size in sizes:
         for fmt in formats:

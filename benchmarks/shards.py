@@ -90,8 +90,12 @@ def main() -> None:
         times: dict[int, list[float]] = {1: [], 2: []}
         for _ in range(args.repeats):
             for w in (1, 2):
-                out = subprocess.run([sys.executable, __file__, "--size", args.size, "--worker", str(d), str(w)],
-                                     capture_output=True, text=True, check=True)
+                out = subprocess.run(
+                    [sys.executable, __file__, "--size", args.size, "--worker", str(d), str(w)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 times[w].append(float(out.stdout.strip().splitlines()[-1]))
         m1, m2 = statistics.median(times[1]), statistics.median(times[2])
         rows.append((fmt, m1, m2, m1 / m2))
