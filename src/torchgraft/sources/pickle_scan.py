@@ -332,21 +332,6 @@ class _InertUnpickler(pickle._Unpickler):
         return type("InertGlobal", (_Inert,), {"__slots__": (), "inert_name": _global_name(module, name)})
 
     def persistent_load(self, pid: object) -> _Inert:
-        # the common shape first: ("storage", <stand-in class>, "key", "cpu", numel) from torch.save
-        if type(pid) is tuple and len(pid) == 5:
-            tag, stype, key, location, numel = pid
-            if (
-                tag == "storage"
-                and type(key) is str
-                and type(location) is str
-                and type(numel) is int
-                and numel >= 0
-                and isinstance(stype, type)
-                and issubclass(stype, _Inert)
-                and stype.inert_name
-            ):
-                self.records.append(StorageRecord(key, stype.inert_name, numel, location))
-                return _INERT
         record = _storage_record(pid)
         if record is None:
             raise _Unresolved
