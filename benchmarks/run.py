@@ -240,28 +240,16 @@ def worker(contender: str, size: str, fmt: str) -> dict:
 
 
 def _read_fresh(path: Path) -> None:
-    """The whole file into new memory, 16 MiB pieces over READ_WORKERS threads with os.preadv."""
-    import ctypes
-    from concurrent.futures import ThreadPoolExecutor
-
+    """The whole file into new memory, read exactly as legacy_reader reads records it cannot map."""
     import torch
 
-    from torchgraft.sources.legacy_reader import PIECE_BYTES, READ_WORKERS
+    from torchgraft.sources import legacy_reader as lr
 
     size = path.stat().st_size
     out = torch.empty(size, dtype=torch.uint8)
     fd = os.open(path, os.O_RDONLY)
-
-    def read(offset: int) -> None:
-        n = min(PIECE_BYTES, size - offset)
-        view = memoryview((ctypes.c_char * n).from_address(out.data_ptr() + offset)).cast("B")
-        done = 0
-        while done < n:
-            done += os.preadv(fd, [view[done:]], offset + done)
-
     try:
-        with ThreadPoolExecutor(READ_WORKERS) as pool:
-            list(pool.map(read, range(0, size, PIECE_BYTES)))
+        lr._read(fd, lr._pieces(lr._Record(0, size, 1), out.data_ptr()), RuntimeError, workers=lr.READ_WORKERS)
     finally:
         os.close(fd)
 
