@@ -113,9 +113,14 @@ def test_mobilenet_on_meta(mobilenet_path):
     tg.load(model, mobilenet_path, strict=True)
     reference = mobilenet_v2()
     reference.load_state_dict(torch.load(mobilenet_path, map_location="cpu", weights_only=True))
-    x = torch.randn(1, 3, 96, 96)
+    # The guarantee is bit-identical tensors. Mapped tensors keep the file's alignment (4 bytes for
+    # these float32 records, not the allocator's 64), so BLAS may take another kernel and sum in
+    # another order: outputs agree to float32 rounding, not bit for bit (README, Zero-copy).
+    got, want = model.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(model.eval()(x), reference.eval()(x))
+        torch.testing.assert_close(model.eval()(x), reference.eval()(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -757,6 +757,124 @@ def _(root: Path, c: Case) -> None:
     (root / c.path).write_bytes(bytes(data))
 
 
+class _LegacyRef:
+    """A storage reference in a crafted legacy payload: key, storage class, declared numel."""
+
+    def __init__(self, key: str, storage_type: Any, numel: int):
+        self.key, self.storage_type, self.numel = key, storage_type, numel
+
+
+class _LegacyTensor:
+    """Pickles as ``_rebuild_tensor_v2(storage, offset, size, stride, ...)`` with whatever size it is given."""
+
+    def __init__(self, ref: _LegacyRef, size: tuple[int, ...], offset: int = 0):
+        self.ref, self.size, self.offset = ref, size, offset
+
+    def __reduce__(self):
+        stride, step = [], 1
+        for n in reversed(self.size):
+            stride.insert(0, step)
+            step *= n
+        args = (self.ref, self.offset, self.size, tuple(stride), False, collections.OrderedDict())
+        return (torch._utils._rebuild_tensor_v2, args)
+
+
+def crafted_legacy(obj: Any, records: dict[str, tuple[int, bytes]], *, misalign: int = 0) -> bytes:
+    """A legacy (non-zip) torch file written by hand: ``records`` maps key -> (numel in the header, bytes).
+
+    ``misalign`` > 0 pads the payload (a ``"pad"`` string in ``obj``) until the first record's data
+    offset is ``misalign`` bytes past a multiple of 8, so the reader must copy it rather than map it.
+    """
+    import io
+
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    class P(pickle.Pickler):
+        def persistent_id(self, o):
+            if isinstance(o, _LegacyRef):
+                return ("storage", o.storage_type, o.key, "cpu", o.numel, None)
+            return None
+
+    sys_info = {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
+                "type_sizes": {"short": 2, "int": 4, "long": 4}}  # fmt: skip
+    for pad in range(16):
+        buf = io.BytesIO()
+        for head in (MAGIC_NUMBER, PROTOCOL_VERSION, sys_info):
+            pickle.dump(head, buf, protocol=2)
+        payload = dict(obj, pad="x" * pad) if misalign else obj
+        P(buf, protocol=2).dump(payload)
+        pickle.dump(list(records), buf, protocol=2)
+        if not misalign or (buf.tell() + 8) % 8 == misalign:
+            break
+    for numel, blob in records.values():
+        buf.write(struct.pack("<q", numel) + blob)
+    return buf.getvalue()
+
+
+@case(
+    "legacy_tensor_larger_than_copied_storage",
+    "broken",
+    "legacy_view_too_large.pth",
+    "error",
+    match=r"\(read as torch-legacy\): a tensor reaches past the end of its storage",
+)
+def _(root: Path, c: Case) -> None:  # torch would reallocate the storage its threaded read was queued for
+    ref = _LegacyRef("0", torch.DoubleStorage, 2)
+    obj = {"layer.weight": _LegacyTensor(ref, (1 << 16,))}
+    (root / c.path).write_bytes(crafted_legacy(obj, {"0": (2, struct.pack("<2d", 1.0, 2.0))}, misalign=4))
+
+
+@case(
+    "legacy_tensor_offset_past_copied_storage",
+    "broken",
+    "legacy_view_offset.pth",
+    "error",
+    match=r"\(read as torch-legacy\): a tensor reaches past the end of its storage",
+)
+def _(root: Path, c: Case) -> None:
+    ref = _LegacyRef("0", torch.DoubleStorage, 2)
+    obj = {"layer.weight": _LegacyTensor(ref, (2,), offset=1000)}
+    (root / c.path).write_bytes(crafted_legacy(obj, {"0": (2, struct.pack("<2d", 1.0, 2.0))}, misalign=4))
+
+
+@case(
+    "legacy_storage_two_dtypes",
+    "broken",
+    "legacy_two_dtypes.pth",
+    "error",
+    match=r"storage '0' is declared twice, as 2 x torch\.DoubleStorage and as 4 x torch\.FloatStorage",
+)
+def _(root: Path, c: Case) -> None:  # same bytes, two element types: torch keeps the first, a reader must not mix
+    obj = {
+        "layer.weight": _LegacyTensor(_LegacyRef("0", torch.DoubleStorage, 2), (2,)),
+        "layer.bias": _LegacyTensor(_LegacyRef("0", torch.FloatStorage, 4), (4,)),
+    }
+    (root / c.path).write_bytes(crafted_legacy(obj, {"0": (2, struct.pack("<2d", 1.0, 2.0))}, misalign=4))
+
+
+@case(
+    "legacy_storage_two_sizes",
+    "broken",
+    "legacy_two_sizes.pth",
+    "error",
+    match=r"storage '0' is declared twice, as 2 x torch\.DoubleStorage and as 4096 x torch\.DoubleStorage",
+)
+def _(root: Path, c: Case) -> None:
+    obj = {
+        "layer.weight": _LegacyTensor(_LegacyRef("0", torch.DoubleStorage, 2), (2,)),
+        "layer.bias": _LegacyTensor(_LegacyRef("0", torch.DoubleStorage, 4096), (4096,)),
+    }
+    (root / c.path).write_bytes(crafted_legacy(obj, {"0": (2, struct.pack("<2d", 1.0, 2.0))}, misalign=4))
+
+
+@case("legacy_crafted_control_ok", "ok", "legacy_crafted_ok.pth", "ok")
+def _(root: Path, c: Case) -> None:  # the same writer, valid: proves the cases above fail for their one defect
+    w, b = _LegacyRef("0", torch.FloatStorage, 12), _LegacyRef("1", torch.FloatStorage, 3)
+    obj = {"layer.weight": _LegacyTensor(w, (3, 4)), "layer.bias": _LegacyTensor(b, (3,))}
+    records = {"0": (12, struct.pack("<12f", *range(12))), "1": (3, struct.pack("<3f", 1, 2, 3))}
+    (root / c.path).write_bytes(crafted_legacy(obj, records, misalign=2))
+
+
 @case(
     "plain_pickle_unsupported_opcodes",
     "broken",

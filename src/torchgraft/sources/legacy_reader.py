@@ -151,15 +151,21 @@ def read_legacy(
             dtype = getattr(storage_type, "dtype", None)
             if view is not None or not isinstance(dtype, torch.dtype) or not isinstance(key, str):
                 raise _NotPlain  # storage views and untyped storages: torch.load handles them
+            record = records.get(key)
+            # every reference, not only the first: one key declared with two dtypes or sizes is refused
+            if record is None or record.nbytes != numel * torch._utils._element_size(dtype):
+                raise bad(f"the pickle changed between two reads (storage {key!r})")
+            if record.itemsize != torch._utils._element_size(dtype):
+                raise bad(f"storage {key!r} is declared with two different element types")
             untyped = storages.get(key)
             if untyped is None:
-                record = records.get(key)
-                if record is None or record.nbytes != numel * torch._utils._element_size(dtype):
-                    raise bad(f"the pickle changed between two reads (storage {key!r})")
                 if mapping is not None and record.offset % record.itemsize == 0:
                     untyped = mapping[record.offset : record.offset + record.nbytes]
                 else:
-                    untyped = torch.UntypedStorage(record.nbytes)
+                    # A slice of a storage cannot be resized: a tensor rebuilt larger than its
+                    # storage makes torch raise instead of reallocating the memory that the
+                    # reads below are queued for (they would land in freed heap).
+                    untyped = torch.UntypedStorage(record.nbytes)[0 : record.nbytes]
                     to_read.extend(_pieces(record, untyped.data_ptr()))
                 storages[key] = untyped
             return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
@@ -171,6 +177,10 @@ def read_legacy(
             result = unpickler.load()
         except _NotPlain:
             return NOT_PLAIN
+        except RuntimeError as e:
+            if "not resizable" in str(e) or "out of bounds for storage" in str(e):
+                raise bad("a tensor reaches past the end of its storage (corrupt or crafted file)") from None
+            raise
         if f.tell() != payload_end:
             raise bad("the pickle changed between two reads")
         _read(f.fileno(), to_read, bad, workers=workers)
@@ -183,8 +193,13 @@ def _layout(
 ) -> dict[str, _Record] | None:
     """Storage key -> its record, every header and size checked before anything is allocated."""
     first: dict[str, Any] = {}
-    for d in declared:  # torch sizes a storage by its first reference
-        first.setdefault(d.key, d)
+    for d in declared:  # torch sizes a storage by its first reference; torch.save never writes two
+        seen = first.setdefault(d.key, d)
+        if (seen.type, seen.numel) != (d.type, d.numel):
+            raise bad(
+                f"storage {d.key!r} is declared twice, as {seen.numel} x {seen.type} and as "
+                f"{d.numel} x {d.type} (corrupt or crafted file)"
+            )
     total = 0
     for d in first.values():
         itemsize = element_size(d.type)
