@@ -78,6 +78,9 @@ class Source(Mapping[str, TensorRef]):
         container: where in the file the state dict was found (``"state_dict"``), or ``""``.
         containers: every candidate state dict the file holds.
         skipped: entries that are not tensors and were left out (name -> type name).
+        conversions: entries the reader changed to torch's layout while reading, name -> what
+            it did in plain words (``"Keras Dense kernel [in, out] transposed to [out, in]"``,
+            ``"dequantised from Q4_K"``). Formats of other frameworks fill it; torch formats leave it empty.
 
     Example:
         >>> src = tg.open("checkpoint_dir/")
@@ -100,6 +103,7 @@ class Source(Mapping[str, TensorRef]):
         skipped: Mapping[str, str] | None = None,
         files: list[str] | None = None,
         closer: Callable[[], None] | None = None,
+        conversions: Mapping[str, str] | None = None,
     ) -> None:
         self._entries = dict(entries)
         self.path = path
@@ -110,6 +114,7 @@ class Source(Mapping[str, TensorRef]):
         self.containers = list(containers or [])
         self.skipped = dict(skipped or {})
         self.files = list(files or ([path] if path else []))
+        self.conversions = dict(conversions or {})
         self._closer = closer
 
     # Mapping protocol
