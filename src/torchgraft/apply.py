@@ -296,7 +296,7 @@ def _run_adapter(entry: Entry, tensor: torch.Tensor, model: nn.Module) -> torch.
     from . import adapters
 
     assert entry.adapter is not None
-    return adapters.run(entry.adapter, tensor, target_shape=entry.shape, model=model, target=entry.target)
+    return adapters.run(entry.adapter, tensor, target_shape=entry.shape, target=entry.target)
 
 
 def _modules_to_initialise(view: TargetView, plan: Plan) -> dict[str, list[str]]:
