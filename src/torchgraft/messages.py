@@ -4,7 +4,7 @@ Torch-free and free of torchgraft imports, so every stage (readers, policy, repo
 
 Example:
     >>> short_repr("x" * 100, limit=10)
-    "'xxxx..."
+    "'xxxxxx..."
     >>> first_line(ValueError("bad header\\n  at byte 8"))
     'bad header'
     >>> describe_adapter({"name": "input_channels", "args": {"method": "sum"}})
