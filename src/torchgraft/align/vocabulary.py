@@ -30,6 +30,7 @@ __all__ = [
     "role",
     "tokens",
     "word_similarity",
+    "words_agreement",
 ]
 
 #: Words that name a kind of layer or a container, not a role: they never decide a pair by name.
@@ -147,23 +148,35 @@ def path_order(a: str, b: str) -> int | None:
     return None
 
 
-_PARTS = re.compile(r"[._]")
 _NUMBERS = re.compile(r"\d+")
 #: Leaf names that mean the same thing (legacy norm names).
 _SAME_LEAF = {frozenset({"gamma", "weight"}), frozenset({"beta", "bias"})}
 
 
+def words_agreement(a: list[str], b: list[str]) -> float:
+    """How much two word lists agree, in 0..1: each word's best :func:`word_similarity` on the other side, averaged.
+
+    Equal lists give 1.0, lists with no related word 0.0; synonyms and abbreviations count in between.
+    """
+    if not a or not b:
+        return 1.0 if a == b else 0.0
+    best_a = sum(max(word_similarity(x, y) for y in b) for x in a)
+    best_b = sum(max(word_similarity(x, y) for x in a) for y in b)
+    return (best_a + best_b) / (len(a) + len(b))
+
+
 def path_similarity(a: str, b: str) -> float:
-    """How alike two full tensor paths are, in 0..1: characters and parts alike, layer numbers equal, same leaf.
+    """How alike two full tensor paths are, in 0..1: characters and words alike, layer numbers equal, same leaf.
+
+    Words are compared as the aligner compares them (:func:`words_agreement`: ``q`` ~ ``query``,
+    ``attn`` ~ ``attention``), so :func:`torchgraft.diff` and ``align=True`` agree on what names mean.
 
     Example:
         >>> round(path_similarity("enc.layer.0.attn.query.weight", "enc.layer.0.attn.q_proj.weight"), 2)
-        0.78
+        0.88
     """
     ratio = SequenceMatcher(None, a, b, autojunk=False).ratio()
-    ta, tb = set(_PARTS.split(a)), set(_PARTS.split(b))
-    shared = len(ta & tb) / len(ta | tb)
-    score = 0.6 * ratio + 0.4 * shared
+    score = 0.6 * ratio + 0.4 * words_agreement(tokens(a), tokens(b))
     if _NUMBERS.findall(a) != _NUMBERS.findall(b):
         score *= 0.6
     leaf_a, leaf_b = a.rpartition(".")[2], b.rpartition(".")[2]
