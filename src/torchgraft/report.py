@@ -421,7 +421,8 @@ def alignment_renderable(aligned: Mapping[str, Mapping[str, Any]], ambiguous: li
             table.add_row(t, s, conf, reason + (f" (+{n - 1} like it)" if n > 1 else ""))
         parts += [
             Text(
-                f"aligned by structure: {len(aligned)} entries (plan.aligned; plan.aligned_rules() exports them)", style="bold"
+                f"aligned by structure: {len(aligned)} entries (plan.aligned; plan.aligned_rules() exports them)",
+                style="bold",
             ),
             table,
         ]

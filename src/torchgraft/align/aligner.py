@@ -370,7 +370,7 @@ class _Aligner:
         return out
 
     def _crosses(self, region: _Region, m: Item, c: Item) -> bool:
-        """Would pairing ``m`` with ``c`` cross a pair already made in ``region`` (one side before it, the other after)?"""
+        """Would pairing ``m`` with ``c`` cross a pair already made in ``region`` (one before it, the other after)?"""
         if region.ckpt_ids is None:
             region.ckpt_ids = {id(u) for u in region.ckpt_units}
         for model_unit in region.model_units:
@@ -498,7 +498,7 @@ class _Aligner:
         ckpt_pos: dict[int, int],
         ckpt_open: set[Unit],
     ) -> None:
-        """Pair the model units ``run`` (between paired ``before`` and ``after``) with the checkpoint's between theirs."""
+        """Pair model units ``run`` (between paired ``before``, ``after``) with the checkpoint units between theirs."""
         lo = ckpt_pos.get(id(self.model_to_ckpt[before]), None) if before is not None else -1
         hi = ckpt_pos.get(id(self.model_to_ckpt[after]), None) if after is not None else len(ckpt_seq)
         if lo is None or hi is None or lo >= hi:
@@ -511,7 +511,8 @@ class _Aligner:
         where = f"between {before.path if before else 'the start'} and {after.path if after else 'the end'}"
         for m, c in zip(run, candidates):
             if m.sig == c.sig:
-                self._pair_units(m, c, min(CONFIDENCE.gap_same_shapes, region.confidence), f"in order {where} in {region.context}")
+                confidence = min(CONFIDENCE.gap_same_shapes, region.confidence)
+                self._pair_units(m, c, confidence, f"in order {where} in {region.context}")
             else:
                 self._pair_units(
                     m,
