@@ -256,7 +256,7 @@ def _prefix_reason(prefix: Mapping[str, Any]) -> str:
 
 
 def _prefix_pairs(only_a: list[str], only_b: list[str]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    """B's names are A's with a leading ``p.`` added (``add``) or removed (``strip``), as :func:`tg.plan` decides it."""
+    """B's names are A's with a leading ``p.`` added (``add``) or removed (``strip``), decided as for plans."""
     set_a, set_b = set(only_a), set(only_b)
     pfx = resolve_prefix(set_a, set_b)
     if not pfx.mode:
