@@ -33,7 +33,8 @@ from torch import nn
 from .errors import LoadError
 from .initialize import initialise_module
 from .keys import split_key
-from .plan import Entry, Plan, build_plan
+from .plan import Entry, Plan
+from .planner import IgnorePatterns, PlanOptions, build_plan
 from .policy import AdaptSpec
 from .report import LoadReport
 from .rules import RuleSpec
@@ -88,8 +89,8 @@ def load(
     strict: bool = False,
     rules: RuleSpec | None = None,
     prefix: str | None = None,
-    ignore_missing: Iterable[str] = (),
-    ignore_unexpected: Iterable[str] = (),
+    ignore_missing: IgnorePatterns = (),
+    ignore_unexpected: IgnorePatterns = (),
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     plan: Plan | None = None,
@@ -158,17 +159,9 @@ def load(
     src = open_source(source, allow_globals=allow_globals)
     view = TargetView.of(model)
     if plan is None:
-        plan = build_plan(
-            model,
-            view,
-            src,
-            rules=rules,
-            prefix=prefix,
-            ignore_missing=ignore_missing,
-            ignore_unexpected=ignore_unexpected,
-            adapt=adapt,
-            align=align,
-        )
+        options = PlanOptions(rules=rules, prefix=prefix, ignore_missing=ignore_missing,
+                              ignore_unexpected=ignore_unexpected, adapt=adapt, align=align)  # fmt: skip
+        plan = build_plan(model, view, src, options)
     else:
         plan.check_fits(view, src)
     if strict and (problems := plan.problems()):

@@ -20,11 +20,16 @@ Example:
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import AdapterError
+from .keys import natural_key, split_key
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 __all__ = [
     "BUILTIN_RULES",
@@ -33,7 +38,9 @@ __all__ = [
     "RuleSpec",
     "apply_rules",
     "compile_rules",
+    "export_rules",
     "invert_rules",
+    "plan_rules",
     "select_layers",
     "suffix_matcher",
 ]
@@ -330,3 +337,98 @@ def _layer_mapping(layers: Any, num_layers: int | None) -> dict[int, int]:
     if isinstance(layers, Sequence):
         return dict(enumerate(layers))
     raise AdapterError(f"{name}: layers must be a {{model: checkpoint}} dict, a list or 'every_other', got {layers!r}")
+
+
+# ---------------------------------------------------------------------------
+# Exporting pairs (from ``align=True``) as a rules table
+
+
+def _numbers(path: str) -> list[str]:
+    return [p for p in path.split(".") if p.isdigit()]
+
+
+def _template(path: str) -> str:
+    return ".".join("{}" if p.isdigit() else p for p in path.split("."))
+
+
+def _table_mapping(table: Mapping[str, str], keys: Iterable[str]) -> dict[str, str | None]:
+    """What ``table`` (user rules only, no built-ins) renames each of ``keys`` to."""
+    return apply_rules(keys, compile_rules(table), builtin=False).mapping
+
+
+def export_rules(
+    pairs: Mapping[str, str],
+    all_keys: Iterable[str],
+    *,
+    loaded_by_name: Iterable[str] = (),
+    targets: Iterable[str] = (),
+) -> dict[str, str]:
+    """A rules table that maps each checkpoint key in ``pairs`` to its model key.
+
+    Module-level templates (``"encoder.layer.{}.attention.self.query": "blocks.{}.attn.q"``)
+    where every instance agrees, module-level literals otherwise, full keys as a last resort.
+    The table is checked: it must give every pair, and leave the keys matched by name alone.
+
+    Example:
+        >>> export_rules({"enc.0.q.weight": "blocks.0.attn.q.weight", "enc.1.q.weight": "blocks.1.attn.q.weight"},
+        ...              ["enc.0.q.weight", "enc.1.q.weight"])
+        {'enc.{}.q': 'blocks.{}.attn.q'}
+    """
+    all_keys = list(dict.fromkeys(all_keys))
+    keep = set(loaded_by_name)
+    target_names = set(targets)
+
+    def works(table: dict[str, str]) -> bool:
+        got = _table_mapping(table, all_keys)
+        for k in all_keys:
+            if k in pairs:
+                if got.get(k) != pairs[k]:
+                    return False
+            elif got.get(k) != k and (k in keep or got.get(k) in target_names):
+                return False
+        return True
+
+    by_module: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+    for s, t in pairs.items():
+        by_module[split_key(s)[0], split_key(t)[0]].append((s, t))
+    modules: dict[str, str] = {}
+    entry_level: dict[str, str] = {}
+    seen_src: dict[str, str] = {}
+    for (sm, tm), members in by_module.items():
+        if (
+            sm
+            and tm
+            and all(split_key(s)[1] == split_key(t)[1] for s, t in members)
+            and seen_src.setdefault(sm, tm) == tm
+        ):
+            modules[sm] = tm
+        else:
+            entry_level.update(members)
+    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for sm, tm in modules.items():
+        groups[_template(sm)].append((sm, tm))
+    templated: dict[str, str] = {}
+    for tmpl, members in groups.items():
+        t_tmpls = {_template(tm) for _, tm in members}
+        if "{}" in tmpl and len(t_tmpls) == 1 and all(_numbers(sm) == _numbers(tm) for sm, tm in members):
+            templated[tmpl] = t_tmpls.pop()
+        else:
+            templated.update(dict(members))
+
+    def ordered(table: dict[str, str]) -> dict[str, str]:
+        return dict(sorted(table.items(), key=lambda kv: natural_key(kv[0])))
+
+    for table in (ordered({**templated, **entry_level}), ordered({**modules, **entry_level}), ordered(dict(pairs))):
+        if works(table):
+            return table
+    return ordered(dict(pairs))
+
+
+def plan_rules(plan: Plan) -> dict[str, str]:
+    """``plan.aligned_rules()``: the aligned pairs of ``plan`` as a rules table (see :func:`export_rules`)."""
+    pairs = {e.source: k for k, e in plan.entries.items() if e.aligned and e.source}
+    if not pairs:
+        return {}
+    keys = [e.source for e in plan.entries.values() if e.source] + list(plan.unexpected) + list(plan.ignored)
+    by_name = [e.source for e in plan.entries.values() if e.source and not e.aligned]
+    return export_rules(pairs, keys, loaded_by_name=by_name, targets=plan.entries)
