@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -276,3 +277,267 @@ def test_savedmodel_names_conversions_and_skipped(models):
     assert src.skipped["_CHECKPOINTABLE_OBJECT_GRAPH"].startswith("TensorFlow object graph")
     # that the permutation is right is shown by the cross-format test: conv2d_2's SavedModel kernel, permuted,
     # equals the ONNX graph's weight bit for bit
+
+
+# ---------------------------------------------------------------------------
+# Small graphs and bundles made in the test
+
+
+def _mlp_graph(tmp_path: Path, *, external: str | None = None) -> tuple[Path, dict[str, np.ndarray]]:
+    """x -> MatMul + Add -> Relu -> Gemm(transB=0) -> Relu -> Gemm(transB=1): three linears, stored three ways."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = {
+        "w0": rng.standard_normal((5, 7), dtype=np.float32),  # [in, out] for MatMul
+        "b0": rng.standard_normal(7, dtype=np.float32),
+        "w1": rng.standard_normal((7, 6), dtype=np.float32),  # [in, out] for Gemm transB=0
+        "b1": rng.standard_normal(6, dtype=np.float32),
+        "w2": rng.standard_normal((3, 6), dtype=np.float32),  # [out, in] for Gemm transB=1
+        "b2": rng.standard_normal(3, dtype=np.float32),
+    }
+    inits = [numpy_helper.from_array(v, name=f"onnx::{k}") for k, v in w.items()]
+    nodes = [
+        helper.make_node("MatMul", ["x", "onnx::w0"], ["h0"]),
+        helper.make_node("Add", ["h0", "onnx::b0"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h2"]),
+        helper.make_node("Gemm", ["h2", "onnx::w1", "onnx::b1"], ["h3"], transB=0),
+        helper.make_node("Relu", ["h3"], ["h4"]),
+        helper.make_node("Gemm", ["h4", "onnx::w2", "onnx::b2"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "mlp.onnx"
+    if external is None:
+        onnx.save(model, str(path))
+    else:
+        onnx.save(model, str(path), save_as_external_data=True, location=external, size_threshold=0)
+    return path, w
+
+
+def test_onnx_matmul_and_gemm_weights_are_transposed_to_torch_layout(tmp_path):
+    path, w = _mlp_graph(tmp_path)
+    src = tg.open(path)
+    assert list(src) == [
+        "linear_0.weight", "linear_0.bias", "linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"
+    ]  # fmt: skip
+    assert src.conversions == {
+        "linear_0.weight": "ONNX MatMul weight [in, out] transposed to torch's [out, in]",
+        "linear_1.weight": "ONNX Gemm weight [in, out] transposed to torch's [out, in] (Gemm transB=0)",
+    }
+    assert src["linear_0.weight"].shape == (7, 5) and src["linear_2.weight"].shape == (3, 6)
+    assert torch.equal(src["linear_0.weight"].load(), torch.from_numpy(w["w0"]).T)
+    assert torch.equal(src["linear_2.weight"].load(), torch.from_numpy(w["w2"]))
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3))
+    report = tg.load(model, src, align=True, strict=True)
+    assert report.aligned["2.weight"]["source"] == "linear_1.weight"
+    x = torch.randn(2, 5, generator=torch.Generator().manual_seed(1))
+    ort = pytest.importorskip("onnxruntime")
+    (expected,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    torch.testing.assert_close(model(x).detach(), torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter announces its retirement
+def test_onnx_torch_export_keeps_state_dict_names(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 6, 6))
+    path = tmp_path / "m.onnx"
+    try:
+        torch.onnx.export(model, (torch.zeros(1, 3, 6, 6),), str(path), dynamo=False, do_constant_folding=False)
+    except Exception as e:  # noqa: BLE001 - the exporter's own optional dependencies vary
+        pytest.skip(f"torch.onnx.export is not usable here: {e}")
+    src = tg.open(path)
+    assert {"0.weight", "0.bias", "2.weight", "2.bias"} <= set(src)
+    fresh = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2))
+    tg.load(fresh, src, strict=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_onnx_external_data_is_read_lazily_inside_the_folder(tmp_path):
+    path, w = _mlp_graph(tmp_path, external="mlp.data")
+    src = tg.open(path)
+    assert src.files == [str(path), str((tmp_path / "mlp.data").resolve())]
+    assert torch.equal(src["linear_1.bias"].load(), torch.from_numpy(w["b1"]))
+
+
+@pytest.mark.parametrize(
+    ("location", "match"),
+    [
+        ("../outside.bin", r"keeps its data in '\.\./outside\.bin', outside"),
+        ("/etc/hostname", r"keeps its data in '/etc/hostname', outside"),
+        ("link.bin", r"keeps its data in 'link\.bin', which leads to"),
+        ("missing.bin", r"external data file 'missing\.bin' of .* does not exist"),
+    ],
+)
+def test_onnx_external_data_outside_the_folder_is_refused(tmp_path, location, match):
+    inner = tmp_path / "model"
+    inner.mkdir()
+    path, _ = _mlp_graph(inner, external="mlp.data")
+    (tmp_path / "outside.bin").write_bytes((inner / "mlp.data").read_bytes())
+    (inner / "link.bin").symlink_to(tmp_path / "outside.bin")
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(model, str(path))
+    with pytest.raises(CheckpointError, match=match):
+        tg.open(path)
+
+
+def test_onnx_damaged_files_are_refused(tmp_path):
+    path, _ = _mlp_graph(tmp_path)
+    data = path.read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"\(read as onnx\): not a valid ONNX model"):
+        tg.open(tmp_path / "cut.onnx")
+    model = onnx.load(str(path))
+    model.graph.initializer[0].dims[:] = [1 << 40, 1 << 40]
+    onnx.save(model, str(tmp_path / "huge.onnx"))
+    with pytest.raises(CheckpointError, match=r"has shape \[1099511627776, 1099511627776\] .* but holds 140"):
+        tg.open(tmp_path / "huge.onnx")
+
+
+def test_missing_extras_name_the_extra_to_install(tmp_path, monkeypatch, models):
+    import sys
+
+    from torchgraft.sources import tf_reader
+
+    path, _ = _mlp_graph(tmp_path)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(CheckpointError, match=r"needs the 'onnx' package\n.*torchgraft\[onnx\]"):
+        tg.open(path)
+    monkeypatch.setitem(sys.modules, "google_crc32c", None)
+    with pytest.raises(CheckpointError, match=r"needs the 'google-crc32c' package\n.*torchgraft\[tf\]"):
+        tg.open(models / "nmp")
+    monkeypatch.setattr(tf_reader, "_messages", {})
+    monkeypatch.setitem(sys.modules, "google.protobuf", None)
+    with pytest.raises(CheckpointError, match=r"needs the 'protobuf' package\n.*torchgraft\[tf\]"):
+        tg.open(models / "nmp")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _masked_crc(data: bytes) -> int:
+    import google_crc32c
+
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def write_tf_bundle(prefix: Path, tensors: dict[str, np.ndarray]) -> None:
+    """A TensorFlow checkpoint as TF writes it (one shard, float32), from the format's specification, not from torchgraft."""
+    import struct
+
+    data = bytearray()
+    rows = [(b"", b"\x08\x01")]  # BundleHeaderProto{num_shards: 1}
+    for key in sorted(tensors):
+        raw = np.ascontiguousarray(tensors[key], dtype="<f4").tobytes()
+        dims = b"".join(b"\x12" + _varint(len(d)) + d for d in (b"\x08" + _varint(s) for s in tensors[key].shape))
+        entry = b"\x08\x01" + b"\x12" + _varint(len(dims)) + dims  # dtype DT_FLOAT, shape
+        entry += b"\x20" + _varint(len(data)) + b"\x28" + _varint(len(raw)) + b"\x35" + struct.pack("<I", _masked_crc(raw))
+        rows.append((key.encode(), entry))
+        data += raw
+    prefix.with_name(prefix.name + ".data-00000-of-00001").write_bytes(bytes(data))
+
+    def block(entries: list[tuple[bytes, bytes]]) -> bytes:
+        body = b"".join(_varint(0) + _varint(len(k)) + _varint(len(v)) + k + v for k, v in entries)
+        return body + struct.pack("<II", 0, 1)
+
+    out = bytearray()
+
+    def put(contents: bytes) -> bytes:
+        handle = _varint(len(out)) + _varint(len(contents))
+        out.extend(contents + b"\x00" + struct.pack("<I", _masked_crc(contents + b"\x00")))
+        return handle
+
+    data_handle = put(block(rows))
+    meta_handle = put(block([]))
+    index_handle = put(block([(rows[-1][0], data_handle)]))
+    footer = (meta_handle + index_handle).ljust(40, b"\x00") + struct.pack("<Q", 0xDB4775248B80FB57)
+    prefix.with_name(prefix.name + ".index").write_bytes(bytes(out) + footer)
+
+
+def test_tf_kernels_are_converted_to_torch_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    v = "/.ATTRIBUTES/VARIABLE_VALUE"
+    arrays = {
+        f"dense/kernel{v}": rng.standard_normal((5, 3)),  # Dense [in, out]
+        f"dense/bias{v}": rng.standard_normal(3),
+        f"conv1d/kernel{v}": rng.standard_normal((3, 4, 6)),  # Conv1D [W, in, out]
+        f"dw/depthwise_kernel{v}": rng.standard_normal((3, 3, 4, 2)),  # DepthwiseConv2D [H, W, in, mult]
+        f"layer_with_weights-10/embeddings{v}": rng.standard_normal((9, 2)),
+        f"layer_with_weights-2/embeddings{v}": rng.standard_normal((9, 2)),
+        f"dense/kernel/.OPTIMIZER_SLOT/optimizer/m{v}": rng.standard_normal((5, 3)),
+        f"save_counter{v}": np.zeros(()),
+    }
+    write_tf_bundle(tmp_path / "ckpt-1", arrays)
+    src = tg.open(tmp_path / "ckpt-1.index")
+    # keys in network order (layer_with_weights-2 before -10), optimizer slots and the counter listed, not entries
+    assert list(src) == [
+        "conv1d.weight", "dense.bias", "dense.weight", "dw.depthwise.weight",
+        "layer_with_weights.2.weight", "layer_with_weights.10.weight",
+    ]  # fmt: skip
+    assert src.skipped == {
+        f"dense/kernel/.OPTIMIZER_SLOT/optimizer/m{v}": "optimizer slot",
+        f"save_counter{v}": "checkpoint save counter",
+    }
+    k = torch.from_numpy(arrays[f"dense/kernel{v}"]).float()
+    assert torch.equal(src["dense.weight"].load(), k.T)
+    c = torch.from_numpy(arrays[f"conv1d/kernel{v}"]).float()
+    assert torch.equal(src["conv1d.weight"].load(), c.permute(2, 1, 0))
+    d = torch.from_numpy(arrays[f"dw/depthwise_kernel{v}"]).float()
+    got = src["dw.depthwise.weight"].load()
+    assert got.shape == src["dw.depthwise.weight"].shape == (8, 1, 3, 3)
+    for i in range(4):  # torch groups=in: output channel i * mult + m filters input channel i
+        for m in range(2):
+            assert torch.equal(got[i * 2 + m, 0], d[:, :, i, m])
+    # a Keras Dense is a torch Linear: same outputs
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    linear = nn.Linear(5, 3)
+    tg.load(linear, src, rules={"dense": ""}, ignore_unexpected=[".*"])
+    torch.testing.assert_close(linear(x).detach(), x @ k + torch.from_numpy(arrays[f"dense/bias{v}"]).float())
+    assert src.conversions["dw.depthwise.weight"].startswith("DepthwiseConv2D kernel [H, W, in, mult]")
+    assert src.conversions["layer_with_weights.2.weight"] == "TF Embedding embeddings renamed to weight"
+
+
+def test_tf_damaged_bundles_are_refused(tmp_path):
+    write_tf_bundle(tmp_path / "ok", {"a/kernel/.ATTRIBUTES/VARIABLE_VALUE": np.ones((4, 4))})
+    index = (tmp_path / "ok.index").read_bytes()
+    data = (tmp_path / "ok.data-00000-of-00001").read_bytes()
+
+    def variant(name: str, index_bytes: bytes, data_bytes: bytes) -> Path:
+        (tmp_path / f"{name}.index").write_bytes(index_bytes)
+        (tmp_path / f"{name}.data-00000-of-00001").write_bytes(data_bytes)
+        return tmp_path / f"{name}.index"
+
+    with pytest.raises(CheckpointError, match=r"does not end with the table magic number"):
+        tg.open(variant("cut", index[:-3], data))
+    flipped = bytearray(index)
+    flipped[5] ^= 0x40
+    with pytest.raises(CheckpointError, match=r"data block at byte 0 fails its CRC32C checksum"):
+        tg.open(variant("flip", bytes(flipped), data))
+    with pytest.raises(CheckpointError, match=r"spans bytes 0\.\.64, outside its 60-byte data shard"):
+        tg.open(variant("short", index, data[:60]))
+    bad = bytearray(data)
+    bad[7] ^= 1
+    src = tg.open(variant("rot", index, bytes(bad)))  # names and shapes are fine; the bytes are checked on load
+    with pytest.raises(CheckpointError, match=r"fail their CRC32C checksum \(the data file is damaged\)"):
+        src["a.weight"].load()
+    (tmp_path / "gone.index").write_bytes(index)
+    with pytest.raises(CheckpointError, match=r"data shard gone\.data-00000-of-00001 named by the index does not exist"):
+        tg.open(tmp_path / "gone.index")

@@ -101,7 +101,7 @@ SHAPE_SLOTS: frozenset[tuple[str, int]] = frozenset({
 })  # fmt: skip
 _SHAPE_TYPES = frozenset({6, 7})  # int32, int64
 
-_TORCH_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)+$")
+_TORCH_KEY = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)+$")
 _BATCHNORM_WORDS = re.compile(r"batch_?norm|fusedbatchnorm|/bn\d*/|\bbn\d*\b", re.IGNORECASE)
 
 
@@ -376,7 +376,7 @@ def open_onnx(path: Path, **_: Any) -> OnnxSource:
     named_roles: dict[str, list[GraphRole]] = {}
     unit_of_node: dict[int, str] = {}
     kind_count: dict[str, int] = defaultdict(int)
-    first_use = sorted(inits, key=lambda k: (roles[k][0].position if roles.get(k) else len(nodes), k))
+    first_use = sorted(inits, key=lambda k: (roles[k][0].position, roles[k][0].slot) if roles.get(k) else (len(nodes), 0))
     taken = set(k for k in inits if _TORCH_KEY.match(k))
     for name in first_use:
         init, uses = inits[name], roles.get(name, [])

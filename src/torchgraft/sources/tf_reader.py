@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..keys import natural_key
 from .base import DTYPE_SIZES, Source, TensorRef
 
 __all__ = [
@@ -481,6 +482,8 @@ def open_tf_checkpoint(path: Path, **_: Any) -> TFSource:
             conversions[name] = note
         originals[name] = key
         entries[name] = TensorRef(name, shape, TF_DTYPES[e.dtype], _loader(shards, e, permute, shape))
+    # the table sorts keys as bytes (layer-10 before layer-2); Keras numbers layers in network order
+    entries = dict(sorted(entries.items(), key=lambda kv: natural_key(kv[0])))
     src = TFSource(
         entries,
         path=str(path),
