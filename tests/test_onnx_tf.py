@@ -66,7 +66,9 @@ class CQT(nn.Module):
             padded = F.pad(signal, (128, 128), mode="reflect")[:, :, None, :]  # [B, 1, 1, T + 256]
             real = F.conv2d(padded, self.real.weight, self.imag.bias, stride=(1, stride))
             imag = -F.conv2d(padded, self.imag.weight, self.imag.bias, stride=(1, stride))
-            pair = torch.stack([real[:, :, 0].transpose(1, 2), imag[:, :, 0].transpose(1, 2)], dim=-1)  # [B, 172, 36, 2]
+            pair = torch.stack(
+                [real[:, :, 0].transpose(1, 2), imag[:, :, 0].transpose(1, 2)], dim=-1
+            )  # [B, 172, 36, 2]
             octaves.append(pair)
             if o < N_OCTAVES - 1:
                 down = F.pad(signal, (127, 127))[:, :, None, :]
@@ -212,8 +214,12 @@ def test_savedmodel_load_matches_onnxruntime_and_the_onnx_tensors(models):
     for conv, bn in (("conv2d_1", model.bn2), ("conv2d_4", model.bn3)):
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         c = getattr(model, conv)
-        torch.testing.assert_close(c.weight * scale[:, None, None, None], onnx_sd[f"{conv}.weight"], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close((c.bias - bn.running_mean) * scale + bn.bias, onnx_sd[f"{conv}.bias"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            c.weight * scale[:, None, None, None], onnx_sd[f"{conv}.weight"], rtol=1e-5, atol=1e-6
+        )
+        torch.testing.assert_close(
+            (c.bias - bn.running_mean) * scale + bn.bias, onnx_sd[f"{conv}.bias"], rtol=1e-5, atol=1e-6
+        )
     scale = model.bn.weight / torch.sqrt(model.bn.running_var + model.bn.eps)
     torch.testing.assert_close(scale, onnx_sd["bn.weight"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.bn.bias - model.bn.running_mean * scale, onnx_sd["bn.bias"], rtol=1e-5, atol=1e-6)
@@ -449,7 +455,9 @@ def write_tf_bundle(prefix: Path, tensors: dict[str, np.ndarray]) -> None:
         raw = np.ascontiguousarray(tensors[key], dtype="<f4").tobytes()
         dims = b"".join(b"\x12" + _varint(len(d)) + d for d in (b"\x08" + _varint(s) for s in tensors[key].shape))
         entry = b"\x08\x01" + b"\x12" + _varint(len(dims)) + dims  # dtype DT_FLOAT, shape
-        entry += b"\x20" + _varint(len(data)) + b"\x28" + _varint(len(raw)) + b"\x35" + struct.pack("<I", _masked_crc(raw))
+        entry += (
+            b"\x20" + _varint(len(data)) + b"\x28" + _varint(len(raw)) + b"\x35" + struct.pack("<I", _masked_crc(raw))
+        )
         rows.append((key.encode(), entry))
         data += raw
     prefix.with_name(prefix.name + ".data-00000-of-00001").write_bytes(bytes(data))
@@ -539,5 +547,7 @@ def test_tf_damaged_bundles_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"fail their CRC32C checksum \(the data file is damaged\)"):
         src["a.weight"].load()
     (tmp_path / "gone.index").write_bytes(index)
-    with pytest.raises(CheckpointError, match=r"data shard gone\.data-00000-of-00001 named by the index does not exist"):
+    with pytest.raises(
+        CheckpointError, match=r"data shard gone\.data-00000-of-00001 named by the index does not exist"
+    ):
         tg.open(tmp_path / "gone.index")

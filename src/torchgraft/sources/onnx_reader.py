@@ -154,7 +154,9 @@ def _import_onnx(path: Path):
     try:
         import onnx
     except ImportError:
-        raise CheckpointError(path, "reading ONNX models needs the 'onnx' package", format=FORMAT, hint=EXTRA_HINT) from None
+        raise CheckpointError(
+            path, "reading ONNX models needs the 'onnx' package", format=FORMAT, hint=EXTRA_HINT
+        ) from None
     return onnx
 
 
@@ -290,9 +292,7 @@ def _check_initializer(path: Path, t: Any, onnx: Any) -> _Init:
             if have != need:
                 raise _bad(path, f"initializer {name[:80]!r} has shape {list(dims)} ({need} bytes) but holds {have}")
         else:
-            have = max(
-                len(t.float_data), len(t.int32_data), len(t.int64_data), len(t.double_data), len(t.uint64_data)
-            )
+            have = max(len(t.float_data), len(t.int32_data), len(t.int64_data), len(t.double_data), len(t.uint64_data))
             per = 2 if dtype in (14, 15) else 1  # complex numbers: two floats each
             if have != numel * per:
                 raise _bad(path, f"initializer {name[:80]!r} has shape {list(dims)} but holds {have} values")
@@ -340,7 +340,9 @@ def open_onnx(path: Path, **_: Any) -> OnnxSource:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, TypeError) as e:
-        raise _bad(path, f"not a valid ONNX model ({str(e).strip().splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        raise _bad(
+            path, f"not a valid ONNX model ({str(e).strip().splitlines()[0][:200] if str(e) else type(e).__name__})"
+        ) from None
     except OSError as e:
         raise _bad(path, f"cannot read the file ({e.strerror or e})", hint="check the file's permissions") from None
     graph = model.graph
@@ -376,8 +378,10 @@ def open_onnx(path: Path, **_: Any) -> OnnxSource:
     named_roles: dict[str, list[GraphRole]] = {}
     unit_of_node: dict[int, str] = {}
     kind_count: dict[str, int] = defaultdict(int)
-    first_use = sorted(inits, key=lambda k: (roles[k][0].position, roles[k][0].slot) if roles.get(k) else (len(nodes), 0))
-    taken = set(k for k in inits if _TORCH_KEY.match(k))
+    first_use = sorted(
+        inits, key=lambda k: (roles[k][0].position, roles[k][0].slot) if roles.get(k) else (len(nodes), 0)
+    )
+    taken = {k for k in inits if _TORCH_KEY.match(k)}
     for name in first_use:
         init, uses = inits[name], roles.get(name, [])
         if init.dtype not in ONNX_DTYPES:
@@ -399,9 +403,8 @@ def open_onnx(path: Path, **_: Any) -> OnnxSource:
         originals[entry] = name
         named_roles[entry] = uses
         if permute:
-            conversions[entry] = (
-                f"ONNX {first.op_type} weight [in, out] transposed to torch's [out, in]"
-                + (" (Gemm transB=0)" if first.op_type == "Gemm" else "")
+            conversions[entry] = f"ONNX {first.op_type} weight [in, out] transposed to torch's [out, in]" + (
+                " (Gemm transB=0)" if first.op_type == "Gemm" else ""
             )
         shape = (init.shape[1], init.shape[0]) if permute else init.shape
         entries[entry] = TensorRef(entry, shape, ONNX_DTYPES[init.dtype], _loader(init, permute))
@@ -484,7 +487,9 @@ def _metadata(model: Any) -> dict[str, str]:
     return {k: v for k, v in meta.items() if v}
 
 
-def _folded_batchnorm(nodes: list[Any], roles: Mapping[str, list[GraphRole]], originals: Mapping[str, str]) -> list[str]:
+def _folded_batchnorm(
+    nodes: list[Any], roles: Mapping[str, list[GraphRole]], originals: Mapping[str, str]
+) -> list[str]:
     """Entry modules of convolutions whose names show a BatchNorm that the graph no longer has."""
     if any(n.op_type == "BatchNormalization" for n in nodes):
         return []
