@@ -551,3 +551,49 @@ def test_tf_damaged_bundles_are_refused(tmp_path):
         CheckpointError, match=r"data shard gone\.data-00000-of-00001 named by the index does not exist"
     ):
         tg.open(tmp_path / "gone.index")
+
+
+# ---------------------------------------------------------------------------
+# CLI: inspect and scan
+
+
+def _cli(capsys, *argv: object) -> tuple[int, str, str]:
+    from torchgraft.cli import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_inspect_shows_format_tensors_and_dtypes(models, capsys):
+    import json
+
+    code, out, _ = _cli(capsys, "inspect", models / "nmp.onnx", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["format"] == "onnx" and info["tensors"] == 25
+    assert info["dtypes"] == {"float32": 35740, "int32": 1}
+    assert (
+        info["metadata"]["producer"] == "tf2onnx 1.15.1 37820d" and "cannot come from" in info["metadata"]["batchnorm"]
+    )
+    code, out, _ = _cli(capsys, "inspect", models / "nmp", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["format"] == "tf-checkpoint" and info["tensors"] == 24
+    assert info["dtypes"] == {"float32": 16864}
+    code, out, _ = _cli(capsys, "inspect", models / "nmp")
+    assert "(tf-checkpoint)" in out and "layer_with_weights" in out and "[8, 8, 3, 39] float32" in out
+
+
+def test_cli_scan_says_what_each_format_can_execute(models, tmp_path, capsys):
+    code, out, _ = _cli(capsys, "scan", models / "nmp.onnx")
+    assert code == 0 and "the graph is data to torchgraft, never executed" in out
+    code, out, _ = _cli(capsys, "scan", models / "nmp")
+    assert code == 0 and "a TF bundle holds tensors only, no code" in out
+    assert "saved_model.pb holds TF graphs (they can call Python): never read" in out
+    path, _ = _mlp_graph(tmp_path, external="mlp.data")
+    model = onnx.load(str(path), load_external_data=False)
+    for e in model.graph.initializer[0].external_data:
+        if e.key == "location":
+            e.value = "../../etc/passwd"
+    onnx.save(model, str(path))
+    with pytest.raises(CheckpointError, match=r"keeps its data in '\.\./\.\./etc/passwd', outside"):
+        tg.scan(path)
