@@ -128,20 +128,6 @@ class BasicPitch(nn.Module):
         return onsets[:, 0], notes[:, 0], contours[:, 0]
 
 
-#: The Keras layers behind the SavedModel's ``layer_with_weights-N`` (read off the ONNX node names).
-TF_RULES = {
-    "layer_with_weights.0": "bn",
-    "layer_with_weights.1": "conv2d_1",
-    "layer_with_weights.2": "bn2",
-    "layer_with_weights.3": "contours",
-    "layer_with_weights.4": "conv2d_2",
-    "layer_with_weights.5": "conv2d_4",
-    "layer_with_weights.6": "bn3",
-    "layer_with_weights.7": "conv2d_3",
-    "layer_with_weights.8": "conv2d_5",
-}
-
-
 def _audio() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     t = torch.arange(N_SAMPLES) / 22050
@@ -170,7 +156,7 @@ def _load_onnx(path: Path) -> tuple[BasicPitch, tg.LoadReport]:
 
 def _load_tf(path: Path) -> tuple[BasicPitch, tg.LoadReport]:
     model = BasicPitch(fused=False).eval()
-    report = tg.load(model, path, rules=TF_RULES, ignore_missing=["cqt.*"])
+    report = tg.load(model, path, align=True, ignore_missing=["cqt.*"])
     return model, report
 
 
@@ -204,6 +190,12 @@ def test_savedmodel_load_matches_onnxruntime_and_the_onnx_tensors(models):
     cqt = sorted(k for k in model.state_dict() if k.startswith("cqt."))
     assert report.missing == [] and sorted(k for k in report.ignored if k.startswith("cqt.")) == cqt
     assert len(report.loaded) == 24
+    # Keras layer names (from saved_model.pb): conv2d_* match by name, the BatchNorms and the contour head by structure
+    assert sorted(report.aligned) == sorted(
+        f"{m}.{a}" for m in ("bn", "bn2", "bn3") for a in ("weight", "bias", "running_mean", "running_var")
+    ) + ["contours.bias", "contours.weight"]
+    assert report.aligned["bn2.running_var"]["source"] == "batch_normalization_2.running_var"
+    assert report.aligned["contours.weight"]["source"] == "contours-reduced.weight"
     # cross-format equality: convolutions without a BatchNorm after them are the same numbers in both files
     onnx_sd, tf_sd = fused.state_dict(), model.state_dict()
     for name in ("contours", "conv2d_2", "conv2d_3", "conv2d_5"):
@@ -266,17 +258,35 @@ def test_onnx_source_roles_order_and_folded_batchnorm(models):
     assert w.shape == (32, 1, 7, 7) and w.dtype == torch.float32
 
 
-def test_savedmodel_names_conversions_and_skipped(models):
+def test_savedmodel_names_conversions_and_skipped(models, tmp_path):
     from torchgraft.sources.tf_reader import TFSource
 
     for path in (models / "nmp", models / "nmp" / "variables" / "variables.index",
                  models / "nmp" / "variables" / "variables.data-00000-of-00001"):  # fmt: skip
         src = tg.open(path)
         assert isinstance(src, TFSource) and src.format == "tf-checkpoint" and len(src) == 24
-    assert src["layer_with_weights.1.weight"].shape == (8, 8, 3, 39)  # HWIO (3, 39, 8, 8) -> OIHW
-    assert src.conversions["layer_with_weights.1.weight"] == "Conv2D kernel HWIO permuted to torch's OIHW"
-    assert src.conversions["layer_with_weights.2.running_var"] == "TF BatchNorm moving_variance renamed to running_var"
-    assert src.original_names["layer_with_weights.2.weight"] == "layer_with_weights-2/gamma/.ATTRIBUTES/VARIABLE_VALUE"
+    # names: the Keras layers' own (saved_model.pb's object graph), in the order Keras lists its layers
+    assert src.metadata["names"] == "Keras layer names from saved_model.pb"
+    assert list(src)[:6] == [
+        "batch_normalization.bias", "batch_normalization.running_mean", "batch_normalization.running_var",
+        "batch_normalization.weight", "conv2d_1.bias", "conv2d_1.weight",
+    ]  # fmt: skip
+    assert src["conv2d_1.weight"].shape == (8, 8, 3, 39)  # HWIO (3, 39, 8, 8) -> OIHW
+    assert src.conversions["conv2d_1.weight"] == "Conv2D kernel HWIO permuted to torch's OIHW"
+    assert src.conversions["batch_normalization_2.running_var"] == "TF BatchNorm moving_variance renamed to running_var"
+    assert src.original_names["batch_normalization_2.weight"] == "layer_with_weights-2/gamma/.ATTRIBUTES/VARIABLE_VALUE"
+    # without saved_model.pb beside variables/, the object graph's own path names
+    import shutil
+
+    shutil.copytree(models / "nmp" / "variables", tmp_path / "variables")
+    plain = tg.open(tmp_path / "variables" / "variables.index")
+    assert plain.metadata["names"] == "object-graph paths" and "layer_with_weights.1.weight" in plain
+    assert list(plain)[4:6] == ["layer_with_weights.1.bias", "layer_with_weights.1.weight"]
+    # a damaged saved_model.pb costs the names, never the weights (its graphs are not needed, never run)
+    (tmp_path / "saved_model.pb").write_bytes(b"\x12\xff\xff\xff\xff\x0f")
+    damaged = tg.open(tmp_path)
+    assert damaged.metadata["names"].startswith("object-graph paths (saved_model.pb could not be read")
+    assert list(damaged) == list(plain)
     slots = [k for k, why in src.skipped.items() if why == "optimizer slot"]
     assert len(slots) == 2 * 24 - 2 * 3 * 2  # Adam m and v for every trainable variable (not moving mean/var)
     assert src.skipped["optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE"] == "optimizer state"
@@ -580,7 +590,7 @@ def test_cli_inspect_shows_format_tensors_and_dtypes(models, capsys):
     assert code == 0 and info["format"] == "tf-checkpoint" and info["tensors"] == 24
     assert info["dtypes"] == {"float32": 16864}
     code, out, _ = _cli(capsys, "inspect", models / "nmp")
-    assert "(tf-checkpoint)" in out and "layer_with_weights" in out and "[8, 8, 3, 39] float32" in out
+    assert "(tf-checkpoint)" in out and "conv2d_1" in out and "[8, 8, 3, 39] float32" in out
 
 
 def test_cli_scan_says_what_each_format_can_execute(models, tmp_path, capsys):

@@ -296,11 +296,13 @@ def read_table(path: Path) -> list[tuple[bytes, bytes]]:
 # Names
 
 
-def torch_name(key: str) -> tuple[str, str | None] | None:
+def torch_name(key: str, layer_names: Callable[[list[str]], list[str]] | None = None) -> tuple[str, str | None] | None:
     """``"layer_with_weights-0/kernel/.ATTRIBUTES/VARIABLE_VALUE"`` -> ``("layer_with_weights.0.weight", "kernel")``.
 
-    Returns ``None`` for keys that are not variable values (the object graph itself);
-    the second item is the Keras attribute name when it is renamed.
+    ``layer_names`` turns the object-graph path (``["layer_with_weights-0"]``) into module
+    names (``["conv2d_1"]``: the Keras layer names a SavedModel records). Returns ``None`` for
+    keys that are not variable values (the object graph itself); the second item is the Keras
+    attribute name when it is renamed.
     """
     if not key.endswith(_VALUE_SUFFIX):
         return None
@@ -308,10 +310,107 @@ def torch_name(key: str) -> tuple[str, str | None] | None:
     if not parts:
         return None
     attr = parts[-1]
-    module = [re.sub(r"-(\d+)$", r".\1", p).replace("/", ".") for p in parts[:-1]]
+    module = layer_names(parts[:-1]) if layer_names else [_object_name(p) for p in parts[:-1]]
     renamed = ATTRIBUTE_NAMES.get(attr)
     leaf = renamed[0] if renamed else attr
     return ".".join([*module, leaf]), (attr if renamed else None)
+
+
+def _object_name(local_name: str) -> str:
+    """``layer_with_weights-3`` -> ``layer_with_weights.3`` (a numbered list, as torch writes them)."""
+    return re.sub(r"-(\d+)$", r".\1", local_name)
+
+
+# ---------------------------------------------------------------------------
+# Keras layer names, from a SavedModel's saved_model.pb (subset of saved_model.proto, saved_object_graph.proto)
+
+MAX_SAVED_MODEL_BYTES = 1 << 30
+
+
+def _saved_model_class(where: Path) -> Any:
+    with _messages_lock:
+        if "SavedModel" in _messages:
+            return _messages["SavedModel"]
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FileDescriptorProto(name="torchgraft_tf_saved_model.proto", package="torchgraft.tfsm")
+    fdp.syntax = "proto3"
+    opt, rep = F.LABEL_OPTIONAL, F.LABEL_REPEATED
+    for name, fields in (
+        ("ObjectReference", [("node_id", 1, F.TYPE_INT32, opt, ""), ("local_name", 2, F.TYPE_STRING, opt, "")]),
+        ("SavedUserObject", [("identifier", 1, F.TYPE_STRING, opt, ""), ("metadata", 3, F.TYPE_STRING, opt, "")]),
+        (
+            "SavedObject",
+            [
+                ("children", 1, F.TYPE_MESSAGE, rep, ".torchgraft.tfsm.ObjectReference"),
+                ("user_object", 4, F.TYPE_MESSAGE, opt, ".torchgraft.tfsm.SavedUserObject"),
+            ],
+        ),
+        ("SavedObjectGraph", [("nodes", 1, F.TYPE_MESSAGE, rep, ".torchgraft.tfsm.SavedObject")]),
+        ("MetaGraphDef", [("object_graph_def", 7, F.TYPE_MESSAGE, opt, ".torchgraft.tfsm.SavedObjectGraph")]),
+        ("SavedModel", [("meta_graphs", 2, F.TYPE_MESSAGE, rep, ".torchgraft.tfsm.MetaGraphDef")]),
+    ):
+        m = fdp.message_type.add(name=name)
+        for fname, number, ftype, label, type_name in fields:
+            f = m.field.add(name=fname, number=number, type=ftype, label=label)
+            if type_name:
+                f.type_name = type_name
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("torchgraft.tfsm.SavedModel"))
+    with _messages_lock:
+        _messages["SavedModel"] = cls
+    return cls
+
+
+def _keras_layer_names(pb: Path) -> tuple[Callable[[list[str]], list[str]] | None, str]:
+    """A function from object-graph paths to Keras layer names, or ``None`` and why not.
+
+    The SavedModel's object graph (``saved_model.pb``) records each Keras layer's ``name`` in its
+    metadata; the checkpoint's keys are paths through the same graph (``layer_with_weights-1``).
+    Graphs in the file are never executed: only this object list is read.
+    """
+    import json
+
+    from google.protobuf.message import DecodeError
+
+    try:
+        if pb.stat().st_size > MAX_SAVED_MODEL_BYTES:
+            return None, f"saved_model.pb is larger than {MAX_SAVED_MODEL_BYTES} bytes"
+        model = _saved_model_class(pb)()
+        model.ParseFromString(pb.read_bytes())
+    except (OSError, DecodeError, RecursionError) as e:
+        return None, f"saved_model.pb could not be read ({str(e)[:120] or type(e).__name__})"
+    graphs = [m.object_graph_def for m in model.meta_graphs if m.object_graph_def.nodes]
+    if not graphs:
+        return None, "saved_model.pb has no object graph"
+    nodes = graphs[0].nodes
+
+    def layer_name(node_id: int) -> str | None:
+        if not 0 <= node_id < len(nodes) or not nodes[node_id].user_object.metadata:
+            return None
+        try:
+            meta = json.loads(nodes[node_id].user_object.metadata)
+        except (ValueError, RecursionError):
+            return None
+        name = meta.get("name") if isinstance(meta, dict) else None
+        return name.replace(".", "_").replace("/", "_") if isinstance(name, str) and name else None
+
+    def names(path: list[str]) -> list[str]:
+        out, node = [], 0
+        for part in path:
+            child = (
+                next((c.node_id for c in nodes[node].children if c.local_name == part), None)
+                if node is not None
+                else None
+            )
+            name = layer_name(child) if child is not None else None
+            out.append(name or _object_name(part))
+            node = child if child is not None and 0 <= child < len(nodes) else None
+        return out
+
+    return names, ""
 
 
 def _skip_reason(key: str) -> str | None:
@@ -441,6 +540,21 @@ def open_tf_checkpoint(path: Path, **_: Any) -> TFSource:
             raise bad(f"the data shard {f.name} named by the index does not exist", hint="copy the missing shard")
         sizes.append(f.stat().st_size)
 
+    names = {raw.decode("utf-8", "replace"): torch_name(raw.decode("utf-8", "replace")) for raw, _ in rows[1:]}
+    graph_order = {k: natural_key(n[0]) for k, n in names.items() if n is not None}
+    metadata = {"names": "object-graph paths"}
+    pb = index.parent.parent / "saved_model.pb"
+    if index.parent.name == "variables" and pb.is_file():
+        layer_names, why_not = _keras_layer_names(pb)
+        if layer_names is not None:
+            keras = {k: torch_name(k, layer_names) for k in names}
+            taken = [n[0] for k, n in keras.items() if n is not None and _skip_reason(k) is None]
+            if len(taken) == len(set(taken)):
+                names, metadata["names"] = keras, "Keras layer names from saved_model.pb"
+            else:
+                metadata["names"] = "object-graph paths (two Keras layers in saved_model.pb share a name)"
+        else:
+            metadata["names"] = f"object-graph paths ({why_not})"
     shards = _Shards(files, index)
     entries: dict[str, TensorRef] = {}
     originals: dict[str, str] = {}
@@ -466,7 +580,7 @@ def open_tf_checkpoint(path: Path, **_: Any) -> TFSource:
         if (why := _skip_reason(key)) is not None:
             skipped[key] = why
             continue
-        named = torch_name(key)
+        named = names[key]
         if e.dtype not in TF_DTYPES or named is None:
             kind = _TF_DTYPE_NAMES.get(e.dtype, f"dtype {e.dtype}")
             skipped[key] = f"{kind} tensor" if named is not None or e.dtype == _TF_STRING else "not a variable value"
@@ -482,12 +596,13 @@ def open_tf_checkpoint(path: Path, **_: Any) -> TFSource:
             conversions[name] = note
         originals[name] = key
         entries[name] = TensorRef(name, shape, TF_DTYPES[e.dtype], _loader(shards, e, permute, shape))
-    # the table sorts keys as bytes (layer-10 before layer-2); Keras numbers layers in network order
-    entries = dict(sorted(entries.items(), key=lambda kv: natural_key(kv[0])))
+    # the table sorts keys as bytes (layer-10 before layer-2); Keras numbers its layers in network order
+    entries = dict(sorted(entries.items(), key=lambda kv: graph_order[originals[kv[0]]]))
     src = TFSource(
         entries,
         path=str(path),
         format=FORMAT,
+        metadata=metadata,
         skipped=skipped,
         files=[str(index), *map(str, files)],
         closer=shards.close,
