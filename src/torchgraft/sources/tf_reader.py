@@ -17,9 +17,12 @@ Why not a maintained reader: TensorFlow's own (``tf.train.load_checkpoint``) nee
 proto nor a table reader. Both dependencies here (``protobuf``, ``google-crc32c``) are
 the ``tf`` extra: ``pip install torchgraft[tf]``.
 
-Names: ``layer_with_weights-0/kernel/.ATTRIBUTES/VARIABLE_VALUE`` becomes
-``layer_with_weights.0.weight``; optimizer slots (``.OPTIMIZER_SLOT``), the optimizer's own
-variables, Keras metrics and ``save_counter`` are left out and listed in ``source.skipped``.
+Names: ``layer_with_weights-1/kernel/.ATTRIBUTES/VARIABLE_VALUE`` becomes ``conv2d_1.weight``
+when the folder is a SavedModel (the Keras layer names come from the object list in
+``saved_model.pb``; its graphs are never read or run), else ``layer_with_weights.1.weight``;
+``source.metadata["names"]`` says which. Entries come in the order Keras lists its layers.
+Optimizer slots (``.OPTIMIZER_SLOT``), the optimizer's own variables, Keras metrics and
+``save_counter`` are left out and listed in ``source.skipped``.
 Keras kernels are converted to torch's layout and each change is recorded in
 ``source.conversions`` (see :data:`ATTRIBUTE_NAMES`).
 """
@@ -503,8 +506,8 @@ def open_tf_checkpoint(path: Path, **_: Any) -> TFSource:
 
     Example:
         >>> src = tg.open("saved_model/")            # reads saved_model/variables/variables.index
-        >>> src.conversions["layer_with_weights.1.weight"]
-        'Conv2D kernel HWIO permuted to torch's OIHW'
+        >>> src.conversions["conv2d_1.weight"]
+        "Conv2D kernel HWIO permuted to torch's OIHW"
         >>> src.skipped["layer_with_weights-1/kernel/.OPTIMIZER_SLOT/optimizer/m/.ATTRIBUTES/VARIABLE_VALUE"]
         'optimizer slot'
     """
