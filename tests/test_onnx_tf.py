@@ -253,6 +253,14 @@ def test_onnx_source_roles_order_and_folded_batchnorm(models):
         "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"
     ]  # fmt: skip
     assert batchnorm_entries(BasicPitch(fused=True)) == []
+    # a model that still has its BatchNorms: the plan says plainly which entries this graph cannot give
+    plan = tg.plan(BasicPitch(fused=False), src, align=True)
+    [note] = [n for n in plan.notes if "cannot come from this ONNX graph" in n]
+    assert note.startswith(
+        "bn.weight, bn.bias, bn.running_mean, bn.running_var, bn3.weight, bn3.bias, bn3.running_mean"
+    )
+    assert "folded BatchNorm into conv_3, conv_4" in note
+    assert not any("cannot come from" in n for n in tg.plan(BasicPitch(fused=True), src, align=True).notes)
     assert src.conversions == {}  # convolutions are stored in torch's layout already
     w = src["conv_6.weight"].load()
     assert w.shape == (32, 1, 7, 7) and w.dtype == torch.float32

@@ -565,6 +565,9 @@ def build_plan(
         elif (p := _matches(miss_patterns, name, _source_name_guess(name, pfx))) is not None:
             e.ignored, e.note = True, f"missing, ignored by pattern {p.pattern!r}"
 
+    if hasattr(src, "plan_notes"):  # readers of other frameworks' files: model entries that file cannot hold
+        notes += src.plan_notes([k for k, e in entries.items() if e.action == "init" and not e.mismatched])
+
     if adapt is not None:
         from .policy import apply_policy  # imports torch: only when adapting
 

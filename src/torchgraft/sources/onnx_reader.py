@@ -145,6 +145,22 @@ class OnnxSource(Source):
     original_names: dict[str, str]
     folded_batchnorm: list[str]
 
+    def plan_notes(self, missing: list[str]) -> list[str]:
+        """What a plan should say about model entries left missing: BatchNorm state a folded graph lacks."""
+        if not self.folded_batchnorm:
+            return []
+        norms = {k.rpartition(".")[0] for k in missing if k.endswith((".running_mean", ".running_var"))}
+        lost = [k for k in missing if k.rpartition(".")[0] in norms]
+        if not lost:
+            return []
+        shown = ", ".join(lost[:12]) + (f" and {len(lost) - 12} more" if len(lost) > 12 else "")
+        return [
+            f"{shown} cannot come from this ONNX graph: its exporter folded BatchNorm into "
+            f"{', '.join(self.folded_batchnorm[:6])} (their weights hold conv * gamma / sqrt(var + eps)). "
+            "Load it into a model whose BatchNorms are fused into the convolutions before them "
+            "(torch.nn.utils.fusion.fuse_conv_bn_eval), or take these weights from the framework's own checkpoint"
+        ]
+
 
 def _bad(path: Path, reason: str, hint: str = "the file is damaged or not an ONNX model") -> CheckpointError:
     return CheckpointError(path, reason, format=FORMAT, hint=hint)
