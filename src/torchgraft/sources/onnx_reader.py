@@ -154,12 +154,13 @@ class OnnxSource(Source):
         if not lost:
             return []
         shown = ", ".join(lost[:12]) + (f" and {len(lost) - 12} more" if len(lost) > 12 else "")
-        return [
+        note = (
             f"{shown} cannot come from this ONNX graph: its exporter folded BatchNorm into "
             f"{', '.join(self.folded_batchnorm[:6])} (their weights hold conv * gamma / sqrt(var + eps)). "
             "Load it into a model whose BatchNorms are fused into the convolutions before them "
             "(torch.nn.utils.fusion.fuse_conv_bn_eval), or take these weights from the framework's own checkpoint"
-        ]
+        )
+        return [note]
 
 
 def _bad(path: Path, reason: str, hint: str = "the file is damaged or not an ONNX model") -> CheckpointError:
