@@ -615,3 +615,29 @@ def test_cli_scan_says_what_each_format_can_execute(models, tmp_path, capsys):
     onnx.save(model, str(path))
     with pytest.raises(CheckpointError, match=r"keeps its data in '\.\./\.\./etc/passwd', outside"):
         tg.scan(path)
+
+
+def test_onnx_dtypes_raw_and_typed_storage(tmp_path):
+    from onnx import TensorProto, helper
+
+    arrays = {
+        "f16": (TensorProto.FLOAT16, np.arange(6, dtype=np.float16).reshape(2, 3), True),
+        "i64": (TensorProto.INT64, np.arange(6, dtype=np.int64).reshape(2, 3), False),
+        "f64": (TensorProto.DOUBLE, np.linspace(0, 1, 6).reshape(3, 2), True),
+        "b": (TensorProto.BOOL, np.array([True, False, True]), False),
+        "f32": (TensorProto.FLOAT, np.linspace(-1, 1, 4, dtype=np.float32), False),
+    }
+    inits = [
+        helper.make_tensor(k, tp, a.shape, a.tobytes() if raw else a.flatten().tolist(), raw=raw)
+        for k, (tp, a, raw) in arrays.items()
+    ]
+    inits.append(helper.make_tensor("bf16", TensorProto.BFLOAT16, [3], [1.0, 2.0, 3.5]))  # typed: stored as int32
+    nodes = [helper.make_node("Identity", [t.name], [f"{t.name}_out"]) for t in inits]
+    outputs = [helper.make_tensor_value_info(f"{t.name}_out", t.data_type, None) for t in inits]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [], outputs, inits)), str(tmp_path / "m.onnx"))
+    src = tg.open(tmp_path / "m.onnx")
+    got = {src.original_names[k]: src[k].load() for k in src}
+    for k, (_tp, a, _raw) in arrays.items():
+        assert torch.equal(got[k], torch.from_numpy(a)), k
+        assert src[next(n for n, o in src.original_names.items() if o == k)].dtype == str(got[k].dtype)[6:]
+    assert got["bf16"].dtype == torch.bfloat16 and got["bf16"].tolist() == [1.0, 2.0, 3.5]

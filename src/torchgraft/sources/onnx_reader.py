@@ -329,15 +329,18 @@ def _to_torch(init: _Init, permute: bool):
         if len(raw) != length:
             raise _bad(target, f"external data of {init.name[:80]!r} ends early (the file changed?)")
         t = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-    else:
+    elif init.proto.HasField("raw_data"):  # little-endian bytes, as torch stores them
+        raw = init.proto.raw_data
+        t = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+    else:  # typed fields (float_data, int32_data, ...): onnx's own converter
         from onnx import numpy_helper
 
-        arr = np.array(numpy_helper.to_array(init.proto), copy=True, order="C")  # writable, owned by the tensor
-        if arr.dtype.kind in "biuf" and arr.dtype.itemsize == dtype.itemsize and arr.dtype != np.bool_:
+        arr = np.array(numpy_helper.to_array(init.proto), copy=True, order="C").reshape(-1)
+        if arr.dtype.kind in "cb":
+            t = torch.from_numpy(arr)
+        else:  # same width, maybe an ml_dtypes type torch cannot take directly (bfloat16, float8)
             width = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}[arr.dtype.itemsize]
-            t = torch.from_numpy(arr.reshape(-1).view(f"u{arr.dtype.itemsize}")).view(width).view(dtype)
-        else:
-            t = torch.from_numpy(arr.reshape(-1)).to(dtype)
+            t = torch.from_numpy(arr.view(f"u{arr.dtype.itemsize}")).view(width).view(dtype)
     t = t.reshape(init.shape)
     return t.t().contiguous() if permute else t
 
@@ -356,7 +359,7 @@ def open_onnx(path: Path, **_: Any) -> OnnxSource:
 
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, TypeError) as e:
+    except (DecodeError, RuntimeError, ValueError, TypeError, RecursionError) as e:
         raise _bad(
             path, f"not a valid ONNX model ({str(e).strip().splitlines()[0][:200] if str(e) else type(e).__name__})"
         ) from None
@@ -437,6 +440,14 @@ def open_onnx(path: Path, **_: Any) -> OnnxSource:
     )
     src.roles = named_roles
     src.original_names = originals
+    bodies = sum(
+        1 for n in nodes for a in n.attribute if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    )
+    if bodies or graph.sparse_initializer:
+        src.metadata["not read"] = (
+            f"{bodies} subgraph(s) of If/Loop/Scan nodes and {len(graph.sparse_initializer)} sparse initializer(s): "
+            "only the main graph's dense initializers are entries"
+        )
     src.folded_batchnorm = _folded_batchnorm(ordered_nodes, named_roles, originals)
     if src.folded_batchnorm:
         src.metadata["batchnorm"] = (
