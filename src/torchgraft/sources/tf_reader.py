@@ -564,6 +564,9 @@ def open_tf_checkpoint(path: Path, **_: Any) -> TFSource:
     conversions: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for raw_key, value in rows[1:]:
+        if raw_key.startswith(b"\x00"):  # TF's encoding of "name + slice": one piece of a partitioned variable
+            skipped[raw_key.decode("utf-8", "backslashreplace")] = "slice of a partitioned variable (not supported)"
+            continue
         try:
             key = raw_key.decode("utf-8")
         except UnicodeDecodeError:
