@@ -342,6 +342,7 @@ def build_plan(model: nn.Module, view: TargetView, src: Source, options: PlanOpt
         _align(draft, view, src, ignore)
     _tie(draft, view)
     _settle_missing(draft, view, src, ignore)
+    draft.notes += src.plan_notes([k for k, e in draft.entries.items() if e.action == "init" and not e.mismatched])
     if options.adapt is not None:
         from .policy import apply_policy  # imports torch: only when adapting
 

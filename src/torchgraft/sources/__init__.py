@@ -12,7 +12,9 @@ from ..errors import CheckpointError
 from .base import DTYPE_SIZES, Source, TensorRef, dtype_name
 from .dcp_reader import looks_like_dcp, open_dcp
 from .directory import open_directory, open_index
+from .onnx_reader import looks_like_onnx, open_onnx  # onnx, protobuf: imported when such a file is opened
 from .safetensors_reader import looks_like_safetensors, open_safetensors
+from .tf_reader import looks_like_tf_checkpoint, open_tf_checkpoint
 from .torch_reader import open_torch
 
 __all__ = [
@@ -46,12 +48,15 @@ class Reader:
 READERS: list[Reader] = [
     # torch.distributed.checkpoint: a directory with .metadata (before "directory"; the file is a pickle)
     Reader("dcp", lambda p, head, size: looks_like_dcp(p), open_dcp),
+    # TensorFlow: a SavedModel folder (variables/variables.index), PREFIX.index or PREFIX.data-* (before "directory")
+    Reader("tf-checkpoint", lambda p, head, size: looks_like_tf_checkpoint(p), open_tf_checkpoint),
     Reader("directory", lambda p, head, size: p.is_dir(), open_directory),
     Reader("index", lambda p, head, size: p.name.endswith(".index.json"), open_index),
     Reader("safetensors", lambda p, head, size: looks_like_safetensors(head, size), open_safetensors),
     Reader("torch-zip", lambda p, head, size: head[:4] == b"PK\x03\x04", open_torch),
     # pickle protocol 2+ starts with PROTO (0x80); torch's legacy format is a series of pickles
     Reader("torch-legacy", lambda p, head, size: head[:1] == b"\x80", open_torch),
+    Reader("onnx", lambda p, head, size: looks_like_onnx(p, head), open_onnx),
 ]
 
 

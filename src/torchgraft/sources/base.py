@@ -150,6 +150,14 @@ class Source(Mapping[str, TensorRef]):
         """A short hash of names, shapes and dtypes: identifies the layout, not the values."""
         return layout_fingerprint((name, r.shape, r.dtype) for name, r in sorted(self._entries.items()))
 
+    def plan_notes(self, missing: list[str]) -> list[str]:
+        """Plain-words notes for a plan whose model entries ``missing`` this source cannot give.
+
+        Readers of other frameworks' files override it (an ONNX graph whose BatchNorm was folded into
+        its convolutions holds no BatchNorm entries); torch formats have nothing to add.
+        """
+        return []
+
     def close(self) -> None:
         """Release file handles and memory maps (tensors already loaded stay valid)."""
         if self._closer is not None:
