@@ -16,7 +16,6 @@ from torch import nn
 
 import torchgraft as tg
 from tests.conftest import TinyNet
-from torchgraft.plan import build_plan
 from torchgraft.sources import Source
 from torchgraft.staging import (
     ModuleGroups,
@@ -48,7 +47,7 @@ def test_module_groups_follow_the_plan():
     checkpoint = {k: v for k, v in TinyNet().state_dict().items() if not k.startswith("head.")}
     del checkpoint["bn.num_batches_tracked"]  # a checkpoint that predates it: "default"
     view = TargetView.of(model)
-    plan = build_plan(model, view, Source.from_state_dict(checkpoint))
+    plan = tg.plan(model, Source.from_state_dict(checkpoint))
     groups = ModuleGroups.of(view, plan)
     assert groups.module["bn.running_mean"] == "bn" and groups.module["conv.weight"] == "conv"
     # loaded entries by module, in plan order; "bn" keeps its loaded entries (num_batches_tracked is filled by its hook)
@@ -63,7 +62,7 @@ def test_module_groups_list_meta_nonpersistent_buffers_and_ties_to_initialise():
     with torch.device("meta"):
         model = Tied()
     view = TargetView.of(model)
-    plan = build_plan(model, view, Source.from_state_dict({}))
+    plan = tg.plan(model, Source.from_state_dict({}))
     groups = ModuleGroups.of(view, plan)
     assert groups.loads == {}
     assert groups.to_initialise == {"embed": ["embed.weight"], "decoder": ["decoder.weight"], "": ["pos"]}
@@ -74,9 +73,8 @@ def test_module_groups_list_meta_nonpersistent_buffers_and_ties_to_initialise():
 
 
 def _entry(model: nn.Module, checkpoint: dict[str, torch.Tensor], name: str):
-    view = TargetView.of(model)
     src = Source.from_state_dict(checkpoint, name="ckpt")
-    return build_plan(model, view, src).entries[name], src
+    return tg.plan(model, src).entries[name], src
 
 
 def test_stage_entry_makes_a_one_element_tensor_a_scalar_like_load_state_dict():
@@ -103,9 +101,9 @@ def test_stage_entry_refuses_a_checkpoint_that_changed_since_planning():
 def test_stage_entry_runs_the_planned_adapter():
     model = nn.Linear(3, 4)
     checkpoint = nn.Linear(3, 2).state_dict()
-    view = TargetView.of(model)
     src = Source.from_state_dict(checkpoint)
-    entry = build_plan(model, view, src, adapt={"weight": {"name": "output_rows", "args": {"fill": "zeros"}}}).entries["weight"]
+    adapt = {"weight": {"name": "output_rows", "args": {"fill": "zeros"}}}
+    entry = tg.plan(model, src, adapt=adapt).entries["weight"]
     assert entry.action == "adapt"
     staged = stage_entry("weight", entry, checkpoint["weight"], model=model, shape=(4, 3), source=src)
     assert staged.shape == (4, 3)
@@ -168,7 +166,7 @@ def test_retie_restores_ties_keeping_the_loaded_tensor():
     model = Tied()
     view = TargetView.of(model)
     checkpoint = {"decoder.weight": torch.randn(6, 4)}  # the tie saved under its second name
-    plan = build_plan(model, view, Source.from_state_dict(checkpoint))
+    plan = tg.plan(model, Source.from_state_dict(checkpoint))
     loaded = nn.Parameter(checkpoint["decoder.weight"].clone())
     model.decoder._parameters["weight"] = loaded  # an assignment broke the tie
     changed: list[nn.Module] = []
