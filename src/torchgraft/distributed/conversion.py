@@ -112,7 +112,6 @@ def convert_to_dcp(
     )
 
 
-
 def convert_from_dcp(
     source: str | os.PathLike[str],
     dest: str | os.PathLike[str],

@@ -70,6 +70,7 @@ def pack_error(error: BaseException) -> tuple[Any, ...]:
 
 
 def unpack_error(packed: tuple[Any, ...], rank: int) -> BaseException:
+    """The exception :func:`pack_error` packed on ``rank``, with a note saying where it was raised."""
     cls, args, attrs = packed
     error = cls.__new__(cls)
     BaseException.__init__(error, *args)
@@ -79,9 +80,10 @@ def unpack_error(packed: tuple[Any, ...], rank: int) -> BaseException:
     return error
 
 
-
 @dataclass(frozen=True)
 class SharedRandom:
+    """Rank 0's CPU random state (or ``seed``), so that adapters and initialisers draw the same values everywhere."""
+
     state: bytes
     seed: int | None
 
