@@ -85,7 +85,7 @@ def test_stage_entry_makes_a_one_element_tensor_a_scalar_like_load_state_dict():
 
     model = Scale()
     entry, src = _entry(model, {"scale": torch.tensor([3.0])}, "scale")
-    staged = stage_entry("scale", entry, torch.tensor([3.0]), model=model, shape=(), source=src)
+    staged = stage_entry("scale", entry, torch.tensor([3.0]), shape=(), source=src)
     twin = Scale()
     twin.load_state_dict({"scale": torch.tensor([3.0])})
     assert staged.shape == twin.scale.shape and torch.equal(staged, twin.scale.detach())
@@ -95,7 +95,7 @@ def test_stage_entry_refuses_a_checkpoint_that_changed_since_planning():
     model = nn.Linear(3, 2)
     entry, src = _entry(model, nn.Linear(3, 2).state_dict(), "weight")
     with pytest.raises(tg.LoadError, match=r"(?s)ckpt .* changed since it was planned.*'weight' has shape \[4, 3\]"):
-        stage_entry("weight", entry, torch.zeros(4, 3), model=model, shape=(2, 3), source=src)
+        stage_entry("weight", entry, torch.zeros(4, 3), shape=(2, 3), source=src)
 
 
 def test_stage_entry_runs_the_planned_adapter():
@@ -105,7 +105,7 @@ def test_stage_entry_runs_the_planned_adapter():
     adapt = {"weight": {"name": "output_rows", "args": {"fill": "zeros"}}}
     entry = tg.plan(model, src, adapt=adapt).entries["weight"]
     assert entry.action == "adapt"
-    staged = stage_entry("weight", entry, checkpoint["weight"], model=model, shape=(4, 3), source=src)
+    staged = stage_entry("weight", entry, checkpoint["weight"], shape=(4, 3), source=src)
     assert staged.shape == (4, 3)
     assert torch.equal(staged[:2], checkpoint["weight"])  # output_rows keeps the rows the checkpoint has...
     assert torch.equal(staged[2:], torch.zeros(2, 3))  # ...and fills the new ones as asked

@@ -183,7 +183,7 @@ def load(
 
         groups = ModuleGroups.of(view, plan)
         materialise_on = torch.device(device) if device is not None else torch.device("cpu")
-        staged, assign_modules = _stage(model, view, plan, groups, src, dtype, materialise_on)
+        staged, assign_modules = _stage(view, plan, groups, src, dtype, materialise_on)
         nonfinite = _find_nonfinite(staged, view, dtype) if check_finite else {}
         if nonfinite and check_finite == "error":
             raise nonfinite_error(src, nonfinite)
@@ -215,7 +215,6 @@ def load(
 
 
 def _stage(
-    model: nn.Module,
     view: TargetView,
     plan: Plan,
     groups: ModuleGroups,
@@ -238,7 +237,7 @@ def _stage(
             continue
         assert e.source is not None
         current = live[name]
-        tensor = stage_entry(name, e, src[e.source].load(), model=model, shape=tuple(current.shape), source=src)
+        tensor = stage_entry(name, e, src[e.source].load(), shape=tuple(current.shape), source=src)
         if groups.module[name] in assign_modules:
             target_dtype = _final_dtype(current.dtype, dtype)
             target_device = materialise_on if current.is_meta else current.device

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .keys import collapse_groups, collapse_keys
+from .messages import describe_adapter  # re-exported: report.describe_adapter keeps working
 
 if TYPE_CHECKING:
     from torch import nn
@@ -63,15 +64,6 @@ def render_text(renderable: Any, *, width: int = 120) -> str:
     buf = io.StringIO()
     Console(file=buf, width=width, force_terminal=False, color_system=None, highlight=False).print(renderable)
     return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
-
-
-def describe_adapter(spec: dict[str, Any]) -> str:
-    """``{"name": "input_channels", "args": {"method": "sum"}}`` -> ``input_channels(method='sum')``."""
-    args = ", ".join(
-        f"{k}=[{len(v)} items]" if isinstance(v, list) and len(v) > 6 else f"{k}={v!r}"
-        for k, v in spec.get("args", {}).items()
-    )
-    return f"{spec.get('name')}({args})" if args else str(spec.get("name"))
 
 
 def _adapter_summary(adapted: dict[str, dict[str, Any]]) -> str:

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .dangers import danger_of as _danger_of
 from .errors import CheckpointError
-from .sources.pickle_scan import danger_of as _danger_of
 from .sources.pickle_scan import pickle_globals, refused_globals
 from .sources.safetensors_reader import looks_like_safetensors, read_header
 

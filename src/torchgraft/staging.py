@@ -98,7 +98,6 @@ def stage_entry(
     entry: Entry,
     tensor: torch.Tensor,
     *,
-    model: nn.Module,
     shape: tuple[int, ...],
     source: Source,
 ) -> torch.Tensor:
@@ -115,7 +114,7 @@ def stage_entry(
         from . import adapters
 
         assert entry.adapter is not None
-        tensor = adapters.run(entry.adapter, tensor, target_shape=entry.shape, model=model, target=entry.target)
+        tensor = adapters.run(entry.adapter, tensor, target_shape=entry.shape, target=entry.target)
     if tuple(tensor.shape) != tuple(shape):
         if shape != () or tensor.numel() != 1:
             raise LoadError(

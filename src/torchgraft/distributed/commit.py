@@ -34,7 +34,7 @@ def compute(
     with random(), torch.no_grad():
         for name, tensor in whole.items():
             e = plan.entries[name]
-            value = stage_entry(name, e, tensor, model=model, shape=e.shape, source=src)
+            value = stage_entry(name, e, tensor, shape=e.shape, source=src)
             adapted[name] = place(value, live(view, name), device)
         inits, methods = _initial_values(model, view, groups, init_missing)
     initial = {name: place(v, live(view, name), device) for name, v in inits.items()}

@@ -15,7 +15,17 @@ from .directory import open_directory, open_index
 from .safetensors_reader import looks_like_safetensors, open_safetensors
 from .torch_reader import open_torch
 
-__all__ = ["DTYPE_SIZES", "READERS", "Reader", "Source", "TensorRef", "dtype_name", "open", "register_reader"]
+__all__ = [
+    "DTYPE_SIZES",
+    "READERS",
+    "Reader",
+    "Source",
+    "TensorRef",
+    "dtype_name",
+    "open",
+    "read_head",
+    "register_reader",
+]
 
 _HEAD_BYTES = 16
 
@@ -49,6 +59,25 @@ def register_reader(reader: Reader, *, first: bool = True) -> None:
     """Add a format. ``first=True`` lets it claim files before the built-in readers."""
     READERS[:] = [r for r in READERS if r.name != reader.name]
     READERS.insert(0 if first else len(READERS), reader)
+
+
+def read_head(path: Path) -> tuple[bytes, int]:
+    """The first bytes every :class:`Reader` sniffs, and the file's size.
+
+    Raises:
+        CheckpointError: the file cannot be read, or is empty.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(_HEAD_BYTES)
+    except OSError as e:
+        raise CheckpointError(
+            path, f"cannot read the file ({e.strerror or e})", hint="check the file's permissions"
+        ) from None
+    if size == 0:
+        raise CheckpointError(path, "the file is empty", hint="the download or save was interrupted: fetch it again")
+    return head, size
 
 
 def open(
@@ -103,16 +132,7 @@ def open(
         )
     head, size = b"", 0
     if p.is_file():
-        try:
-            size = p.stat().st_size
-            with p.open("rb") as f:
-                head = f.read(_HEAD_BYTES)
-        except OSError as e:
-            raise CheckpointError(
-                p, f"cannot read the file ({e.strerror or e})", hint="check the file's permissions"
-            ) from None
-        if size == 0:
-            raise CheckpointError(p, "the file is empty", hint="the download or save was interrupted: fetch it again")
+        head, size = read_head(p)
     elif not p.is_dir():  # a FIFO or device would block or never end
         raise CheckpointError(p, "not a regular file or directory", hint="pass the checkpoint file itself")
     options = {"container": container, "allow_globals": allow_globals}
