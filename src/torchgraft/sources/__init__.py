@@ -12,6 +12,7 @@ from ..errors import CheckpointError
 from .base import DTYPE_SIZES, Source, TensorRef, dtype_name
 from .dcp_reader import looks_like_dcp, open_dcp
 from .directory import open_directory, open_index
+from .gguf_reader import looks_like_gguf, open_gguf
 from .safetensors_reader import looks_like_safetensors, open_safetensors
 from .torch_reader import open_torch
 
@@ -42,6 +43,7 @@ READERS: list[Reader] = [
     Reader("torch-zip", lambda p, head, size: head[:4] == b"PK\x03\x04", open_torch),
     # pickle protocol 2+ starts with PROTO (0x80); torch's legacy format is a series of pickles
     Reader("torch-legacy", lambda p, head, size: head[:1] == b"\x80", open_torch),
+    Reader("gguf", lambda p, head, size: looks_like_gguf(head), open_gguf),
 ]
 
 
