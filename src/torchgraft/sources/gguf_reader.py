@@ -530,10 +530,9 @@ def _transformers_name(name: str, table: Mapping[str, str]) -> str:
     return (hf.format(bid=m.group(1)) if m else hf) + "." + suffix
 
 
-def scan_gguf(path: Path) -> tuple[int, str]:
-    """For ``torchgraft scan``: the tensor count and what in the file could execute (nothing)."""
+def scan_gguf(path: Path) -> str:
+    """For ``torchgraft scan``: what in a GGUF file could execute (nothing), after checking its header."""
     metadata, tensors = read_header(path)
-    template = " (its chat template is a Jinja string: data, rendered only by a chat front end)" if any(
-        k.startswith("tokenizer.chat_template") for k in metadata
-    ) else ""
-    return len(tensors), f"{len(tensors)} tensors; GGUF holds data only, nothing in it is executed{template}"
+    template = any(k.startswith("tokenizer.chat_template") for k in metadata)
+    said = " (its chat template is a Jinja string: data that torchgraft never renders)" if template else ""
+    return f"{len(tensors)} tensors; GGUF holds data only, nothing in it is executed{said}"

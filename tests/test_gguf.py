@@ -1,0 +1,333 @@
+"""GGUF (llama.cpp) files: written in the tests the way llama.cpp's converter writes them, loaded into transformers.
+
+Oracles: the original transformers model (its weights and logits), transformers' own GGUF loader
+(``from_pretrained(gguf_file=...)``), and ``gguf``'s own reader and dequantiser.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+
+import pytest
+import torch
+
+import torchgraft as tg
+from torchgraft.cli import main as cli_main
+from torchgraft.sources import gguf_reader
+
+gguf = pytest.importorskip("gguf", reason="the gguf extra: pip install 'torchgraft[gguf]'")
+transformers = pytest.importorskip("transformers", reason="transformers is a test extra: pip install -e '.[test]'")
+np = pytest.importorskip("numpy")
+
+Q = gguf.GGMLQuantizationType
+VOCAB = 96  # a multiple of 32: the embedding's rows are 64 wide, so any type fits
+
+# Writing GGUF files like convert_hf_to_gguf.py -----------------------------------------------------
+
+
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    # convert_hf_to_gguf.py, LlamaModel.permute: interleave the rotary halves of each head's rows
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _converter_tensors(model, arch: str) -> dict[str, torch.Tensor]:
+    """llama.cpp name -> tensor, as convert_hf_to_gguf.py produces them for ``arch``."""
+    cfg = model.config
+    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), cfg.num_hidden_layers)
+    out = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # tied: llama.cpp reuses token_embd
+        value = value.detach().float()
+        if arch == "llama" and key.endswith(("q_proj.weight", "q_proj.bias")):
+            value = _permute(value, cfg.num_attention_heads)
+        if arch == "llama" and key.endswith(("k_proj.weight", "k_proj.bias")):
+            value = _permute(value, cfg.num_key_value_heads)
+        if arch.startswith("gemma") and key.endswith("norm.weight"):
+            value = value + 1  # Gemma*Model.modify_tensors / norm_shift
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        assert name is not None, f"gguf has no llama.cpp name for {key}"
+        out[name] = value
+    return out
+
+
+def write_gguf(path, model, arch: str, qtype=Q.F32, *, tensors=None, chat_template: str | None = None) -> None:
+    """Write ``model`` as llama.cpp's converter would; 2-D weights stored as ``qtype``, 1-D as F32."""
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    theta = getattr(cfg, "rope_theta", None) or rope.get("full_attention", rope).get("rope_theta")
+    if theta:
+        w.add_rope_freq_base(float(theta))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<t{i}>" for i in range(cfg.vocab_size)])
+    w.add_token_scores([0.0] * cfg.vocab_size)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+    for name, value in (tensors or _converter_tensors(model, arch)).items():
+        array = value.numpy().astype(np.float32)
+        if array.ndim >= 2 and qtype != Q.F32:
+            w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def tiny_llama(*, tie: bool = False):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gemma3():
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=16,
+    )  # fmt: skip
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # a fresh Gemma norm is all zeros: give the offset something to get wrong
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+    return model
+
+
+def tiny(cls_name: str):
+    """A tiny transformers causal LM of the class a registered architecture maps to."""
+    torch.manual_seed(0)
+    cls = getattr(transformers, cls_name)
+    kw = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+    )  # fmt: skip
+    model = cls(cls.config_class(**kw)).eval()
+    with torch.no_grad():  # fresh norms are constants: randomise them so a wrong offset or swap shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5)
+    return model
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens()).logits
+
+
+def load_fresh(cls_name: str, path, *, meta: bool = False):
+    template = tiny(cls_name)
+    if meta:
+        with torch.device("meta"):
+            model = type(template)(template.config)
+    else:
+        torch.manual_seed(123)  # other values than the original: every weight must come from the file
+        model = type(template)(template.config)
+    report = tg.load(model, path, strict=True)
+    return model.eval(), report
+
+
+def hf_gguf_tensors(path, cls_name: str) -> dict[str, torch.Tensor]:
+    """transformers' own GGUF loader: gguf's reader and dequantiser, its own renames and un-permute."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    return load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=tiny(cls_name))["tensors"]
+
+
+# Loading into transformers --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("meta", [False, True], ids=["cpu-built", "meta-built"])
+def test_llama_f32_loads_bit_exact(tmp_path, meta):
+    original = tiny_llama()
+    path = tmp_path / "llama.gguf"
+    write_gguf(path, original, "llama")
+    model, report = load_fresh("LlamaForCausalLM", path, meta=meta)
+    assert len(report.loaded) == len(original.state_dict())
+    for name, value in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name  # renames and un-permute are exact
+    torch.testing.assert_close(logits(model), logits(original), rtol=0, atol=0)
+
+
+def test_llama_f16_is_the_original_rounded_to_half(tmp_path):
+    original = tiny_llama()
+    path = tmp_path / "llama-f16.gguf"
+    write_gguf(path, original, "llama", Q.F16)
+    src = tg.open(path)
+    assert src["model.layers.0.self_attn.q_proj.weight"].dtype == "float16"
+    assert src["model.norm.weight"].dtype == "float32"  # 1-D tensors stay F32, as llama.cpp writes them
+    model, _ = load_fresh("LlamaForCausalLM", path)
+    for name, value in original.state_dict().items():
+        expected = value if value.ndim == 1 else value.half().float()
+        assert torch.equal(model.state_dict()[name], expected), name
+    torch.testing.assert_close(logits(model), logits(original), rtol=0, atol=2e-2)
+
+
+def test_llama_q8_0_matches_gguf_and_transformers_bit_exact(tmp_path):
+    original = tiny_llama()
+    path = tmp_path / "llama-q8_0.gguf"
+    write_gguf(path, original, "llama", Q.Q8_0)
+    src = tg.open(path)
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert src[q].dtype == "float32"
+    assert "dequantised from Q8_0" in src.conversions[q]
+    assert "4 heads" in src.conversions[q] and "2 kv heads" in src.conversions[q.replace("q_proj", "k_proj")]
+    assert "blk.1.attn_q.weight" in src.conversions[q]
+    # oracle 1: transformers' GGUF loader (gguf's dequantiser + its own un-permute), every tensor
+    oracle = hf_gguf_tensors(path, "LlamaForCausalLM")
+    assert set(oracle) == set(src)
+    for name, value in oracle.items():
+        assert torch.equal(src[name].load(), value), name
+    # oracle 2: gguf's own reader and dequantiser, for the tensors stored in transformers' layout
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if t.name == "blk.0.ffn_down.weight":
+            expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+            assert torch.equal(src["model.layers.0.mlp.down_proj.weight"].load(), expected)
+    # and the model works as well as Q8_0 allows
+    model, _ = load_fresh("LlamaForCausalLM", path)
+    ref = logits(original)
+    got = logits(model)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0.05)
+    assert not torch.equal(got, ref)  # quantised: not the original
+
+
+def test_gemma3_norm_offset_is_undone(tmp_path):
+    original = tiny("Gemma3ForCausalLM")
+    path = tmp_path / "gemma3.gguf"
+    write_gguf(path, original, "gemma3")
+    src = tg.open(path)
+    name = "model.layers.0.self_attn.q_norm.weight"
+    assert "1 subtracted" in src.conversions[name]
+    stored = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.0.attn_q_norm.weight")
+    torch.testing.assert_close(torch.from_numpy(stored.data.copy()), original.state_dict()[name] + 1)
+    for key, value in hf_gguf_tensors(path, "Gemma3ForCausalLM").items():
+        assert torch.equal(src[key].load(), value), key  # transformers subtracts 1 the same way
+    model, report = load_fresh("Gemma3ForCausalLM", path)
+    assert report.tied  # lm_head shares the embedding, as llama.cpp leaves it out
+    for key, value in original.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-7)  # (w + 1) - 1 rounds
+    torch.testing.assert_close(logits(model), logits(original), rtol=1e-5, atol=1e-5)
+
+
+CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
+
+
+def test_every_registered_architecture_is_tested():
+    assert set(gguf_reader.ARCHITECTURES) == set(CLASSES)
+    assert {a.transformers_class for a in gguf_reader.ARCHITECTURES.values()} == set(CLASSES.values())
+
+
+@pytest.mark.parametrize("arch", sorted(CLASSES))
+def test_registered_architecture_round_trips(tmp_path, arch):
+    # names written by gguf's own table (the converter's direction) come back as transformers' names
+    original = tiny(CLASSES[arch])
+    path = tmp_path / f"{arch}.gguf"
+    write_gguf(path, original, arch)
+    model, report = load_fresh(CLASSES[arch], path)
+    assert not report.missing and not report.unexpected
+    for key, value in original.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-7)
+    torch.testing.assert_close(logits(model), logits(original), rtol=1e-5, atol=1e-5)
+
+
+# Every tensor type against gguf's own dequantiser ----------------------------------------------------
+
+TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # random scales: NaN on purpose
+def test_every_type_dequantises_like_gguf(tmp_path):
+    """Random blocks of each type (torch order [3, 256]); an architecture without a mapping keeps llama.cpp's names."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "types.gguf"
+    w = gguf.GGUFWriter(str(path), "mystery")
+    for qtype in TYPES:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        w.add_tensor(f"t.{qtype.name}", rng.integers(0, 256, (3, 256 // block * size), dtype=np.uint8), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    src = tg.open(path)
+    assert src.format == "gguf" and "unchanged" in src.metadata["gguf.names"]
+    size = path.stat().st_size
+    for t in gguf.GGUFReader(str(path)).tensors:
+        ref = src[t.name]
+        plain = t.tensor_type.name in ("F32", "F16", "BF16")
+        assert ref.shape == (3, 256)
+        assert ref.dtype == {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(t.tensor_type.name, "float32")
+        assert (t.name in src.conversions) != plain
+        value = ref.load()
+        expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        torch.testing.assert_close(value.float(), expected, rtol=0, atol=0, equal_nan=True, msg=t.name)
+        if plain:  # memory-mapped: the tensor's storage is the file's mapping
+            assert value.untyped_storage().nbytes() == size
+        else:
+            assert src.conversions[t.name] == f"dequantised from {t.tensor_type.name}"
+    assert "Q4_K (1)" in src.metadata["gguf.tensor_types"]
+
+
+def test_convert_gguf_to_safetensors(tmp_path):
+    original = tiny_llama()
+    write_gguf(tmp_path / "llama.gguf", original, "llama", Q.Q8_0)
+    tg.convert(tmp_path / "llama.gguf", tmp_path / "out.safetensors")
+    back = tg.open(tmp_path / "out.safetensors")
+    src = tg.open(tmp_path / "llama.gguf")
+    assert set(back) == set(src)
+    assert torch.equal(back["model.layers.0.self_attn.k_proj.weight"].load(), src["model.layers.0.self_attn.k_proj.weight"].load())
+    assert back.metadata["general.architecture"] == "llama"
+
+
+# CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_inspect_shows_format_dtypes_and_quantisation(tmp_path, capsys):
+    write_gguf(tmp_path / "m.gguf", tiny_llama(), "llama", Q.Q8_0)
+    assert cli_main(["inspect", str(tmp_path / "m.gguf")]) == 0
+    out = capsys.readouterr().out
+    assert "(gguf)" in out and "float32" in out and "Q8_0 (" in out and "F32 (" in out
+    assert "self_attn" in out
+    assert cli_main(["inspect", str(tmp_path / "m.gguf"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "gguf" and info["tensors"] == len(tiny_llama().state_dict())
+
+
+def test_scan_says_gguf_executes_nothing(tmp_path, capsys):
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    write_gguf(tmp_path / "m.gguf", tiny_llama(), "llama", chat_template=template)
+    report = tg.scan(tmp_path / "m.gguf")
+    assert report.verdict == "safe"
+    assert report.files[0].format == "gguf"
+    assert "nothing in it is executed" in report.files[0].note and "chat template" in report.files[0].note
+    assert cli_main(["scan", str(tmp_path)]) == 0  # a directory's .gguf files are scanned too
+    assert "m.gguf" in capsys.readouterr().out
