@@ -331,3 +331,142 @@ def test_scan_says_gguf_executes_nothing(tmp_path, capsys):
     assert "nothing in it is executed" in report.files[0].note and "chat template" in report.files[0].note
     assert cli_main(["scan", str(tmp_path)]) == 0  # a directory's .gguf files are scanned too
     assert "m.gguf" in capsys.readouterr().out
+
+
+# Broken and hostile files ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def valid(tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("gguf") / "valid.gguf"
+    write_gguf(path, tiny_llama(), "llama", Q.Q8_0)
+    return path.read_bytes()
+
+
+def _tensor_info_at(data: bytes, name: str) -> int:
+    """Byte offset just after a tensor's name in the header (where n_dims starts)."""
+    encoded = name.encode()
+    return data.index(struct.pack("<Q", len(encoded)) + encoded) + 8 + len(encoded)
+
+
+def _key_at(data: bytes, key: str) -> int:
+    """Byte offset just after a key's name (where its value type starts)."""
+    encoded = key.encode()
+    return data.index(struct.pack("<Q", len(encoded)) + encoded) + 8 + len(encoded)
+
+
+def _patched(data: bytes, offset: int, fmt: str, value) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, offset, value)
+    return bytes(out)
+
+
+def _q_dims(data: bytes) -> int:
+    return _tensor_info_at(data, "blk.0.attn_q.weight")
+
+
+BROKEN = {
+    "version 1": (lambda d: _patched(d, 4, "<I", 1), r"GGUF version 1; versions 2 and 3 are supported"),
+    "big-endian": (lambda d: _patched(d, 4, ">I", 3), r"a big-endian GGUF file"),
+    "huge tensor count": (lambda d: _patched(d, 8, "<Q", 1 << 62), r"the header claims \d+ tensors"),
+    "huge key count": (lambda d: _patched(d, 16, "<Q", 1 << 40), r"and \d+ key/values \(at most"),
+    "cut in the header": (lambda d: d[:40], r"past the end of the 40-byte file \(truncated\?\)"),
+    "cut in the vocabulary": (lambda d: d[: d.index(b"<t50>")], r"'tokenizer.ggml.tokens' claims 96 strings, more than"),
+    "huge string in the vocabulary": (
+        lambda d: _patched(d, d.index(b"<t50>") - 8, "<Q", 1 << 40),
+        r"the strings of 'tokenizer.ggml.tokens' run past the end of the \d+-byte file",
+    ),
+    "cut in the tensor data": (lambda d: d[:-10], r"tensor 'output.weight' .* reaches past the end of the file|past the end"),
+    "huge string array": (
+        lambda d: _patched(d, _key_at(d, "tokenizer.ggml.tokens") + 8, "<Q", 1 << 60),
+        r"claims \d+ strings, more than the rest of the file can hold",
+    ),
+    "huge float array": (
+        lambda d: _patched(d, _key_at(d, "tokenizer.ggml.scores") + 8, "<Q", 1 << 60),
+        r"the \d+ items of 'tokenizer.ggml.scores' .* past the end",
+    ),
+    "unknown value type": (lambda d: _patched(d, _key_at(d, "general.architecture"), "<I", 99), r"unknown value type 99"),
+    "too many dimensions": (lambda d: _patched(d, _q_dims(d), "<I", 5), r"has 5 dimensions; GGUF allows at most 4"),
+    "huge dimension": (
+        lambda d: _patched(d, _q_dims(d) + 4, "<Q", 1 << 50),
+        r"'blk.0.attn_q.weight' \(\[64, \d+\] Q8_0, \d+ bytes at byte \d+\) reaches past the end",
+    ),
+    "row not a multiple of the block": (
+        lambda d: _patched(d, _q_dims(d) + 4, "<Q", 48),
+        r"rows of 48 values, not a multiple of Q8_0's 32",
+    ),
+    "unknown tensor type": (lambda d: _patched(d, _q_dims(d) + 4 + 16, "<I", 99), r"'blk.0.attn_q.weight' has unknown type 99"),
+    "misaligned tensor": (
+        lambda d: _patched(d, _q_dims(d) + 4 + 16 + 4, "<Q", struct.unpack_from("<Q", d, _q_dims(d) + 24)[0] + 1),
+        r"not a multiple of the alignment 32",
+    ),
+    "duplicate tensor": (lambda d: d.replace(b"blk.1.ffn_up.weight", b"blk.0.ffn_up.weight"), r"'blk.0.ffn_up.weight' appears twice"),
+    "duplicate key": (
+        lambda d: d.replace(b"llama.rope.freq_base", b"llama.context_length"),
+        r"key 'llama.context_length' appears twice",
+    ),
+    "name not UTF-8": (lambda d: d.replace(b"blk.0.ffn_up.weight", b"blk.0.ffn_up.weigh\xff"), r"a tensor name at byte \d+ is not valid UTF-8"),
+    "no head count for the un-permute": (
+        lambda d: d.replace(b"llama.attention.head_count\x04", b"llama.attention.head_coun_\x04"),
+        r"'blk.0.attn_q.weight' must be rows un-permuted .* needs n_head",
+    ),
+    "head count that does not divide the rows": (
+        lambda d: _patched(d, _key_at(d, "llama.attention.head_count") + 4, "<I", 3),
+        r"has 64 rows, which do not split into 3 heads of rotary pairs",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_files_raise_checkpoint_error(tmp_path, valid, case):
+    damage, match = BROKEN[case]
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(damage(valid))
+    with pytest.raises(tg.CheckpointError, match=match) as info:
+        with tg.open(path) as src:
+            for ref in src.values():
+                ref.load()
+    assert info.value.format == "gguf"
+
+
+def test_missing_gguf_package_names_the_extra(tmp_path, valid, monkeypatch):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(valid)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
+    with pytest.raises(tg.CheckpointError, match=r"needs the 'gguf' package\n  Try: pip install 'torchgraft\[gguf\]'"):
+        tg.open(path)
+
+
+def test_forced_format_on_another_file(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    with pytest.raises(tg.CheckpointError, match=r"\(read as gguf\): not a GGUF file \(first bytes: b'"):
+        tg.open(tmp_path / "w.safetensors", format="gguf")
+
+
+def test_mutated_files_load_what_they_announce_or_raise(tmp_path, valid):
+    """Bytes overwritten anywhere: every entry loads with the shape and dtype it announced, or CheckpointError."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    path = tmp_path / "mutated.gguf"
+
+    @hypothesis.settings(max_examples=150, deadline=None)
+    @hypothesis.given(
+        st.lists(st.tuples(st.integers(0, len(valid) - 1), st.binary(min_size=1, max_size=8)), min_size=1, max_size=4)
+    )
+    def check(edits):
+        data = bytearray(valid)
+        for at, patch in edits:
+            data[at : at + len(patch)] = patch[: len(data) - at]
+        path.write_bytes(bytes(data))
+        try:
+            with tg.open(path) as src:
+                for name, ref in src.items():
+                    tensor = ref.load()
+                    assert tuple(tensor.shape) == ref.shape, name
+                    assert str(tensor.dtype).removeprefix("torch.") == ref.dtype, name
+        except tg.CheckpointError:
+            pass
+
+    check()

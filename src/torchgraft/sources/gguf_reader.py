@@ -236,7 +236,7 @@ def _skip_strings(cur: _Cursor, count: int, key: str) -> None:
     try:
         for _ in range(count):
             pos += 8 + _U64(buf, pos)[0]
-    except struct.error:
+    except (struct.error, OverflowError):  # past the end, or so far past it that the offset overflows
         pos = cur.end + 1
     if pos > cur.end:
         raise cur.bad(f"the strings of {key!r} run past the end of the {cur.end}-byte file (truncated?)")
