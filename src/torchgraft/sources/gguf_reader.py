@@ -334,6 +334,8 @@ def _parse(cur: _Cursor, gguf: Any) -> tuple[dict[str, Any], list[_TensorInfo]]:
         if n_dims > MAX_DIMS:
             raise cur.bad(f"tensor {name!r} has {n_dims} dimensions; GGUF allows at most {MAX_DIMS}")
         dims = struct.unpack_from(f"<{n_dims}Q", cur.buf, cur.take(8 * n_dims, f"the shape of {name!r}"))
+        if any(d >= 1 << 63 for d in dims):
+            raise cur.bad(f"tensor {name!r} has a dimension of 2**63 or more: {list(dims)}")
         code = cur.scalar("<I", f"the type of {name!r}")
         try:
             type_name = gguf.GGMLQuantizationType(code).name
@@ -421,7 +423,9 @@ class _Data:
 def _load(data: _Data, info: _TensorInfo, fixes: list[LayoutFix], hparams: Mapping[str, int]) -> torch.Tensor:
     import torch
 
-    if info.type_name in PLAIN_DTYPES:
+    if info.nbytes == 0:  # no elements: nothing to read or dequantise
+        tensor = torch.empty(info.shape, dtype=getattr(torch, PLAIN_DTYPES.get(info.type_name, "float32")))
+    elif info.type_name in PLAIN_DTYPES:
         tensor = data.plain(info, getattr(torch, PLAIN_DTYPES[info.type_name]))
     else:
         import numpy as np
