@@ -408,7 +408,7 @@ BROKEN = {
     "name not UTF-8": (lambda d: d.replace(b"blk.0.ffn_up.weight", b"blk.0.ffn_up.weigh\xff"), r"a tensor name at byte \d+ is not valid UTF-8"),
     "no head count for the un-permute": (
         lambda d: d.replace(b"llama.attention.head_count\x04", b"llama.attention.head_coun_\x04"),
-        r"'blk.0.attn_q.weight' must be rows un-permuted .* needs n_head",
+        r"'blk.0.attn_q.weight' is stored in llama.cpp's layout, and undoing that needs n_head from the header",
     ),
     "head count that does not divide the rows": (
         lambda d: _patched(d, _key_at(d, "llama.attention.head_count") + 4, "<I", 3),

@@ -209,7 +209,9 @@ class _Cursor:
     def take(self, n: int, what: str) -> int:
         start = self.pos
         if n > self.end - start:
-            raise self.bad(f"{what} at byte {start} needs {n} bytes, past the end of the {self.end}-byte file (truncated?)")
+            raise self.bad(
+                f"{what} at byte {start} needs {n} bytes, past the end of the {self.end}-byte file (truncated?)"
+            )
         self.pos = start + n
         return start
 
@@ -299,14 +301,18 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], list[_TensorInfo]]:
 
 
 def _parse(cur: _Cursor, gguf: Any) -> tuple[dict[str, Any], list[_TensorInfo]]:
-    magic = bytes(cur.buf[cur.take(4, "the magic") : 4])
+    cur.take(4, "the magic")
+    magic = bytes(cur.buf[:4])
     if magic != MAGIC:
         raise cur.bad(f"not a GGUF file (first bytes: {magic!r})")
     version = cur.scalar("<I", "the version")
     if version not in (2, 3):
         if version & 0xFFFF == 0 and struct.unpack(">I", struct.pack("<I", version))[0] in (2, 3):
             raise CheckpointError(
-                cur.path, "a big-endian GGUF file", format=FORMAT, hint="convert it to little-endian (gguf-convert-endian)"
+                cur.path,
+                "a big-endian GGUF file",
+                format=FORMAT,
+                hint="convert it to little-endian (gguf-convert-endian)",
             )
         raise CheckpointError(
             cur.path,
@@ -362,7 +368,9 @@ def _parse(cur: _Cursor, gguf: Any) -> tuple[dict[str, Any], list[_TensorInfo]]:
             raise cur.bad(f"tensor {name!r} has rows of {shape[-1]} values, not a multiple of {type_name}'s {block}")
         nbytes = numel // block * type_size
         if offset % alignment:
-            raise cur.bad(f"tensor {name!r} starts at data offset {offset}, not a multiple of the alignment {alignment}")
+            raise cur.bad(
+                f"tensor {name!r} starts at data offset {offset}, not a multiple of the alignment {alignment}"
+            )
         start = data_start + offset
         if start + nbytes > cur.end:
             raise cur.bad(
@@ -466,21 +474,21 @@ def _hparams(metadata: Mapping[str, Any], arch: str) -> dict[str, int]:
 
 
 def _check_fix(path: Path, fix: LayoutFix, hparams: Mapping[str, int], name: str, shape: tuple[int, ...]) -> None:
-    missing = [k for k in fix.needs if k not in hparams]
-    if missing:
-        raise CheckpointError(
-            path,
-            f"{name!r} must be {fix.what.split(' (')[0]}, which needs {', '.join(missing)} from the header "
-            "(attention.head_count / head_count_kv), and the header lacks a valid value",
-            format=FORMAT,
-            hint="the file's metadata is incomplete; convert it again with llama.cpp",
-        )
-    for k in fix.needs:
-        if not shape or shape[0] % (2 * hparams[k]):
+    """The header must give what a fix needs, and the head counts must split the tensor's rows."""
+    for key in fix.needs:
+        if key not in hparams:
             raise CheckpointError(
                 path,
-                f"{name!r} has {shape[0] if shape else 0} rows, which do not split into {hparams[k]} heads of "
-                f"rotary pairs ({k}={hparams[k]})",
+                f"{name!r} is stored in llama.cpp's layout, and undoing that needs {key} from the header "
+                "(attention.head_count / head_count_kv), which has no valid value",
+                format=FORMAT,
+                hint="the file's metadata is incomplete; convert it again with llama.cpp",
+            )
+        if not shape or shape[0] % (2 * hparams[key]):
+            raise CheckpointError(
+                path,
+                f"{name!r} has {shape[0] if shape else 0} rows, which do not split into {hparams[key]} heads "
+                f"of rotary pairs ({key}={hparams[key]})",
                 format=FORMAT,
                 hint="the head counts in the header disagree with the tensor; the file is damaged",
             )
@@ -509,13 +517,14 @@ def open_gguf(path: Path, **_: Any) -> Source:
             _check_fix(path, fix, hparams, info.name, info.shape)
         dtype = PLAIN_DTYPES.get(info.type_name, "float32")
         entries[name] = TensorRef(name, info.shape, dtype, _getter(data, info, fixes, hparams))
-        said = [f"llama.cpp's {info.name!r}" if name != info.name else ""]
+        said = [f"llama.cpp's {info.name!r}"] if name != info.name else []
         if info.type_name not in PLAIN_DTYPES:
             said.append(f"dequantised from {info.type_name}")
         said += [fix.what.format(**hparams) for fix in fixes]
-        if any(said):
-            conversions[name] = "; ".join(s for s in said if s)
-    shown = {"gguf.tensor_types": ", ".join(f"{t} ({n})" for t, n in Counter(t.type_name for t in tensors).most_common())}
+        if said:
+            conversions[name] = "; ".join(said)
+    types = Counter(t.type_name for t in tensors).most_common()
+    shown = {"gguf.tensor_types": ", ".join(f"{t} ({n})" for t, n in types)}
     if spec is None:
         shown["gguf.names"] = f"llama.cpp's, unchanged (no mapping to transformers for architecture {arch!r})"
     shown.update({k: str(v) for k, v in metadata.items() if v is not None})
