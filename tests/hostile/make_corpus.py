@@ -1047,7 +1047,8 @@ def raw_gguf(
     version: int = 3,
     counts: tuple[int, int] | None = None,
 ) -> bytes:
-    """A GGUF file: ``kv`` = (key, value type, encoded value); ``tensors`` = (name, dims innermost first, type, offset)."""
+    """A GGUF file. ``kv``: (key, value type, encoded value); ``tensors``: (name, dims innermost first, type,
+    offset in the data block)."""
     n_tensors, n_kv = counts or (len(tensors), len(kv))
     out = b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
     out += b"".join(_gguf_str(key) + struct.pack("<I", vtype) + value for key, vtype, value in kv)
@@ -1077,7 +1078,9 @@ def _(root: Path, c: Case) -> None:
     (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [], version=99))
 
 
-@case("gguf_huge_counts", "broken", "gguf_counts.gguf", "error", match=r"the header claims \d+ tensors and \d+ key/values")
+@case(
+    "gguf_huge_counts", "broken", "gguf_counts.gguf", "error", match=r"the header claims \d+ tensors and \d+ key/values"
+)
 def _(root: Path, c: Case) -> None:  # a reader that trusts the counts allocates or loops for ever
     (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [], counts=(2**64 - 1, 2**63)))
 
@@ -1110,7 +1113,8 @@ def _(root: Path, c: Case) -> None:
     match=r"tensor 'blk.0.attn_norm.weight' \(\[1048576, 1048576\] F32, \d+ bytes at byte \d+\) reaches past the end",
 )
 def _(root: Path, c: Case) -> None:
-    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [("blk.0.attn_norm.weight", [1 << 20, 1 << 20], 0, 0)], b"\0" * 64))
+    huge = ("blk.0.attn_norm.weight", [1 << 20, 1 << 20], _GGUF_F32, 0)
+    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [huge], b"\0" * 64))
 
 
 @case("gguf_unknown_tensor_type", "broken", "gguf_type.gguf", "error", match=r"has unknown type 12345")
