@@ -322,6 +322,10 @@ def test_inspect_shows_format_dtypes_and_quantisation(tmp_path, capsys):
     assert cli_main(["inspect", str(tmp_path / "m.gguf"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "gguf" and info["tensors"] == len(tiny_llama().state_dict())
+    up = info["conversions"]["model.layers.0.mlp.up_proj.weight"]
+    assert up == "llama.cpp's 'blk.0.ffn_up.weight'; dequantised from Q8_0"
+    assert cli_main(["inspect", str(tmp_path / "m.gguf"), "--json", "--filter", "*.k_proj.*"]) == 0
+    assert "2 kv heads" in json.loads(capsys.readouterr().out)["conversions"]["model.layers.1.self_attn.k_proj.weight"]
 
 
 def test_scan_says_gguf_executes_nothing(tmp_path, capsys):

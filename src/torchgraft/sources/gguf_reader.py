@@ -495,7 +495,24 @@ def _check_fix(path: Path, fix: LayoutFix, hparams: Mapping[str, int], name: str
 
 
 def open_gguf(path: Path, **_: Any) -> Source:
-    """Open a GGUF file lazily, with transformers' names for the architectures in :data:`ARCHITECTURES`."""
+    """Open a GGUF file lazily, with transformers' names for the architectures in :data:`ARCHITECTURES`.
+
+    Reached through :func:`torchgraft.open` (sniffed by the ``GGUF`` magic, or ``format="gguf"``).
+
+    Returns:
+        A :class:`Source` whose entries load as float32 (quantised types) or as stored
+        (F32/F16/BF16, memory-mapped); ``conversions`` says per entry what was done,
+        ``metadata`` holds the header's strings and numbers and ``gguf.tensor_types``.
+
+    Raises:
+        CheckpointError: see :func:`read_header`; also head counts that a layout fix needs but the
+            header lacks or that do not split the tensor's rows.
+
+    Example:
+        >>> src = tg.open("gemma-3-270m-q4_k_m.gguf")
+        >>> src["model.layers.0.mlp.down_proj.weight"].shape, src.conversions["model.layers.0.mlp.down_proj.weight"]
+        ((640, 2048), "llama.cpp's 'blk.0.ffn_down.weight'; dequantised from Q6_K")
+    """
     path = Path(path)
     metadata, tensors = read_header(path)
     gguf = _gguf(path)
