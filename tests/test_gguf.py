@@ -544,3 +544,18 @@ def test_real_gemma3_270m_q4_k_m(gemma3_270m):
     with torch.no_grad():
         top = model.eval()(torch.tensor([[2, 818, 5279, 529, 7001, 563]])).logits[0, -1].topk(5).indices
     assert 9079 in top.tolist()
+
+
+def test_type_gguf_cannot_dequantise_is_named_on_load(tmp_path):
+    path = tmp_path / "q8_k.gguf"
+    w = gguf.GGUFWriter(str(path), "mystery")
+    block, size = gguf.GGML_QUANT_SIZES[Q.Q8_K]  # llama.cpp's intermediate type: gguf has no dequantiser for it
+    w.add_tensor("t", np.zeros((2, 256 // block * size), dtype=np.uint8), raw_dtype=Q.Q8_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    src = tg.open(path)  # listing works
+    assert src["t"].shape == (2, 256) and src.conversions["t"] == "dequantised from Q8_K"
+    with pytest.raises(tg.CheckpointError, match=r"the gguf package cannot dequantise Q8_K \(tensor 't'\)"):
+        src["t"].load()
