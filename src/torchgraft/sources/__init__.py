@@ -12,6 +12,8 @@ from ..errors import CheckpointError
 from .base import DTYPE_SIZES, Source, TensorRef, dtype_name
 from .dcp_reader import looks_like_dcp, open_dcp
 from .directory import open_directory, open_index
+from .flax_reader import looks_like_flax_msgpack, open_flax  # msgpack / h5py are imported when such a file opens
+from .keras_reader import looks_like_hdf5, looks_like_keras_zip, open_keras
 from .safetensors_reader import looks_like_safetensors, open_safetensors
 from .torch_reader import open_torch
 
@@ -39,6 +41,10 @@ READERS: list[Reader] = [
     Reader("directory", lambda p, head, size: p.is_dir(), open_directory),
     Reader("index", lambda p, head, size: p.name.endswith(".index.json"), open_index),
     Reader("safetensors", lambda p, head, size: looks_like_safetensors(head, size), open_safetensors),
+    # Keras: HDF5 (.h5, .weights.h5), or a zip with model.weights.h5 + config.json (.keras; before "torch-zip")
+    Reader("keras", lambda p, head, size: looks_like_hdf5(head) or looks_like_keras_zip(p, head), open_keras),
+    # Flax msgpack (a msgpack map can start with 0x80..0x8f: before "torch-legacy")
+    Reader("flax", lambda p, head, size: looks_like_flax_msgpack(p, head), open_flax),
     Reader("torch-zip", lambda p, head, size: head[:4] == b"PK\x03\x04", open_torch),
     # pickle protocol 2+ starts with PROTO (0x80); torch's legacy format is a series of pickles
     Reader("torch-legacy", lambda p, head, size: head[:1] == b"\x80", open_torch),
@@ -128,5 +134,5 @@ def open(
         p,
         f"not a safetensors file, a torch checkpoint or a checkpoint directory (first bytes: {head[:8]!r})",
         hint="supported: .safetensors, torch .bin/.pt/.pth/.ckpt (zip or legacy), *.index.json shards, "
-        "model directories. A TensorFlow .h5 or Flax .msgpack file must be converted first (from_tf=True)",
+        "model directories, Keras .keras/.weights.h5/.h5 and Flax .msgpack files",
     )
