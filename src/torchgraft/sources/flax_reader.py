@@ -25,7 +25,7 @@ from ..errors import CheckpointError
 from .base import Source, TensorRef
 from .layouts import LAYOUTS
 
-__all__ = ["FLAX_DTYPES", "looks_like_flax_msgpack", "open_flax"]
+__all__ = ["FLAX_DTYPES", "flax_scan_note", "looks_like_flax_msgpack", "open_flax"]
 
 FORMAT = "flax-msgpack"
 
@@ -280,7 +280,9 @@ def open_flax(path: Path, **_: Any) -> Source:
             max_ext_len=n,
         )
     except _Bad as e:
-        raise CheckpointError(path, str(e), format=FORMAT, hint="the file is damaged or not a flax checkpoint") from None
+        raise CheckpointError(
+            path, str(e), format=FORMAT, hint="the file is damaged or not a flax checkpoint"
+        ) from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, RecursionError) as e:
         kind = type(e).__name__
         reason = "nested too deeply" if kind in ("StackError", "RecursionError") else str(e)[:200] or kind
@@ -308,7 +310,19 @@ def open_flax(path: Path, **_: Any) -> Source:
         else:
             builder.walk(tree, [], "params", [])
     except _Bad as e:
-        raise CheckpointError(path, str(e), format=FORMAT, hint="the file is damaged or not a flax checkpoint") from None
+        raise CheckpointError(
+            path, str(e), format=FORMAT, hint="the file is damaged or not a flax checkpoint"
+        ) from None
     return Source(
         builder.entries, path=str(path), format=FORMAT, skipped=builder.skipped, conversions=builder.conversions
     )
+
+
+def flax_scan_note(path: Path) -> tuple[str, str]:
+    """``(format, note)`` for ``torchgraft scan``: a flax msgpack file holds data only.
+
+    Raises:
+        CheckpointError: the file is not a valid flax msgpack file.
+    """
+    with open_flax(path) as src:
+        return src.format, f"{len(src)} tensors; msgpack holds data only (arrays, numbers, strings), nothing in it runs"

@@ -92,6 +92,7 @@ VAR_ORDER: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "Embedding": lambda cfg: ["embeddings"],
 }
 
+
 def _snake(name: str) -> str:
     """Keras's ``naming.to_snake_case``: ``DepthwiseConv2D`` -> ``depthwise_conv2d``."""
     name = re.sub(r"\W+", "", name)
@@ -155,7 +156,10 @@ def _keras3_classes(config: Any) -> dict[str, tuple[str, dict[str, Any]]]:
                 key = _snake(layer["class_name"])
                 used[key] = used[key] + 1 if key in used else 0
                 cfg = layer.get("config")
-                out.setdefault(f"{key}_{used[key]}" if used[key] else key, (layer["class_name"], cfg if isinstance(cfg, dict) else {}))
+                out.setdefault(
+                    f"{key}_{used[key]}" if used[key] else key,
+                    (layer["class_name"], cfg if isinstance(cfg, dict) else {}),
+                )
     return out
 
 
@@ -231,10 +235,10 @@ class _Reader:
             raise self.bad(f"more than {_MAX_NODES} HDF5 objects (a cycle of hard links?)")
         link = group.get(key, getlink=True)
         if link is None:
-            raise self.bad(f"{group.name}/{key} is named but missing")
+            raise self.bad(f"{_cut(group.name)}/{key[:80]} is named but missing")
         if not isinstance(link, self.h5py.HardLink):
             raise self.bad(
-                f"{group.name}/{key} is a {type(link).__name__}",
+                f"{_cut(group.name)}/{key[:80]} is an HDF5 {type(link).__name__}",
                 hint="links can point into other files; re-save the model with Keras",
             )
         return group[key]
@@ -242,10 +246,10 @@ class _Reader:
     def add(self, segs: list[str], var: str, cls: str | None, guessed: bool, ds: Any) -> None:
         h5name = ds.name.lstrip("/")
         if not isinstance(ds, self.h5py.Dataset):
-            raise self.bad(f"{h5name} is a group where a weight was expected")
+            raise self.bad(f"{_cut(h5name)} is a group where a weight was expected")
         if ds.external or ds.is_virtual:
             raise self.bad(
-                f"{h5name} keeps its data in other files (external or virtual dataset)",
+                f"{_cut(h5name)} keeps its data in other files (external or virtual dataset)",
                 hint="refusing to read files outside the checkpoint; re-save the model with Keras",
             )
         shape, dtype = ds.shape, ds.dtype
@@ -255,7 +259,7 @@ class _Reader:
         shape = tuple(int(d) for d in shape)
         name = ".".join([*segs, VAR_RENAMES.get(var, var)])
         if name in self.entries:
-            raise self.bad(f"{h5name} and {self.sources[name]} both become {name!r}")
+            raise self.bad(f"{_cut(h5name)} and {_cut(self.sources[name])} both become {_cut(repr(name))}")
         what = f"Keras {cls or 'layer'} {var!r} ({h5name}{', class guessed from the layer name' if guessed else ''})"
         kind = _kind(cls, var, len(shape))
         layout = LAYOUTS[kind] if kind else None
@@ -280,12 +284,14 @@ class _Reader:
                     nbytes = ds.size * ds.dtype.itemsize
                     stored = ds.id.get_storage_size()
                     if nbytes and stored * _MAX_STORAGE_EXPANSION < nbytes:
-                        raise self.bad(f"{h5name} declares {nbytes} bytes but stores only {stored}")
+                        raise self.bad(f"{_cut(h5name)} declares {nbytes} bytes but stores only {stored}")
                     array = np.ascontiguousarray(ds[()])
                 except CheckpointError:
                     raise
                 except Exception as e:  # noqa: BLE001 - h5py raises OSError, KeyError, ValueError, RuntimeError
-                    raise self.bad(f"reading {h5name} failed ({e})", hint="the file is damaged or truncated") from None
+                    raise self.bad(
+                        f"reading {_cut(h5name)} failed ({_cut(str(e))})", hint="the file is damaged or truncated"
+                    ) from None
             tensor = torch.from_numpy(array)
             return layout.apply(tensor) if layout is not None else tensor
 
@@ -293,7 +299,7 @@ class _Reader:
 
     def skip_all(self, group: Any, why: str, depth: int = 0) -> None:
         if depth > _MAX_DEPTH:
-            raise self.bad(f"{group.name} nests more than {_MAX_DEPTH} groups deep")
+            raise self.bad(f"{_cut(group.name)} nests more than {_MAX_DEPTH} groups deep")
         for key in group:
             item = self.child(group, key)
             if isinstance(item, self.h5py.Group):
@@ -314,7 +320,7 @@ class _Reader:
 
     def walk3(self, group: Any, segs: list[str], depth: int) -> None:
         if depth > _MAX_DEPTH:
-            raise self.bad(f"{group.name} nests more than {_MAX_DEPTH} groups deep")
+            raise self.bad(f"{_cut(group.name)} nests more than {_MAX_DEPTH} groups deep")
         for key in group:
             item = self.child(group, key)
             if not isinstance(item, self.h5py.Group):
@@ -329,7 +335,7 @@ class _Reader:
         if not keys:
             return
         if not all(k.isdigit() and len(k) < 10 for k in keys):
-            raise self.bad(f"{group.name} holds {keys[:5]!r}, not numbered variables")
+            raise self.bad(f"{_cut(group.name)} holds {_cut(repr(keys[:5]))}, not numbered variables")
         keys.sort(key=int)
         cls, cfg, guessed = _layer_class(segs[-1], self.classes) if segs else (None, {}, False)
         names = VAR_ORDER[cls](cfg) if cls in VAR_ORDER else []
@@ -344,11 +350,11 @@ class _Reader:
         for lname in layer_names:
             group = self.child(root, lname)
             if not isinstance(group, self.h5py.Group):
-                raise self.bad(f"layer {lname!r} is not an HDF5 group")
+                raise self.bad(f"layer {_cut(repr(lname))} is not an HDF5 group")
             for wname in _strings(group.attrs.get("weight_names", []), self, f"{lname}'s weight_names"):
                 parts = wname.split("/")
                 if wname.startswith("/") or any(p in ("", ".", "..") for p in parts):
-                    raise self.bad(f"layer {lname!r} names a weight {wname!r} outside its group")
+                    raise self.bad(f"layer {_cut(repr(lname))} names a weight {_cut(repr(wname))} outside its group")
                 ds = group
                 for p in parts:
                     ds = self.child(ds, p)
@@ -358,6 +364,11 @@ class _Reader:
                     del segs[1]
                 cls, _cfg, guessed = _layer_class(parts[-2] if len(parts) > 1 else lname, self.classes)
                 self.add(segs, parts[-1], cls, guessed, ds)
+
+
+def _cut(text: str, limit: int = 160) -> str:
+    """Names in a hostile file can be megabytes long (or a cycle of links 32 deep): keep messages short."""
+    return text if len(text) <= limit else text[: limit // 2 - 2] + " ... " + text[-(limit // 2 - 3) :]
 
 
 def _strings(value: Any, reader: _Reader, what: str) -> list[str]:
@@ -401,7 +412,9 @@ def _open_archive(path: Path) -> tuple[zipfile.ZipFile, Any, dict[str, Any], dic
                 raise _bad(path, fmt, f"the archive holds {name[:80]!r} twice")
             seen.add(name)
             if info.file_size > _BOMB_FLOOR_BYTES and info.file_size > _BOMB_EXPANSION * max(info.compress_size, 1):
-                raise _bad(path, fmt, f"{name[:80]!r} expands {info.file_size} bytes from {info.compress_size} (a zip bomb)")
+                raise _bad(
+                    path, fmt, f"{name[:80]!r} expands {info.file_size} bytes from {info.compress_size} (a zip bomb)"
+                )
         if _WEIGHTS_MEMBER not in seen:
             raise _bad(
                 path,
@@ -505,7 +518,7 @@ def _source_fmt(fmt: str, h5: Any) -> str:
 
 
 def _read_h5(path: Path, fmt: str, h5py: Any, h5: Any, config: Any, metadata: dict[str, str]) -> Source:
-    legacy_root = h5["model_weights"] if "model_weights" in h5 else h5
+    legacy_root = h5.get("model_weights", h5)
     if fmt != FORMAT_ARCHIVE and "layer_names" in legacy_root.attrs:
         fmt = FORMAT_LEGACY
         raw = h5.attrs.get("model_config")

@@ -59,6 +59,9 @@ LAYOUTS: dict[str, Layout] = {
     "dense": Layout((2,), _dense_shape, lambda t: t.t().contiguous(), "kernel [in, out] transposed to [out, in]"),
     "conv": Layout((3, 4, 5), _conv_shape, _conv, "kernel (spatial..., in, out) permuted to (out, in, spatial...)"),
     "depthwise": Layout(
-        (3, 4), _depthwise_shape, _depthwise, "depthwise kernel (spatial..., channels, multiplier) to (c*m, 1, spatial...)"
+        (3, 4),
+        _depthwise_shape,
+        _depthwise,
+        "depthwise kernel (spatial..., channels, multiplier) to (c*m, 1, spatial...)",
     ),
 }
