@@ -213,8 +213,8 @@ def test_scan_reports_keras_lambda_layers_as_code_never_run(keras, tmp_path):
     assert report.files[0].format == "keras"
 
 
-def _keras_zip(path, members: dict[str, bytes]) -> None:
-    with zipfile.ZipFile(path, "w") as zf:
+def _keras_zip(path, members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> None:
+    with zipfile.ZipFile(path, "w", compression) as zf:
         for name, data in members.items():
             zf.writestr(name, data)
 
@@ -242,12 +242,31 @@ def test_keras_archive_sanity(tmp_path, members, match):
         tg.open(tmp_path / "bad.keras")
 
 
-def test_keras_archive_is_read_in_place(tmp_path):
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_keras_archive_is_read_in_place(tmp_path, compression):
     inner = _weights_bytes(tmp_path)
-    _keras_zip(tmp_path / "ok.keras", {"config.json": b"{}", "model.weights.h5": inner})
+    _keras_zip(tmp_path / "ok.keras", {"config.json": b"{}", "model.weights.h5": inner}, compression)
     with tg.open(tmp_path / "ok.keras") as src:
-        assert src["dense.weight"].load().shape == (2, 3)  # auto-named "dense": a Dense kernel
+        assert torch.equal(src["dense.weight"].load(), torch.ones(2, 3))  # auto-named "dense": a Dense kernel
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inner.h5", "ok.keras"]  # nothing extracted
+
+
+def test_keras_nested_models(keras, tmp_path):
+    block = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3, name="inner"), keras.layers.BatchNormalization(name="norm")],
+        name="block",
+    )
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.layers.Dense(2, name="head")(block(inp)))
+    model.save(tmp_path / "n.keras")
+    model.save(tmp_path / "n.h5")
+    kernel = torch.from_numpy(block.layers[0].get_weights()[0]).T
+    with tg.open(tmp_path / "n.keras") as src:  # Keras 3: groups named by class within each model
+        assert torch.equal(src["sequential.dense.weight"].load(), kernel)
+        assert src["dense.weight"].shape == (2, 3) and "sequential.batch_normalization.running_var" in src
+    with tg.open(tmp_path / "n.h5") as src:  # legacy: the layers' own names
+        assert torch.equal(src["block.inner.weight"].load(), kernel)
+        assert src["head.weight"].shape == (2, 3) and "block.norm.running_var" in src
 
 
 def test_keras_h5_links_into_other_files_are_refused(tmp_path):

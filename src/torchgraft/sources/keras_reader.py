@@ -10,6 +10,7 @@ without extracting it. Layers' Python code (``Lambda``) is never run: only weigh
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import threading
@@ -218,6 +219,7 @@ class _Reader:
 
     def __init__(self, path: Path, fmt: str, h5py: Any, classes: dict[str, tuple[str, dict[str, Any]]]):
         self.path, self.fmt, self.h5py, self.classes = path, fmt, h5py, classes
+        self.by_name: dict[str, tuple[str, dict[str, Any]]] = {}  # Keras 3: layer name -> class, config
         self.entries: dict[str, TensorRef] = {}
         self.sources: dict[str, str] = {}  # torch name -> HDF5 path, to name both sides of a collision
         self.conversions: dict[str, str] = {}
@@ -338,6 +340,11 @@ class _Reader:
             raise self.bad(f"{_cut(group.name)} holds {_cut(repr(keys[:5]))}, not numbered variables")
         keys.sort(key=int)
         cls, cfg, guessed = _layer_class(segs[-1], self.classes) if segs else (None, {}, False)
+        own = group.attrs.get("name")  # Keras 3 keeps the layer's own name here: the surest key into the config
+        own = own.decode("utf-8", "replace") if isinstance(own, bytes) else own
+        if isinstance(own, str) and own in self.by_name:
+            cls, cfg = self.by_name[own]
+            guessed = False
         names = VAR_ORDER[cls](cfg) if cls in VAR_ORDER else []
         if len(names) != len(keys):  # unknown class, or a config that does not fit: keep positions
             names = [f"vars.{k}" for k in keys]
@@ -392,6 +399,60 @@ def _read_json(data: bytes | str, path: Path, fmt: str, what: str) -> Any:
         raise _bad(path, fmt, f"{what} is not valid JSON ({str(e)[:200]})") from None
 
 
+class _Window(io.RawIOBase):
+    """Bytes ``[start, start + size)`` of a file, seekable: a stored zip member read in place.
+
+    ``ZipFile.open`` would do, but its backward seeks re-read the member from its start (on
+    Python < 3.12), which h5py's random access turns into seconds for a large archive.
+    """
+
+    def __init__(self, path: Path, start: int, size: int):
+        self._f = path.open("rb")
+        self._start, self._size, self._pos = start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(view[:n]) if n else 0
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def _member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Any:
+    """A seekable reader of one member: a window on the file when stored (as Keras writes it), else ZipFile's."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return zf.open(info)
+    with path.open("rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        size = f.seek(0, io.SEEK_END)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise _bad(path, FORMAT_ARCHIVE, f"the local header of {info.filename!r} is damaged")
+    start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    if start + info.file_size > size:
+        raise _bad(path, FORMAT_ARCHIVE, f"{info.filename!r} runs past the end of the file (truncated?)")
+    return _Window(path, start, info.file_size)
+
+
 def _open_archive(path: Path) -> tuple[zipfile.ZipFile, Any, dict[str, Any], dict[str, str]]:
     """The zip, its open weights member and the parsed config.json, with zip sanity checks."""
     fmt = FORMAT_ARCHIVE
@@ -439,7 +500,7 @@ def _open_archive(path: Path) -> tuple[zipfile.ZipFile, Any, dict[str, Any], dic
                 config = parsed
             elif isinstance(parsed, dict):
                 meta = {str(k): str(v) for k, v in parsed.items() if isinstance(v, (str, int, float))}
-        inner = zf.open(_WEIGHTS_MEMBER)
+        inner = _member(path, zf, zf.getinfo(_WEIGHTS_MEMBER))
     except CheckpointError:
         zf.close()
         raise
@@ -534,6 +595,7 @@ def _read_h5(path: Path, fmt: str, h5py: Any, h5: Any, config: Any, metadata: di
             reader.skip_all(reader.child(h5, "optimizer_weights"), "Keras optimizer variable (not a model weight)")
     elif "layers" in h5 or "vars" in h5:
         reader = _Reader(path, fmt, h5py, _keras3_classes(config))
+        reader.by_name = _config_classes(config)
         reader.keras3(h5)
     else:
         raise _bad(
