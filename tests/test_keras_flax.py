@@ -7,6 +7,7 @@ each is loaded into an equivalent torch model, whose output must match the frame
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 import zipfile
@@ -534,3 +535,73 @@ def test_msgpack_files_with_other_extensions_are_not_sniffed_as_flax(tmp_path):
     with pytest.raises(CheckpointError):
         tg.open(tmp_path / "m.bin")
     assert tg.open(tmp_path / "m.bin", format="flax").skipped == {"a": "int"}
+
+
+# Fuzzing: every mutation of a valid file opens and loads, or raises CheckpointError -------------------
+
+_FUZZ_CHILD = r"""
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+import torchgraft as tg
+out = {}
+for path in sys.argv[1:]:
+    try:
+        with tg.open(path) as src:
+            for ref in src.values():
+                ref.load()
+        out[path] = "ok"
+    except tg.CheckpointError:
+        out[path] = "error"
+    except BaseException as e:
+        out[path] = f"escaped {type(e).__name__}: {str(e)[:300]}"
+print(json.dumps(out))
+"""
+
+
+def _mutations(data: bytes, count: int, seed: int) -> list[bytes]:
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        b = bytearray(data)
+        if i % 4 == 0:
+            b = b[: rng.randrange(1, len(b))]  # truncated
+        else:
+            for _ in range(rng.randint(1, 8)):  # bytes overwritten, some with "large" values
+                b[rng.randrange(len(b))] = rng.choice([0x00, 0xFF, 0x7F, 0x80, rng.randrange(256)])
+        out.append(bytes(b))
+    return out
+
+
+def _fuzz(tmp_path, data: bytes, suffix: str, count: int, seed: int) -> dict[str, str]:
+    import subprocess
+
+    paths = []
+    for i, mutated in enumerate(_mutations(data, count, seed)):
+        paths.append(str(tmp_path / f"m{i}{suffix}"))
+        (tmp_path / f"m{i}{suffix}").write_bytes(mutated)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    run = subprocess.run(
+        [sys.executable, "-c", _FUZZ_CHILD, *paths], capture_output=True, text=True, timeout=300, env=env, check=False
+    )
+    assert run.returncode == 0, f"the reader crashed: rc={run.returncode}\n{run.stderr[-2000:]}"
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def test_fuzzed_keras_files_raise_checkpoint_error_or_load(tmp_path):
+    (tmp_path / "seed").mkdir()
+    data = _weights_bytes(tmp_path / "seed")
+    results = _fuzz(tmp_path, data, ".weights.h5", 120, seed=15)
+    escaped = {p: r for p, r in results.items() if r not in ("ok", "error")}
+    assert not escaped, escaped
+    assert "error" in results.values()  # the mutations do break files
+
+
+def test_fuzzed_flax_files_raise_checkpoint_error_or_load(tmp_path):
+    layer = {"kernel": _ext_array((8, 4), "float32", bytes(128)), "bias": _ext_array((4,), "float16", bytes(8))}
+    data = msgpack.packb({"params": {"Dense_0": layer}, "batch_stats": {}, "step": 3}, use_bin_type=True)
+    results = _fuzz(tmp_path, data, ".msgpack", 300, seed=15)
+    escaped = {p: r for p, r in results.items() if r not in ("ok", "error")}
+    assert not escaped, escaped
+    assert "error" in results.values()
