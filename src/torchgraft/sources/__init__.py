@@ -69,7 +69,9 @@ def open(
     Args:
         path: a file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``, ``.ckpt``), a sharded
             checkpoint's ``*.index.json``, a model directory, a ``torch.distributed.checkpoint``
-            directory (``.metadata`` + ``*.distcp``), a Hugging Face repository
+            directory (``.metadata`` + ``*.distcp``), Keras ``.keras`` / ``.weights.h5`` / legacy ``.h5``
+            and Flax ``.msgpack`` files (kernels converted to torch's layout, see
+            ``Source.conversions``), a Hugging Face repository
             ``"hf:org/name[@revision]"`` (from the local cache, needs ``huggingface_hub``),
             an open :class:`Source` (returned as is) or an in-memory state dict.
         format: force a reader by name (see :data:`READERS`) instead of sniffing the content.
