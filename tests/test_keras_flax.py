@@ -131,6 +131,46 @@ def test_keras_files_load_into_torch_and_match_keras(keras_files, name, fmt):
     np.testing.assert_allclose(out, expected, atol=TOL, rtol=0)
 
 
+class TorchSeq(nn.Module):
+    """Keras Embedding -> Conv1D('same') -> LayerNormalization -> Dense, in torch (Conv1d wants (B, C, L))."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(10, 6)
+        self.conv1d = nn.Conv1d(6, 4, 3, padding=1)
+        self.layer_normalization = nn.LayerNorm(4, eps=1e-3)  # Keras's epsilon
+        self.dense = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        x = self.conv1d(self.embedding(ids).transpose(1, 2)).transpose(1, 2)
+        return self.dense(self.layer_normalization(x))
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5", ".h5"])
+def test_keras_sequence_model_conv1d_layernorm_embedding(keras, tmp_path, suffix):
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(10, 6, name="embedding"),  # named as Keras 3 names their groups,
+            keras.layers.Conv1D(4, 3, padding="same", name="conv1d"),  # so that the legacy file (which keeps
+            keras.layers.LayerNormalization(name="layer_normalization"),  # the layers' own names) agrees
+            keras.layers.Dense(3, name="dense"),
+        ]
+    )
+    rng = np.random.default_rng(5)
+    for layer in model.layers:
+        layer.set_weights([rng.standard_normal(w.shape).astype("float32") for w in layer.get_weights()])
+    ids = np.array([[1, 2, 3, 9, 0], [4, 4, 8, 7, 6]], dtype="int32")
+    expected = keras.ops.convert_to_numpy(model(ids, training=False))
+    path = tmp_path / f"seq{suffix}"
+    model.save_weights(path) if suffix == ".weights.h5" else model.save(path)
+    torch_model = TorchSeq().eval()
+    tg.load(torch_model, path, strict=True)
+    with torch.no_grad():
+        out = torch_model(torch.from_numpy(ids).long()).numpy()
+    np.testing.assert_allclose(out, expected, atol=TOL, rtol=0)
+
+
 def test_keras_conversions_and_optimizer_slots_are_reported(keras, keras_files):
     d, _, _ = keras_files
     with tg.open(d / "cnn.keras") as src:
@@ -437,6 +477,35 @@ def test_flax_mlp_loads_into_torch_and_matches_flax(flax, tmp_path):
     with tg.open(tmp_path / "mlp.msgpack") as src:
         assert "renamed to 'weight'" in src.conversions["Embed_0.weight"]
         assert src["Embed_0.weight"].shape == (10, 6)
+
+
+def test_flax_conv1d_kernels_are_converted_under_conv_modules_only(flax, tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    fnn = flax.linen
+
+    class Seq(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):  # (B, L, C)
+            x = fnn.Conv(4, (3,), padding="SAME")(x)
+            return fnn.DenseGeneral((2, 3))(x)  # a 3-D kernel (4, 2, 3) with no torch layout
+
+    x = np.random.default_rng(6).standard_normal((2, 7, 5)).astype("float32")
+    variables = _randomised(Seq().init(jax.random.PRNGKey(0), jnp.asarray(x)), 7)
+    expected = np.asarray(Seq().apply(variables, jnp.asarray(x)))
+    (tmp_path / "seq.msgpack").write_bytes(flax.serialization.to_bytes(variables))
+    with tg.open(tmp_path / "seq.msgpack") as src:
+        assert src["Conv_0.weight"].shape == (4, 5, 3)
+        assert src["DenseGeneral_0.weight"].shape == (4, 2, 3)
+        assert "left as stored" in src.conversions["DenseGeneral_0.weight"]
+        conv = nn.Conv1d(5, 4, 3, padding=1)
+        tg.load(conv, {k.removeprefix("Conv_0."): v.load() for k, v in src.items() if k.startswith("Conv_0.")})
+        kernel, bias = src["DenseGeneral_0.weight"].load(), src["DenseGeneral_0.bias"].load()
+    with torch.no_grad():
+        h = conv(torch.from_numpy(x).transpose(1, 2)).transpose(1, 2)
+        out = torch.einsum("blc,cij->blij", h, kernel) + bias
+    np.testing.assert_allclose(out.numpy(), expected, atol=TOL, rtol=0)
 
 
 def test_flax_chunked_arrays_and_train_state(flax, tmp_path, monkeypatch):

@@ -366,9 +366,10 @@ class _Reader:
                 for p in parts:
                     ds = self.child(ds, p)
                 parts = [re.sub(r":\d+$", "", p) for p in parts]
-                segs = [lname, *parts[:-1]]
-                if len(segs) > 1 and segs[1] == segs[0]:
-                    del segs[1]
+                # weight names are variable paths: "dense/kernel" (Keras 2), "sequential/dense/kernel" (Keras 3
+                # in a Sequential), "block/inner/kernel" (a nested model): keep what follows the layer's own name
+                inside = [i for i, p in enumerate(parts[:-1]) if p == lname]
+                segs = [lname, *parts[inside[-1] + 1 if inside else 0 : -1]]
                 cls, _cfg, guessed = _layer_class(parts[-2] if len(parts) > 1 else lname, self.classes)
                 self.add(segs, parts[-1], cls, guessed, ds)
 
