@@ -350,6 +350,16 @@ def test_keras_h5_errors(tmp_path):
         tg.open(tmp_path / "escape.h5")
 
 
+def test_keras_big_endian_datasets_are_swapped(tmp_path):
+    kernel = np.arange(6, dtype=">f4").reshape(3, 2)
+    with h5py.File(tmp_path / "be.weights.h5", "w") as f:
+        f.create_dataset("layers/dense/vars/0", data=kernel)
+        f.create_dataset("layers/dense/vars/1", data=np.ones(2, ">f8"))
+    with tg.open(tmp_path / "be.weights.h5") as src:
+        assert torch.equal(src["dense.weight"].load(), torch.arange(6.0).reshape(3, 2).T)
+        assert src["dense.bias"].dtype == "float64" and torch.equal(src["dense.bias"].load(), torch.ones(2).double())
+
+
 def test_keras_truncated_file(tmp_path):
     inner = _weights_bytes(tmp_path)
     (tmp_path / "cut.weights.h5").write_bytes(inner[: len(inner) // 2])
@@ -556,6 +566,12 @@ def test_flax_bfloat16_and_scalars(tmp_path):
         assert src["w"].dtype == "bfloat16" and torch.equal(src["w"].load(), values)
         assert src["s"].shape == () and src["s"].load().item() == 4
         assert src.skipped == {"c": "complex"}
+
+
+def test_flax_bool_arrays_are_valid_bools(tmp_path):
+    (tmp_path / "b.msgpack").write_bytes(msgpack.packb({"m": _ext_array((3,), "bool", b"\x00\x01\x07")}))
+    with tg.open(tmp_path / "b.msgpack") as src:
+        assert src["m"].load().tolist() == [False, True, True]
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,8 @@ class _Array:
         if math.prod(self.shape) == 0:
             return torch.empty(self.shape, dtype=dtype)
         data = bytearray(self.chunks[0]) if len(self.chunks) == 1 else bytearray(b"".join(self.chunks))
+        if dtype == torch.bool:  # any byte other than 0 or 1 would make an invalid torch bool
+            return torch.frombuffer(data, dtype=torch.uint8).reshape(self.shape) != 0
         return torch.frombuffer(data, dtype=dtype).reshape(self.shape)
 
 

@@ -287,7 +287,7 @@ class _Reader:
                     stored = ds.id.get_storage_size()
                     if nbytes and stored * _MAX_STORAGE_EXPANSION < nbytes:
                         raise self.bad(f"{_cut(h5name)} declares {nbytes} bytes but stores only {stored}")
-                    array = np.ascontiguousarray(ds[()])
+                    array = np.ascontiguousarray(ds[()], dtype=ds.dtype.newbyteorder("="))  # big-endian: swapped
                 except CheckpointError:
                     raise
                 except Exception as e:  # noqa: BLE001 - h5py raises OSError, KeyError, ValueError, RuntimeError
