@@ -16,7 +16,10 @@ spatial...)), ``scale``/``embedding`` -> ``weight``, ``batch_stats`` ``mean``/``
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,8 @@ _EXT_NDARRAY, _EXT_COMPLEX, _EXT_NPSCALAR = 1, 2, 3
 _CHUNKED = "__msgpack_chunked_array__"
 _MAX_NDIM = 64
 _MAX_KEY_CHARS = 4096
+#: most entries one msgpack array or map may declare (msgpack preallocates a list of that length)
+_MAX_CONTAINER = 1 << 20
 
 #: flax leaf name -> torch's (``kernel`` also changes layout, see :func:`_kernel_layout`)
 _RENAMES: dict[str, str] = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
@@ -265,21 +270,27 @@ def open_flax(path: Path, **_: Any) -> Source:
             hint="pip install 'torchgraft[flax]'",
         ) from None
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise CheckpointError(path, "the file is empty", format=FORMAT, hint="fetch or save it again")
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # pages, not a copy, while decoding
     except OSError as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(path, f"cannot read the file ({e.strerror or e})", format=FORMAT) from None
-    n = len(data)
+    n = min(size, _MAX_CONTAINER)
     try:
         tree = msgpack.unpackb(
             data,
             ext_hook=_ext_hook(msgpack),
             raw=False,
             strict_map_key=False,
-            max_str_len=n,
-            max_bin_len=n,
+            max_str_len=size,
+            max_bin_len=size,
             max_array_len=n,
             max_map_len=n,
-            max_ext_len=n,
+            max_ext_len=size,
         )
     except _Bad as e:
         raise CheckpointError(
@@ -291,7 +302,9 @@ def open_flax(path: Path, **_: Any) -> Source:
         raise CheckpointError(
             path, f"not a valid msgpack file ({reason})", format=FORMAT, hint="the file is damaged or truncated"
         ) from None
-    del data
+    finally:
+        with contextlib.suppress(BufferError):  # every array's bytes were copied out: nothing should refer to it
+            data.close()
     if not isinstance(tree, dict):
         raise CheckpointError(
             path, f"the file holds a msgpack {type(tree).__name__}, not a dict of weights", format=FORMAT
