@@ -350,6 +350,19 @@ def test_keras_h5_errors(tmp_path):
         tg.open(tmp_path / "escape.h5")
 
 
+def test_keras_compressed_datasets_load_but_sparse_giants_are_refused(tmp_path):
+    with h5py.File(tmp_path / "gz.weights.h5", "w") as f:  # zeros compress about 1000x: still a real tensor
+        f.create_dataset("layers/dense/vars/0", data=np.zeros((512, 512), "float32"), compression="gzip")
+        f.create_dataset("layers/dense/vars/1", data=np.zeros(512, "float32"))
+        big = f.create_dataset("layers/dense_1/vars/0", shape=(1 << 20, 1 << 10), dtype="float32", chunks=(64, 1024))
+        big[:64] = 1.0  # one chunk of 65536 written, 4 GiB declared
+        f.create_dataset("layers/dense_1/vars/1", data=np.zeros(1 << 10, "float32"))
+    with tg.open(tmp_path / "gz.weights.h5") as src:
+        assert torch.equal(src["dense.weight"].load(), torch.zeros(512, 512))
+        with pytest.raises(CheckpointError, match=r"dense_1/vars/0 declares 4294967296 bytes but stores only 262144"):
+            src["dense_1.weight"].load()
+
+
 def test_keras_big_endian_datasets_are_swapped(tmp_path):
     kernel = np.arange(6, dtype=">f4").reshape(3, 2)
     with h5py.File(tmp_path / "be.weights.h5", "w") as f:
