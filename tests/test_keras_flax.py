@@ -332,6 +332,7 @@ def test_keras_h5_errors(tmp_path):
         f.create_dataset("x", data=np.ones(3))
     with pytest.raises(CheckpointError, match=r"not in a Keras layout"):
         tg.open(tmp_path / "plain.h5")
+    assert tg.scan(tmp_path).files[0].format == "hdf5"  # a directory scan does not stop at a non-Keras .h5
     with h5py.File(tmp_path / "fill.weights.h5", "w") as f:  # declared, never written: a fill-value bomb
         f.create_dataset("layers/dense/vars/0", shape=(1 << 20, 1 << 10), dtype="float32", chunks=(1024, 1024))
         f.create_dataset("layers/dense/vars/1", data=np.ones(1 << 10, "float32"))

@@ -48,6 +48,7 @@ _MAX_MEMBERS = 10_000
 _BOMB_FLOOR_BYTES = 1 << 32
 _BOMB_EXPANSION = 100
 _MAX_DEPTH = 32
+_NOT_KERAS = "an HDF5 file, but not in a Keras layout (no layers/ group, no layer_names attribute)"
 _MAX_NODES = 1_000_000
 # refused on load (a fill-value bomb): a dataset that stores nothing, or one above 1 GiB that declares more
 # than 1000x what it stores (compression alone reaches about 1000x only on constant data)
@@ -606,7 +607,7 @@ def _read_h5(path: Path, fmt: str, h5py: Any, h5: Any, config: Any, metadata: di
         raise _bad(
             path,
             fmt,
-            "an HDF5 file, but not in a Keras layout (no layers/ group, no layer_names attribute)",
+            _NOT_KERAS,
             hint="torchgraft reads Keras .keras, .weights.h5 and legacy .h5 weight files",
         )
     return Source(
@@ -623,11 +624,16 @@ def keras_scan_note(path: Path) -> tuple[str, str]:
     """``(format, note)`` for ``torchgraft scan``: Keras files hold data, but ``Lambda`` layers hold code.
 
     Raises:
-        CheckpointError: the file cannot be opened as Keras weights.
+        CheckpointError: the file is damaged or hostile (an HDF5 file of another kind gets a note).
     """
     path = Path(path)
-    with open_keras(path) as src:
-        fmt, count = src.format, len(src)
+    try:
+        with open_keras(path) as src:
+            fmt, count = src.format, len(src)
+    except CheckpointError as e:
+        if e.reason != _NOT_KERAS:
+            raise
+        return "hdf5", "an HDF5 file not in a Keras layout: HDF5 holds data only, and torchgraft does not load it"
     config: Any = None
     if fmt == FORMAT_ARCHIVE:
         zf, inner, config, _meta = _open_archive(path)
