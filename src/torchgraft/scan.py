@@ -26,6 +26,7 @@ from .sources.safetensors_reader import looks_like_safetensors, read_header
 __all__ = ["FileScan", "ScanReport", "danger_of", "scan"]
 
 _WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".safetensors", ".tar", ".onnx", ".index", ".gguf")
+_WEIGHT_SUFFIXES += (".h5", ".keras", ".msgpack")  # Keras and Flax weights
 _PICKLE_PROTO = b"\x80"
 _PICKLE_V0_STARTS = b"(c]}"  # protocol 0/1 pickles start with MARK, GLOBAL, EMPTY_LIST or EMPTY_DICT
 _MAX_MEMBER_BYTES = 512 * 1024 * 1024
@@ -193,6 +194,14 @@ def _scan_file(path: Path) -> FileScan:
     if looks_like_safetensors(head, size):
         tensors, _meta, _ = read_header(path)
         return FileScan(str(path), "safetensors", note=f"{len(tensors)} tensors; safetensors holds no code")
+    from .sources import flax_reader, keras_reader  # Keras and Flax files hold data; a Keras config may name code
+
+    if keras_reader.looks_like_hdf5(head) or keras_reader.looks_like_keras_zip(path, head):
+        fmt, note = keras_reader.keras_scan_note(path)
+        return FileScan(str(path), fmt, note=note)
+    if flax_reader.looks_like_flax_msgpack(path, head):
+        fmt, note = flax_reader.flax_scan_note(path)
+        return FileScan(str(path), fmt, note=note)
     if head[:4] == b"PK\x03\x04":
         return _scan_zip(path)
     if head[:1] == _PICKLE_PROTO or (head[:1] and head[:1] in _PICKLE_V0_STARTS):

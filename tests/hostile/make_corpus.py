@@ -356,7 +356,7 @@ def _(root: Path, c: Case) -> None:
     (root / c.path).write_bytes(b"")
 
 
-@case("random_bytes", "broken", "random.bin", "error", match=r"not a safetensors file, a torch checkpoint")
+@case("random_bytes", "broken", "random.bin", "error", match=r"not a checkpoint format torchgraft knows")
 def _(root: Path, c: Case) -> None:
     data = bytearray(random.Random(7).randbytes(4096))
     data[0], data[8] = 0x01, 0x00  # neither a pickle, a zip nor a safetensors header
@@ -1330,6 +1330,149 @@ def _(root: Path, c: Case) -> None:
 @case("gguf_unknown_tensor_type", "broken", "gguf_type.gguf", "error", match=r"has unknown type 12345")
 def _(root: Path, c: Case) -> None:
     (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [("blk.0.attn_norm.weight", [4], 12345, 0)], b"\0" * 64))
+# Keras (HDF5, .keras zip) and Flax msgpack -----------------------------------------------------------
+
+
+def _keras_h5(path: Path, extra: Callable[[Any], None] | None = None) -> None:
+    """A Keras 3 ``.weights.h5`` layout written with h5py: a Dense layer, an optimizer slot."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset("layers/dense/vars/0", data=np.arange(64 * 32, dtype="float32").reshape(64, 32))
+        f.create_dataset("layers/dense/vars/1", data=np.ones(32, "float32"))
+        f.create_dataset("optimizer/vars/0", data=np.int64(3))
+        if extra is not None:
+            extra(f)
+
+
+@case("keras_legacy_h5_ok", "ok", "ok.h5", "ok")
+def _(root: Path, c: Case) -> None:  # tf.keras 2's save_weights layout, one Dense layer named "layer"
+    import h5py
+    import numpy as np
+
+    with h5py.File(root / c.path, "w") as f:
+        f.attrs["layer_names"] = np.array([b"layer"])
+        g = f.create_group("layer")
+        g.attrs["weight_names"] = np.array([b"layer/kernel:0", b"layer/bias:0"])
+        g.create_dataset("layer/kernel:0", data=np.ones((4, 3), "float32"))
+        g.create_dataset("layer/bias:0", data=np.ones(3, "float32"))
+
+
+@case("keras_h5_truncated", "broken", "truncated.weights.h5", "error", match=r"read as keras-weights-h5")
+def _(root: Path, c: Case) -> None:
+    _keras_h5(root / c.path)
+    data = (root / c.path).read_bytes()
+    (root / c.path).write_bytes(data[: len(data) * 2 // 3])
+
+
+@case("keras_h5_garbage_after_signature", "broken", "garbage.h5", "error", match=r"not a readable HDF5 file")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(b"\x89HDF\r\n\x1a\n" + random.Random(15).randbytes(4096))
+
+
+@case(
+    "keras_h5_huge_unwritten_dataset",
+    "broken",
+    "huge.weights.h5",
+    "error",
+    match=r"declares 4398046511104 bytes but stores only 0",
+)
+def _(root: Path, c: Case) -> None:  # shape (2**40,) float32, never written: reading it would allocate 4 TiB
+    _keras_h5(root / c.path, lambda f: f.create_dataset("layers/dense_1/vars/0", shape=(1 << 40,), dtype="float32"))
+
+
+@case("keras_h5_external_link", "broken", "extlink.weights.h5", "error", match=r"is an HDF5 ExternalLink")
+def _(root: Path, c: Case) -> None:  # a link into another file (here: the corpus manifest's neighbour)
+    import h5py
+
+    _keras_h5(root / "keras_link_target.h5")
+    _keras_h5(root / c.path, lambda f: f.__setitem__("layers/dense_1", h5py.ExternalLink("keras_link_target.h5", "/")))
+
+
+@case("keras_h5_external_storage", "broken", "extstore.weights.h5", "error", match=r"keeps its data in other files")
+def _(root: Path, c: Case) -> None:  # raw storage in /etc/passwd: a read would leak another file
+    _keras_h5(
+        root / c.path,
+        lambda f: f.create_dataset(
+            "layers/dense_1/vars/0", shape=(16,), dtype="uint8", external=[("/etc/passwd", 0, 16)]
+        ),
+    )
+
+
+@case("keras_h5_hard_link_cycle", "broken", "cycle.weights.h5", "error", match=r"nests more than 32 groups deep")
+def _(root: Path, c: Case) -> None:  # a group that contains itself: a naive walk never ends
+    def loop(f: Any) -> None:
+        g = f.create_group("layers/dense_1")
+        g["again"] = g
+
+    _keras_h5(root / c.path, loop)
+
+
+@case("keras_archive_path_traversal", "broken", "traversal.keras", "error", match=r"unsafe path '\.\./\.\./evil'")
+def _(root: Path, c: Case) -> None:
+    _keras_h5(root / "keras_traversal_inner.h5")
+    with zipfile.ZipFile(root / c.path, "w") as zf:
+        zf.writestr("config.json", "{}")
+        zf.write(root / "keras_traversal_inner.h5", "model.weights.h5")
+        zf.writestr("../../evil", "x")
+
+
+def _flax_array(shape: list[int], dtype: str, data: bytes) -> Any:
+    import msgpack
+
+    return msgpack.ExtType(1, msgpack.packb((shape, dtype, data), use_bin_type=True))
+
+
+def _flax_file(path: Path, tree: Any) -> None:
+    import msgpack
+
+    path.write_bytes(msgpack.packb(tree, use_bin_type=True))
+
+
+@case("flax_msgpack_ok", "ok", "ok.msgpack", "ok")
+def _(root: Path, c: Case) -> None:
+    layer = {"kernel": _flax_array([4, 3], "float32", bytes(48)), "bias": _flax_array([3], "float32", bytes(12))}
+    _flax_file(root / c.path, {"params": {"layer": layer}})
+
+
+@case("flax_msgpack_truncated", "broken", "truncated.msgpack", "error", match=r"not a valid msgpack file")
+def _(root: Path, c: Case) -> None:
+    _flax_file(root / c.path, {"params": {"Dense_0": {"kernel": _flax_array([64, 64], "float32", bytes(16384))}}})
+    data = (root / c.path).read_bytes()
+    (root / c.path).write_bytes(data[: len(data) // 2])
+
+
+@case("flax_msgpack_huge_declared_array", "broken", "hugearray.msgpack", "error", match=r"not a valid msgpack file")
+def _(root: Path, c: Case) -> None:  # an array32 of 2**32-1 elements in a 9-byte file: no 32 GiB list may be made
+    (root / c.path).write_bytes(b"\x81\xa1a\xdd\xff\xff\xff\xff")
+
+
+@case("flax_msgpack_huge_declared_map", "broken", "hugemap.msgpack", "error", match=r"not a valid msgpack file")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(b"\xdf\xff\xff\xff\xff\xa1a\x01")
+
+
+@case("flax_msgpack_deep_nesting", "broken", "deep.msgpack", "error", match=r"nested too deeply")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(b"\x81\xa1a" * 100_000 + b"\xc0")
+
+
+@case("flax_msgpack_shape_lies", "broken", "shape.msgpack", "error", match=r"needs 4398046511104 bytes but holds 4")
+def _(root: Path, c: Case) -> None:  # a 2**40-element shape over 4 bytes of data
+    _flax_file(root / c.path, {"params": {"w": _flax_array([1 << 40], "float32", bytes(4))}})
+
+
+@case("flax_msgpack_unknown_ext", "broken", "ext.msgpack", "error", match=r"unknown msgpack extension type 42")
+def _(root: Path, c: Case) -> None:
+    import msgpack
+
+    _flax_file(root / c.path, {"params": {"w": msgpack.ExtType(42, b"\x00" * 8)}})
+
+
+@case("flax_msgpack_object_dtype", "broken", "object.msgpack", "error", match=r"unsupported dtype 'object'")
+def _(root: Path, c: Case) -> None:  # numpy would need pickle to read an object array
+    _flax_file(root / c.path, {"params": {"w": _flax_array([1], "object", bytes(8))}})
 
 
 # ----------------------------------------------------------------------------------------------------
