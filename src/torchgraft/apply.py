@@ -329,11 +329,11 @@ def _initialise(
             undo.values(t)
         for sub in module.modules():
             undo.slots(sub)
+        was_meta = any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
         _materialise(module, materialise_on)
-        if init_missing:
-            methods[path] = initialise_module(model, module)
-        else:
-            methods[path] = "kept"
+        methods[path] = initialise_module(model, module) if init_missing else "kept"
+        if methods[path] == "kept" and was_meta:
+            methods[path] = "zeros"  # nothing gave values: the meta tensors became zeros (reported, warned)
         if dtype is not None:
             for store in (module._parameters, module._buffers):
                 for key, t in store.items():
