@@ -32,6 +32,7 @@ from torch import nn
 
 from .errors import LoadError
 from .initialize import initialise_module
+from .integrations import hf
 from .keys import split_key
 from .plan import Entry, Plan, build_plan
 from .policy import AdaptSpec
@@ -321,19 +322,40 @@ def _initialise(
     dtype: torch.dtype | None,
     init_missing: bool,
 ) -> dict[str, str]:
-    methods: dict[str, str] = {}
-    for path in _modules_to_initialise(view, plan):
+    todo = _modules_to_initialise(view, plan)
+    was_meta: dict[str, bool] = {}
+    for path in todo:
         module = view.modules[path]
         undo.slots(module)
         for t in [*module.parameters(), *module.buffers()]:
             undo.values(t)
         for sub in module.modules():
             undo.slots(sub)
-        was_meta = any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
-        _materialise(module, materialise_on)
-        methods[path] = initialise_module(model, module) if init_missing else "kept"
-        if methods[path] == "kept" and was_meta:
-            methods[path] = "zeros"  # nothing gave values: the meta tensors became zeros (reported, warned)
+        was_meta[path] = any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
+        # NaN marks what no initialiser wrote (found and zeroed below); zeros where NaN cannot be stored
+        _materialise(module, materialise_on, fill=float("nan") if init_missing else 0)
+    methods: dict[str, str] = {}
+    chosen = {
+        path: [(name, t) for name in names if (t := _slot(view.modules[path], split_key(name)[1])) is not None]
+        for path, names in todo.items()
+    }
+    if init_missing and todo and hf.initialise_tensors(model, [t for pairs in chosen.values() for _, t in pairs]):
+        methods = dict.fromkeys(todo, hf.INITIALIZE_WEIGHTS)  # the model's own rules, parents' included
+    for path in todo:
+        if path not in methods:
+            module = view.modules[path]
+            methods[path] = initialise_module(model, module) if init_missing else "kept"
+            if methods[path] == "kept" and was_meta[path]:
+                methods[path] = "zeros"  # nothing gave values: the meta tensors became zeros (reported, warned)
+        unwritten = [t for _, t in chosen[path] if _float(t.dtype) and bool(torch.isnan(t).any())]
+        if unwritten and was_meta[path]:  # no rule covers them: zeros, reported and warned, never NaN or garbage
+            for t in unwritten:
+                t.zero_()
+            methods[path] = "zeros"
+    for path, names in todo.items():
+        if all(n in view.nonpersistent for n in names) and methods[path] not in ("kept", "zeros"):
+            del methods[path]  # buffers the model computed, as a CPU build does: nothing to report
+        module = view.modules[path]
         if dtype is not None:
             for store in (module._parameters, module._buffers):
                 for key, t in store.items():
@@ -348,12 +370,16 @@ def _like(old: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _materialise(module: nn.Module, device: torch.device) -> None:
-    """Give the module's own meta tensors real (zeroed) storage, ready for its initialiser."""
+def _materialise(module: nn.Module, device: torch.device, *, fill: float = 0) -> None:
+    """Give the module's own meta tensors real storage, ready for its initialiser.
+
+    Floating-point tensors are filled with ``fill`` (NaN marks what no initialiser wrote), the others with zeros.
+    """
     for store in (module._parameters, module._buffers):
         for key, t in store.items():
             if t is not None and t.is_meta:
-                store[key] = _like(t, torch.zeros(t.shape, dtype=t.dtype, device=device))
+                value = torch.full(t.shape, fill if _float(t.dtype) else 0, dtype=t.dtype, device=device)
+                store[key] = _like(t, value)
 
 
 def _stock_loader(module: nn.Module) -> bool:

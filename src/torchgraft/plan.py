@@ -515,13 +515,15 @@ def build_plan(
             e.action, e.mismatched = "init", True
         entries[name] = e
 
-    # Non-persistent buffers: load only what a meta-built model needs; otherwise the model computes them.
+    # Non-persistent buffers: load only what a meta-built model needs; otherwise the model computes them
+    # (transformers 5 models recompute them on meta too, so a meta and a CPU build report the same).
+    recomputed = hf.computes_buffers(model)
     for name, info in view.nonpersistent.items():
         src_name = claims.get(name, [None])[0]
         if src_name is None:
             continue
         ref = src[src_name]
-        if info.meta and ref.shape == info.shape:
+        if info.meta and ref.shape == info.shape and not recomputed:
             entries[name] = Entry(
                 name,
                 "copy",

@@ -18,11 +18,14 @@ if TYPE_CHECKING:  # torch is imported where it is used, so `import torchgraft` 
 
 
 __all__ = [
+    "INITIALIZE_WEIGHTS",
     "ModelRenames",
     "base_model_prefix",
+    "computes_buffers",
     "conversion_renames",
     "ignore_patterns",
     "init_weights_fn",
+    "initialise_tensors",
     "is_hf_model",
 ]
 
@@ -156,3 +159,66 @@ def _transformers_renamer(model: nn.Module) -> Callable[[str], tuple[str, str | 
         return new, (None if pattern is None else ops.get(pattern, "a tensor conversion"))
 
     return rename_v5
+
+
+#: How :func:`initialise_tensors` reports its work in ``report.initialised``.
+INITIALIZE_WEIGHTS = "transformers _init_weights"  # as module by module: the same rules, dispatched as transformers does
+
+
+def computes_buffers(model: nn.Module) -> bool:
+    """True for transformers 5 models, whose ``_init_weights`` recomputes non-persistent buffers (``position_ids``).
+
+    For those, a meta-built model gets such buffers from the model's own rules (as on a CPU build),
+    never from a checkpoint that happens to hold them.
+    """
+    if not is_hf_model(model) or not callable(getattr(model, "initialize_weights", None)):
+        return False
+    try:
+        import transformers.initialization  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def initialise_tensors(model: nn.Module, tensors: Iterable[object]) -> bool:
+    """Initialise exactly ``tensors`` of a transformers model as ``from_pretrained`` initialises missing keys.
+
+    transformers 5 marks every tensor it loaded with ``_is_hf_initialized`` and then runs
+    ``model.initialize_weights()``: each module's ``_init_weights`` bottom-up, the parents' rules
+    after their children's (CLIP sets its towers' projections and ``logit_scale`` in the parent's
+    rule), sub-models with their own rules, non-persistent buffers recomputed (BERT's
+    ``position_ids``), and every ``transformers.initialization`` function skipping marked tensors.
+    This does the same with every tensor NOT in ``tensors`` marked, then removes the marks it added.
+
+    Returns False (nothing done) for models that are not transformers 5 models; the caller then
+    initialises module by module.
+
+    Example:
+        >>> initialise_tensors(clip, [clip.logit_scale])   # logit_scale = config.logit_scale_init_value
+        True
+    """
+    if not computes_buffers(model):  # transformers 5 only: its init functions honour the marks
+        return False
+    import torch
+
+    chosen = {id(t) for t in tensors}
+    marked: list[object] = []
+    everything = [*model.parameters(), *model.buffers()]
+    modules_before = {id(m): hasattr(m, "_is_hf_initialized") for m in model.modules()}
+    try:
+        for t in everything:
+            if id(t) not in chosen and not getattr(t, "_is_hf_initialized", False):
+                t._is_hf_initialized = True  # type: ignore[attr-defined]
+                marked.append(t)
+        with torch.no_grad():
+            model.initialize_weights()  # type: ignore[operator]
+    finally:
+        for t in marked:
+            del t._is_hf_initialized  # type: ignore[attr-defined]
+        for t in everything:  # tensors transformers marked itself while initialising them
+            if id(t) in chosen and hasattr(t, "_is_hf_initialized"):
+                del t._is_hf_initialized  # type: ignore[attr-defined]
+        for m in model.modules():
+            if not modules_before.get(id(m), True) and "_is_hf_initialized" in m.__dict__:
+                del m._is_hf_initialized
+    return True
