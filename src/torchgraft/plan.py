@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import PlanError
 from .integrations import hf
-from .keys import prefix_gains, split_key
-from .rules import RuleSpec, apply_rules, compile_rules, suffix_matcher
+from .keys import collapse_keys, prefix_gains, split_key
+from .rules import RenameResult, RuleSpec, apply_rules, compile_rules, suffix_matcher
 from .sources import Source
 from .sources import open as open_source
 from .target import TargetView
@@ -191,6 +191,8 @@ class Plan:
             f"ambiguous: {', '.join(a['targets'])} could come from {', '.join(a['candidates'])} ({a['reason']}); pass rules= to decide"
             for a in self.ambiguous
         ]
+        if lines:  # why, where the plan knows (a conversion it cannot run, an adapter it could not apply)
+            lines += [f"note: {n}" for n in self.notes]
         return lines
 
     def summary(self) -> dict[str, int]:
@@ -459,6 +461,7 @@ def build_plan(
     expected = set(view.entries) | set(view.nonpersistent)
 
     renames = apply_rules(src.keys(), user_rules, is_expected=suffix_matcher(expected))
+    table_notes = _model_table_renames(model, renames, expected)
     live = {orig: new for orig, new in renames.mapping.items() if new is not None}
     pfx = _resolve_prefix(prefix, hf.base_model_prefix(model), set(live.values()), expected)
 
@@ -478,7 +481,7 @@ def build_plan(
             claims[target].append(orig)
         else:
             unused.append(orig)
-    notes: list[str] = []
+    notes: list[str] = list(table_notes)
     for target, origs in claims.items():
         if len(origs) > 1:
             keep = next((o for o in origs if o == target), origs[0])
@@ -603,6 +606,29 @@ def build_plan(
         notes=notes,
         ambiguous=ambiguous,
     )
+
+
+def _model_table_renames(model: nn.Module, renames: RenameResult, expected: set[str]) -> list[str]:
+    """Apply the model's own checkpoint conversion table (transformers) to names the rules left alone.
+
+    Changes ``renames`` in place (reported like any rename); returns plan notes for names the table
+    would convert with a tensor operation, which a rename cannot do.
+    """
+    names = {new: orig for orig, new in renames.mapping.items() if new is not None}
+    table = hf.conversion_renames(model, names, expected)
+    for new, target in table.renamed.items():
+        orig = names[new]
+        renames.mapping[orig] = target
+        renames.reasons.setdefault(orig, []).append(table.reasons[new])
+    by_operation: dict[str, list[str]] = defaultdict(list)
+    for new, operation in table.unsupported.items():
+        by_operation[operation].append(names[new])
+    return [
+        f"transformers converts {len(keys)} checkpoint entries of {type(model).__name__} with {operation} "
+        f"({', '.join(collapse_keys(keys)[:3])}): torchgraft renames but does not yet run tensor conversions, "
+        "so they stay unused; load this checkpoint with from_pretrained, or save it from transformers first"
+        for operation, keys in by_operation.items()
+    ]
 
 
 def _source_name_guess(target: str, pfx: _Prefix) -> str:

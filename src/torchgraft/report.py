@@ -290,6 +290,8 @@ class LoadReport:
         """Warn about unused, missing, mismatched and re-initialised weights; one info line when all fit."""
         if self.unexpected:
             logger.warning(self.unused_message())
+        for note in self.notes if not self.ok else ():
+            logger.warning("%s", note)
         if self.missing:
             logger.warning(self.missing_message())
         if self.mismatched:
