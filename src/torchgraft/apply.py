@@ -34,7 +34,8 @@ from .errors import LoadError
 from .initialize import initialise_module
 from .integrations import hf
 from .keys import split_key
-from .plan import Entry, Plan, build_plan
+from .plan import Entry, Plan
+from .planner import IgnorePatterns, PlanOptions, build_plan
 from .policy import AdaptSpec
 from .report import LoadReport
 from .rules import RuleSpec
@@ -89,8 +90,8 @@ def load(
     strict: bool = False,
     rules: RuleSpec | None = None,
     prefix: str | None = None,
-    ignore_missing: Iterable[str] = (),
-    ignore_unexpected: Iterable[str] = (),
+    ignore_missing: IgnorePatterns = (),
+    ignore_unexpected: IgnorePatterns = (),
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     plan: Plan | None = None,
@@ -159,17 +160,9 @@ def load(
     src = open_source(source, allow_globals=allow_globals)
     view = TargetView.of(model)
     if plan is None:
-        plan = build_plan(
-            model,
-            view,
-            src,
-            rules=rules,
-            prefix=prefix,
-            ignore_missing=ignore_missing,
-            ignore_unexpected=ignore_unexpected,
-            adapt=adapt,
-            align=align,
-        )
+        options = PlanOptions(rules=rules, prefix=prefix, ignore_missing=ignore_missing,
+                              ignore_unexpected=ignore_unexpected, adapt=adapt, align=align)  # fmt: skip
+        plan = build_plan(model, view, src, options)
     else:
         plan.check_fits(view, src)
     if strict and (problems := plan.problems()):
@@ -297,7 +290,7 @@ def _run_adapter(entry: Entry, tensor: torch.Tensor, model: nn.Module) -> torch.
     from . import adapters
 
     assert entry.adapter is not None
-    return adapters.run(entry.adapter, tensor, target_shape=entry.shape, model=model, target=entry.target)
+    return adapters.run(entry.adapter, tensor, target_shape=entry.shape, target=entry.target)
 
 
 def _modules_to_initialise(view: TargetView, plan: Plan) -> dict[str, list[str]]:

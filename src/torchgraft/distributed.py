@@ -75,7 +75,7 @@ from .errors import CheckpointError, LoadError
 from .initialize import initialise_module
 from .keys import split_key
 from .plan import Plan
-from .plan import plan as make_plan
+from .planner import IgnorePatterns, PlanOptions, build_plan
 from .report import LoadReport
 from .sources import Source
 from .sources import open as open_source
@@ -576,8 +576,8 @@ def load(
     strict: bool = False,
     rules: RuleSpec | None = None,
     prefix: str | None = None,
-    ignore_missing: Iterable[str] = (),
-    ignore_unexpected: Iterable[str] = (),
+    ignore_missing: IgnorePatterns = (),
+    ignore_unexpected: IgnorePatterns = (),
     adapt: AdaptSpec | None = None,
     align: bool = False,
     init_missing: bool = True,
@@ -653,8 +653,8 @@ def load(
         raise ValueError(f"check_finite must be 'warn', 'error' or False, not {check_finite!r}")
     ranks = _Ranks(process_group)
     model = _unwrap(model)
-    options = {"rules": rules, "prefix": prefix, "ignore_missing": ignore_missing,
-               "ignore_unexpected": ignore_unexpected, "adapt": adapt, "align": align}  # fmt: skip
+    options = PlanOptions(rules=rules, prefix=prefix, ignore_missing=ignore_missing,
+                          ignore_unexpected=ignore_unexpected, adapt=adapt, align=align)  # fmt: skip
 
     def opener() -> Source:
         return open_source(source, allow_globals=allow_globals)
@@ -697,7 +697,7 @@ def load(
 
 
 def _shared_plan(
-    ranks: _Ranks, model: nn.Module, opener: Callable[[], Source], plan: Plan | None, options: dict[str, Any]
+    ranks: _Ranks, model: nn.Module, opener: Callable[[], Source], plan: Plan | None, options: PlanOptions
 ) -> tuple[Plan, bytes, Source | None]:
     """Rank 0 plans (or checks the given plan) and broadcasts it with its random state; errors reach every rank."""
     payload: dict[str, Any] = {}
@@ -707,7 +707,7 @@ def _shared_plan(
             _check_layout(model)
             opened = opener()
             if plan is None:
-                made = make_plan(model, opened, **options)
+                made = build_plan(model, TargetView.of(model), opened, options)
                 made.model = _model_name(model)
             else:
                 plan.check_fits(TargetView.of(model), opened)
