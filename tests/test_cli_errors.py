@@ -242,7 +242,7 @@ def test_model_spec_errors_exit_2(capsys, tiny_ckpt, factory_module, tmp_path):
 
 def test_scan_of_a_non_pickle_exits_2(capsys, tmp_path):
     f = tmp_path / "weights.bin"
-    f.write_bytes(b"GGUF\x00\x00\x00\x03")
+    f.write_bytes(b"XYZW\x00\x00\x00\x03")  # no format of its own (GGUF is scanned now)
     code, _, err = run(capsys, "scan", f)
     assert code == EXIT_USAGE and "not a pickle, a torch zip or a safetensors file" in err
 

@@ -25,7 +25,7 @@ from .sources.safetensors_reader import looks_like_safetensors, read_header
 
 __all__ = ["FileScan", "ScanReport", "danger_of", "scan"]
 
-_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".safetensors", ".tar", ".onnx", ".index")
+_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".safetensors", ".tar", ".onnx", ".index", ".gguf")
 _PICKLE_PROTO = b"\x80"
 _PICKLE_V0_STARTS = b"(c]}"  # protocol 0/1 pickles start with MARK, GLOBAL, EMPTY_LIST or EMPTY_DICT
 _MAX_MEMBER_BYTES = 512 * 1024 * 1024
@@ -201,6 +201,10 @@ def _scan_file(path: Path) -> FileScan:
         found = pickle_globals(data)
         fmt = "torch-legacy" if head[:1] == _PICKLE_PROTO and _is_torch_legacy(data) else "pickle"
         return FileScan(str(path), fmt, found, refused_globals(found) if found else [])
+    if head[:4] == b"GGUF":  # llama.cpp: tensors and key/values, nothing that runs
+        from .sources.gguf_reader import scan_gguf
+
+        return FileScan(str(path), "gguf", note=scan_gguf(path))
     raise CheckpointError(
         path,
         f"not a pickle, a torch zip or a safetensors file (first bytes: {head[:8]!r})",

@@ -1239,6 +1239,97 @@ def _(root: Path, c: Case) -> None:  # a length-delimited field that claims 4 GB
 @case("tf_data_damaged", "broken", "tf_rot.index", "error", match=r"fail their CRC32C checksum")
 def _(root: Path, c: Case) -> None:  # the index is intact; the tensor's bytes are checked when it is loaded
     _tf_ok(root / "tf_rot", crc=0)
+# GGUF (llama.cpp): written byte by byte, so that every field can lie --------------------------------
+
+_GGUF_STRING, _GGUF_ARRAY, _GGUF_U32, _GGUF_F32 = 8, 9, 4, 0
+
+
+def _gguf_str(text: str | bytes) -> bytes:
+    raw = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def raw_gguf(
+    kv: list[tuple[str, int, bytes]],
+    tensors: list[tuple[str, list[int], int, int]],
+    data: bytes = b"",
+    *,
+    version: int = 3,
+    counts: tuple[int, int] | None = None,
+) -> bytes:
+    """A GGUF file. ``kv``: (key, value type, encoded value); ``tensors``: (name, dims innermost first, type,
+    offset in the data block)."""
+    n_tensors, n_kv = counts or (len(tensors), len(kv))
+    out = b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
+    out += b"".join(_gguf_str(key) + struct.pack("<I", vtype) + value for key, vtype, value in kv)
+    for name, dims, ttype, offset in tensors:
+        out += _gguf_str(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ttype, offset)
+    return out + b"\0" * (-len(out) % 32) + data
+
+
+_GGUF_ARCH = ("general.architecture", _GGUF_STRING, _gguf_str("llama"))
+_GGUF_NORM = ("blk.0.attn_norm.weight", [4], _GGUF_F32, 0)
+
+
+@case("gguf_control_ok", "ok", "ok.gguf", "ok")
+def _(root: Path, c: Case) -> None:  # an architecture without a mapping keeps its names
+    arch = ("general.architecture", _GGUF_STRING, _gguf_str("mystery"))
+    tensors = [("layer.weight", [4], _GGUF_F32, 0), ("layer.bias", [2], _GGUF_F32, 32)]
+    (root / c.path).write_bytes(raw_gguf([arch], tensors, struct.pack("<4f", 1, 2, 3, 4).ljust(32, b"\0") + b"\0" * 8))
+
+
+@case("gguf_truncated_header", "broken", "gguf_cut.gguf", "error", match=r"\(read as gguf\): .* past the end of the")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [_GGUF_NORM], struct.pack("<4f", 1, 2, 3, 4))[:45])
+
+
+@case("gguf_bad_version", "broken", "gguf_v99.gguf", "error", match=r"GGUF version 99; versions 2 and 3 are supported")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [], version=99))
+
+
+@case(
+    "gguf_huge_counts", "broken", "gguf_counts.gguf", "error", match=r"the header claims \d+ tensors and \d+ key/values"
+)
+def _(root: Path, c: Case) -> None:  # a reader that trusts the counts allocates or loops for ever
+    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [], counts=(2**64 - 1, 2**63)))
+
+
+@case(
+    "gguf_huge_string_array",
+    "broken",
+    "gguf_vocab.gguf",
+    "error",
+    match=r"'tokenizer.ggml.tokens' claims \d+ strings, more than the rest of the file can hold",
+)
+def _(root: Path, c: Case) -> None:  # gguf.GGUFReader walks such an array element by element
+    tokens = ("tokenizer.ggml.tokens", _GGUF_ARRAY, struct.pack("<IQ", _GGUF_STRING, 2**62) + _gguf_str("a"))
+    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH, tokens], []))
+
+
+@case("gguf_nested_arrays", "broken", "gguf_nested.gguf", "error", match=r"nests arrays more than \d+ deep")
+def _(root: Path, c: Case) -> None:
+    value = struct.pack("<IQ", _GGUF_U32, 1) + struct.pack("<I", 7)
+    for _ in range(10_000):
+        value = struct.pack("<IQ", _GGUF_ARRAY, 1) + value
+    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH, ("deep", _GGUF_ARRAY, value)], []))
+
+
+@case(
+    "gguf_tensor_past_eof",
+    "broken",
+    "gguf_eof.gguf",
+    "error",
+    match=r"tensor 'blk.0.attn_norm.weight' \(\[1048576, 1048576\] F32, \d+ bytes at byte \d+\) reaches past the end",
+)
+def _(root: Path, c: Case) -> None:
+    huge = ("blk.0.attn_norm.weight", [1 << 20, 1 << 20], _GGUF_F32, 0)
+    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [huge], b"\0" * 64))
+
+
+@case("gguf_unknown_tensor_type", "broken", "gguf_type.gguf", "error", match=r"has unknown type 12345")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [("blk.0.attn_norm.weight", [4], 12345, 0)], b"\0" * 64))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from ..errors import CheckpointError
 from .base import DTYPE_SIZES, Source, TensorRef, dtype_name
 from .dcp_reader import looks_like_dcp, open_dcp
 from .directory import open_directory, open_index
+from .gguf_reader import looks_like_gguf, open_gguf
 from .onnx_reader import looks_like_onnx, open_onnx  # onnx, protobuf: imported when such a file is opened
 from .safetensors_reader import looks_like_safetensors, open_safetensors
 from .tf_reader import looks_like_tf_checkpoint, open_tf_checkpoint
@@ -57,6 +58,7 @@ READERS: list[Reader] = [
     # pickle protocol 2+ starts with PROTO (0x80); torch's legacy format is a series of pickles
     Reader("torch-legacy", lambda p, head, size: head[:1] == b"\x80", open_torch),
     Reader("onnx", lambda p, head, size: looks_like_onnx(p, head), open_onnx),
+    Reader("gguf", lambda p, head, size: looks_like_gguf(head), open_gguf),
 ]
 
 

@@ -31,6 +31,12 @@ def dtype_name(dtype: Any) -> str:
 class TensorRef:
     """One entry of a checkpoint: its shape and dtype now, its values on demand.
 
+    Attributes:
+        name, shape, dtype: as stored (dtype as torch names it, without ``"torch."``).
+        file: the file that holds the tensor's bytes, where the reader knows it (safetensors:
+            each shard's own file), so that a tensor can be read in slices without parsing
+            the file's header again; ``None`` otherwise.
+
     Example:
         >>> ref = tg.open("model.safetensors")["embeddings.word_embeddings.weight"]
         >>> ref.shape, ref.dtype
@@ -38,12 +44,21 @@ class TensorRef:
         >>> tensor = ref.load()          # reads (or maps) the bytes now
     """
 
-    __slots__ = ("_loader", "dtype", "name", "shape")
+    __slots__ = ("_loader", "dtype", "file", "name", "shape")
 
-    def __init__(self, name: str, shape: tuple[int, ...], dtype: str, loader: Callable[[], torch.Tensor]):
+    def __init__(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: str,
+        loader: Callable[[], torch.Tensor],
+        *,
+        file: str | None = None,
+    ):
         self.name = name
         self.shape = tuple(int(d) for d in shape)
         self.dtype = dtype
+        self.file = file
         self._loader = loader
 
     @property

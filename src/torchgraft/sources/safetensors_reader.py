@@ -213,7 +213,11 @@ def open_safetensors(path: Path, **_: Any) -> Source:
     handle = _LazySafeOpen(path)
     entries = {
         name: TensorRef(
-            name, torch_shape(info["dtype"], info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], _getter(handle, name)
+            name,
+            torch_shape(info["dtype"], info["shape"]),
+            SAFETENSORS_DTYPES[info["dtype"]],
+            _getter(handle, name),
+            file=str(path),
         )
         for name, info in header.items()
     }
