@@ -124,8 +124,12 @@ class Plan:
 
     @property
     def loaded(self) -> list[str]:
-        """Model entries that receive a checkpoint tensor."""
-        return self._where(lambda e: e.loads)
+        """Model entries that receive a checkpoint tensor as it is (cast at most); adapted ones are in :attr:`adapted`.
+
+        Every entry is counted once: ``loaded``, ``adapted``, ``missing``, ``mismatched``, ``tied``,
+        module defaults and ignored entries add up to the model's entries.
+        """
+        return self._where(lambda e: e.action == "copy")
 
     @property
     def missing(self) -> list[str]:
@@ -184,12 +188,14 @@ class Plan:
             f"ambiguous: {', '.join(a['targets'])} could come from {', '.join(a['candidates'])} ({a['reason']}); pass rules= to decide"
             for a in self.ambiguous
         ]
+        if lines:  # why, where the plan knows (a conversion it cannot run, an adapter it could not apply)
+            lines += [f"note: {n}" for n in self.notes]
         return lines
 
     def summary(self) -> dict[str, int]:
         counts = Counter(e.action for e in self.entries.values())
         return {
-            "loaded": counts["copy"] + counts["adapt"],
+            "loaded": counts["copy"],
             "adapted": len(self.adapted),
             "initialised": counts["init"],
             "tied": counts["tied"],
