@@ -22,7 +22,11 @@ from typing import Any, BinaryIO, ClassVar
 __all__ = [
     "DANGERS",
     "MAX_SCAN_BYTES",
+    "MAX_TUPLE_DEPTH",
+    "MAX_TUPLE_WORK",
+    "PickleRefused",
     "PickleScan",
+    "TupleBudget",
     "StorageRecord",
     "checkpoint_globals",
     "danger_of",
@@ -38,6 +42,68 @@ __all__ = [
 MAX_SCAN_BYTES = 64 * 1024 * 1024
 
 UNRESOLVED_STACK_GLOBAL = "<unresolved STACK_GLOBAL>"
+
+#: Tuples may nest at most this deep: hashing a tuple (as a dict key) recurses in C once per level,
+#: and a pickle 200 KB long can nest them 100,000 deep (a segfault in any unpickler).
+MAX_TUPLE_DEPTH = 100
+#: Hashing one tuple may visit at most this many elements, repeats of a shared tuple counted each
+#: time (a pickle can build ``t = (t, t)`` a hundred times: 2**100 elements to hash).
+MAX_TUPLE_WORK = 10_000_000
+
+
+class PickleRefused(ValueError):
+    """A pickle that no unpickler may see: it would crash, hang or allocate what the file does not hold."""
+
+
+class TupleBudget:
+    """Depth and hashing work of the tuples an unpickler builds, checked as each one is built.
+
+    Each tuple's depth and work (elements its hash would visit) follow from its items', so
+    the check costs one look-up per item. The tuples are kept alive so that their ids stay theirs.
+    """
+
+    __slots__ = ("known",)
+
+    def __init__(self) -> None:
+        self.known: dict[int, tuple[tuple[Any, ...], int, int]] = {}
+
+    def check(self, t: tuple[Any, ...]) -> None:
+        depth, work = 1, len(t)
+        for item in t:
+            if type(item) is tuple and item:
+                _t, d, w = self.known.get(id(item)) or (item, 1, len(item))
+                depth, work = max(depth, d + 1), work + w
+        if depth > MAX_TUPLE_DEPTH:
+            raise PickleRefused(
+                f"the pickle nests tuples more than {MAX_TUPLE_DEPTH} deep (crafted: hashing them would crash)"
+            )
+        if work > MAX_TUPLE_WORK:
+            raise PickleRefused(
+                f"the pickle builds a tuple whose hash would visit more than {MAX_TUPLE_WORK} elements "
+                "(shared tuples nested in each other: crafted, hashing it would never end)"
+            )
+        self.known[id(t)] = (t, depth, work)
+
+
+#: Allow-listed globals that allocate memory the file does not hold when a pickle calls them:
+#: legacy tensor constructors (``torch.Tensor(2, 2)``: uninitialised values) and storages
+#: (``torch.FloatStorage(n)``). torch.save never calls them: storages come by persistent id.
+def _allocates(name: str) -> bool:
+    module, _, short = name.rpartition(".")
+    if module in ("torch", "torch.cuda", "torch.sparse", "torch.cuda.sparse", "torch._tensor", "torch.storage"):
+        return short.endswith(("Tensor", "Storage"))
+    return False
+
+
+def refused_call(name: str, args: object) -> str | None:
+    """Why a pickle may not call the global ``name`` with ``args``, or ``None`` when it may."""
+    if _allocates(name):
+        return f"the pickle calls {name}, which allocates uninitialised memory (values not from the file)"
+    if name == "builtins.bytearray" and not (
+        isinstance(args, tuple) and args and isinstance(args[0], (bytes, bytearray, str))
+    ):
+        return "the pickle calls builtins.bytearray with a size, which allocates memory the file does not hold"
+    return None
 
 _LITERAL_OPS = {
     "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4",
@@ -135,12 +201,14 @@ class PickleScan:
         resolved: every persistent id in the ``pickles`` complete pickles was a literal tuple, so
             ``storages`` is complete for them (false too when no pickle ended cleanly).
         pickles: how many complete pickles were read (a legacy torch file holds five).
+        problems: why no unpickler may see these bytes (see :class:`PickleRefused`), if anything.
     """
 
     globals: list[str] = field(default_factory=list)
     storages: list[StorageRecord] = field(default_factory=list)
     resolved: bool = True
     pickles: int = 0
+    problems: list[str] = field(default_factory=list)
 
 
 def _global_name(module: str, name: str) -> str:
@@ -182,6 +250,7 @@ class _Machine:
         self.stack: list[object] = []
         self.memo: dict[int, object] = {}
         self.ok = True
+        self.tuples = TupleBudget()
 
     def pop(self) -> object:
         if not self.stack or self.stack[-1] is _MARK_ON_STACK:
@@ -208,6 +277,9 @@ class _Machine:
             return
         try:
             self._step(name, op, arg)
+        except PickleRefused as e:
+            self.scan.problems.append(str(e))
+            self.ok = False
         except (IndexError, KeyError, TypeError):
             self.ok = False
             if name == "STACK_GLOBAL":
@@ -234,10 +306,19 @@ class _Machine:
             push(_Global(g))
         elif name == "TUPLE":
             push(tuple(self.pop_to_mark()))
+            self.tuples.check(self.stack[-1])  # type: ignore[arg-type]
         elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
             n = int(name[-1])
             items = [self.pop() for _ in range(n)][::-1]
             push(tuple(items))
+            self.tuples.check(self.stack[-1])  # type: ignore[arg-type]
+        elif name in ("REDUCE", "NEWOBJ"):
+            args, func = self.pop(), self.pop()
+            if isinstance(func, _Global):
+                why = refused_call(func.name, args if isinstance(args, tuple) else None)
+                if why:
+                    raise PickleRefused(why)
+            push(_OPAQUE)
         elif name in _MEMO_PUT:
             self.memo[int(arg)] = self.stack[-1]  # type: ignore[arg-type]
         elif name == "MEMOIZE":
@@ -308,6 +389,32 @@ class _Unresolved(Exception):
     pass
 
 
+def bounded_dispatch(dispatch: dict[int, Any]) -> dict[int, Any]:
+    """A pure-Python unpickler's ``dispatch`` table whose tuple opcodes check ``self.tuples``
+    (a :class:`TupleBudget`) as each tuple is built, before anything can hash it."""
+    out = dict(dispatch)
+    for code in (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3):
+
+        def load(self: Any, _build: Any = dispatch[code[0]]) -> None:
+            _build(self)
+            self.tuples.check(self.stack[-1])
+
+        out[code[0]] = load
+    return out
+
+
+class _InertCall(_Inert):
+    """A stand-in that refuses the calls no unpickler may make (see :func:`refused_call`)."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args: object, **kwargs: object) -> _Inert:  # noqa: PYI034
+        why = refused_call(cls.inert_name, args)
+        if why:
+            raise PickleRefused(why)
+        return object.__new__(cls)
+
+
 def _refuse() -> None:
     raise _Unresolved
 
@@ -321,15 +428,16 @@ class _InertUnpickler(pickle._Unpickler):
     allocate the length it declares, so it is refused.
     """
 
-    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
+    dispatch: ClassVar[dict[int, Any]] = bounded_dispatch(pickle._Unpickler.dispatch)
     dispatch[pickle.BYTEARRAY8[0]] = lambda self: _refuse()
 
     def __init__(self, file: BinaryIO) -> None:
         super().__init__(file, encoding="utf-8")
         self.records: list[StorageRecord] = []
+        self.tuples = TupleBudget()
 
     def find_class(self, module: str, name: str) -> type[_Inert]:
-        return type("InertGlobal", (_Inert,), {"__slots__": (), "inert_name": _global_name(module, name)})
+        return type("InertGlobal", (_InertCall,), {"__slots__": (), "inert_name": _global_name(module, name)})
 
     def persistent_load(self, pid: object) -> _Inert:
         record = _storage_record(pid)
@@ -346,7 +454,8 @@ def storage_records(data: bytes | BinaryIO) -> list[StorageRecord] | None:
 
     The pickle is run by Python's unpickler with every global replaced by an inert stand-in
     class (:class:`_Inert`), so nothing is imported or called, and memory stays bounded by
-    ``data`` (see :class:`_InertUnpickler`). Returns ``None`` when
+    ``data`` (see :class:`_InertUnpickler`). Tuples nested too deep or too shared to hash, and
+    calls that allocate what the file does not hold, raise :class:`PickleRefused`. Returns ``None`` when
     the pickle is not one (or is damaged), or when a persistent id is not a literal storage
     tuple: use :func:`scan_pickles` (opcode by opcode) instead.
     """
@@ -356,6 +465,8 @@ def storage_records(data: bytes | BinaryIO) -> list[StorageRecord] | None:
     reader = _InertUnpickler(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     try:
         reader.load()
+    except PickleRefused:
+        raise
     except Exception:  # noqa: BLE001 - not a plain torch pickle: the caller falls back to the opcode scan
         return None
     return reader.records
