@@ -352,18 +352,21 @@ class _Machine:
                 push(_OPAQUE)
 
 
-def scan_pickles(data: bytes, *, max_pickles: int = 8) -> PickleScan:
+def scan_pickles(data: bytes | BinaryIO, *, max_pickles: int = 8) -> PickleScan:
     """Scan up to ``max_pickles`` consecutive pickles in ``data`` (legacy torch files hold five).
 
-    Never executes anything and never allocates more than ``data`` itself. Stops quietly at
+    ``data`` is bytes or a seekable binary file, read as a stream (nothing is skipped, whatever
+    its size). Never executes anything and never allocates more than ``data`` itself. Stops quietly at
     the first byte sequence that is not a pickle (raw storage bytes follow in legacy files).
     """
     scan = PickleScan()
     found: dict[str, None] = {}
-    stream = io.BytesIO(data)
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     for _ in range(max_pickles):
-        if stream.tell() >= len(data):
+        at = stream.tell()
+        if not stream.read(1):
             break
+        stream.seek(at)
         machine = _Machine(scan, found)
         finished = False
         try:
@@ -472,7 +475,7 @@ def storage_records(data: bytes | BinaryIO) -> list[StorageRecord] | None:
     return reader.records
 
 
-def pickle_globals(data: bytes, *, max_pickles: int = 8) -> list[str]:
+def pickle_globals(data: bytes | BinaryIO, *, max_pickles: int = 8) -> list[str]:
     """Every ``module.name`` referenced by GLOBAL / STACK_GLOBAL / INST opcodes.
 
     Reads up to ``max_pickles`` consecutive pickles (legacy torch files hold several).
