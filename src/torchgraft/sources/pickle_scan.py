@@ -68,11 +68,18 @@ class TupleBudget:
         self.known: dict[int, tuple[tuple[Any, ...], int, int]] = {}
 
     def check(self, t: tuple[Any, ...]) -> None:
-        depth, work = 1, len(t)
+        depth, work, known = 1, len(t), self.known
         for item in t:
             if type(item) is tuple and item:
-                _t, d, w = self.known.get(id(item)) or (item, 1, len(item))
-                depth, work = max(depth, d + 1), work + w
+                entry = known.get(id(item))
+                if entry is None:  # not known: flat
+                    work += len(item)
+                    depth = max(depth, 2)
+                else:
+                    work += entry[2]
+                    depth = max(depth, entry[1] + 1)
+        if depth == 1:
+            return  # flat (shapes, strides, storage ids): its default entry is exact, nothing to keep
         if depth > MAX_TUPLE_DEPTH:
             raise PickleRefused(
                 f"the pickle nests tuples more than {MAX_TUPLE_DEPTH} deep (crafted: hashing them would crash)"
@@ -392,16 +399,40 @@ class _Unresolved(Exception):
     pass
 
 
+def _tuple_mark(self: Any) -> None:
+    t = tuple(self.pop_mark())
+    self.append(t)
+    if tuple in map(type, t):  # only tuples holding tuples can nest or share: the rest costs one C-level scan
+        self.tuples.check(t)
+
+
+def _tuple1(self: Any) -> None:
+    t = (self.stack[-1],)
+    self.stack[-1] = t
+    if type(t[0]) is tuple:
+        self.tuples.check(t)
+
+
+def _tuple2(self: Any) -> None:
+    t = (self.stack[-2], self.stack[-1])
+    self.stack[-2:] = [t]
+    if type(t[0]) is tuple or type(t[1]) is tuple:
+        self.tuples.check(t)
+
+
+def _tuple3(self: Any) -> None:
+    t = (self.stack[-3], self.stack[-2], self.stack[-1])
+    self.stack[-3:] = [t]
+    if tuple in map(type, t):
+        self.tuples.check(t)
+
+
 def bounded_dispatch(dispatch: dict[int, Any]) -> dict[int, Any]:
     """A pure-Python unpickler's ``dispatch`` table whose tuple opcodes check ``self.tuples``
     (a :class:`TupleBudget`) as each tuple is built, before anything can hash it."""
     out = dict(dispatch)
-    for code in (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3):
-
-        def load(self: Any, _build: Any = dispatch[code[0]]) -> None:
-            _build(self)
-            self.tuples.check(self.stack[-1])
-
+    for code, load in ((pickle.TUPLE, _tuple_mark), (pickle.TUPLE1, _tuple1), (pickle.TUPLE2, _tuple2),
+                       (pickle.TUPLE3, _tuple3)):  # fmt: skip
         out[code[0]] = load
     return out
 
@@ -440,7 +471,9 @@ class _InertUnpickler(pickle._Unpickler):
         self.tuples = TupleBudget()
 
     def find_class(self, module: str, name: str) -> type[_Inert]:
-        return type("InertGlobal", (_InertCall,), {"__slots__": (), "inert_name": _global_name(module, name)})
+        full = _global_name(module, name)
+        base = _InertCall if refused_call(full, None) else _Inert  # only these check their calls
+        return type("InertGlobal", (base,), {"__slots__": (), "inert_name": full})
 
     def persistent_load(self, pid: object) -> _Inert:
         record = _storage_record(pid)
