@@ -1551,6 +1551,24 @@ def _(root: Path, c: Case) -> None:  # DCP's reader raised UnpicklingError
     (d / "__0_0.distcp").write_bytes(b"\x07" * size)
 
 
+@_dcp_case("dcp_distcp_deep_tuple", r"names a chunk of 'layer\.(weight|bias)' that cannot be read safely: " + _TOO_DEEP)
+def _(root: Path, c: Case) -> None:  # the chunk's data.pkl went straight to torch's unpickler (a segfault)
+    d = _dcp_dir(root, c.name)
+    files = {}
+
+    def edit(md: Any) -> None:
+        raw = root / f"{c.name}_chunk.pt"
+        raw_zip(raw, _dict_keyed_by(_deep_tuple(100_000)) + b"\0" * 64)
+        blob = raw.read_bytes()
+        raw.unlink()
+        files["__0_0.distcp"] = blob
+        for info in md.storage_data.values():
+            info.offset, info.length = 0, len(blob)
+
+    _edit_dcp_metadata(d, edit)
+    (d / "__0_0.distcp").write_bytes(files["__0_0.distcp"])
+
+
 @_dcp_case("dcp_chunk_range_past_file", r"which holds \d+")
 def _(root: Path, c: Case) -> None:
     d = _dcp_dir(root, c.name)
