@@ -56,7 +56,7 @@ def remove_stale_temps(folder: Path, name: str | re.Pattern[str], *, before: flo
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into ``KeyboardInterrupt`` while the block runs (main thread only), so cleanup runs as for Ctrl-C."""
+    """SIGTERM raises ``KeyboardInterrupt`` while the block runs (main thread only): cleanup runs as for Ctrl-C."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

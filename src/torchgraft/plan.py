@@ -310,7 +310,9 @@ class Plan:
             ):
                 wrong.append(f"{name!r} (its source {e.source!r} is not in the checkpoint with that shape)")
         if wrong:
-            raise PlanError(f"the plan does not fit: {', '.join(wrong[:5])}. Make a new one with tg.plan(model, source).")
+            raise PlanError(
+                f"the plan does not fit: {', '.join(wrong[:5])}. Make a new one with tg.plan(model, source)."
+            )
 
     # Rendering -----------------------------------------------------------
     def __str__(self) -> str:

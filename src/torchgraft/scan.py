@@ -1,6 +1,6 @@
 """A safety report for checkpoint files: which globals their pickles reference, which the safe loader refuses.
 
-Nothing is executed and nothing is unpickled: pickles are read opcode by opcode
+Nothing is executed and nothing is unpickled: pickles are streamed opcode by opcode, whatever their size
 (:mod:`torchgraft.sources.pickle_scan`, built on :mod:`pickletools`), and each global is checked
 against torch's own ``weights_only`` allow-list (plus anything registered with
 ``torch.serialization.add_safe_globals``). A file is ``unsafe`` when the safe loader would refuse
@@ -218,7 +218,8 @@ def _scan_file(path: Path) -> FileScan:
             scanned = scan_pickles(f)  # every pickle in the file, streamed; raw storage bytes end the scan
         found = scanned.globals
         fmt = "torch-legacy" if head[:1] == _PICKLE_PROTO and _is_torch_legacy_file(path) else "pickle"
-        return FileScan(str(path), fmt, found, refused_globals(found) if found else [], note="; ".join(scanned.problems))
+        refused = refused_globals(found) if found else []
+        return FileScan(str(path), fmt, found, refused, note="; ".join(scanned.problems))
     raise CheckpointError(
         path,
         f"not a pickle, a torch zip or a safetensors file (first bytes: {head[:8]!r})",

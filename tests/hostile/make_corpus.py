@@ -1183,8 +1183,9 @@ def _file_case(name: str, path: str, match: str, modes: tuple[str, ...], expect:
     return register
 
 
-@_file_case("zip_sparse_out_of_range", "sparse.pt", r"'layer\.weight' \(sparse_coo layout\)", ("open", "load", "convert"))
-def _(root: Path, c: Case) -> None:  # densifying it crashed; tg.load failed half way; convert leaked NotImplementedError
+@_file_case("zip_sparse_out_of_range", "sparse.pt", r"'layer\.weight' \(sparse_coo layout\)",
+            ("open", "load", "convert"))  # fmt: skip
+def _(root: Path, c: Case) -> None:  # densifying it crashed; tg.load failed half way; convert leaked an error
     torch.save({"layer.weight": _bad_sparse(), "layer.bias": torch.ones(3)}, root / c.path)
 
 
@@ -1194,7 +1195,8 @@ def _(root: Path, c: Case) -> None:
                _use_new_zipfile_serialization=False)  # fmt: skip
 
 
-@_file_case("zip_meta_tensor", "meta.pt", r"'layer\.weight' \(a meta tensor: the file holds no values", ("open", "load", "convert"))
+@_file_case("zip_meta_tensor", "meta.pt", r"'layer\.weight' \(a meta tensor: the file holds no values",
+            ("open", "load", "convert"))  # fmt: skip
 def _(root: Path, c: Case) -> None:  # _rebuild_meta_tensor_no_storage: a shape without values
     torch.save({"layer.weight": torch.empty(3, 4, device="meta"), "layer.bias": torch.ones(3)}, root / c.path)
 
@@ -1244,7 +1246,8 @@ def _(root: Path, c: Case) -> None:
     _checked_and_loaded(root, c, "DATA.PKL")
 
 
-@_file_case("zip_duplicate_data_pkl", "duplicate_pkl.pt", r"holds two records named '[^']*/data\.pkl'", ("open", "scan"))
+@_file_case("zip_duplicate_data_pkl", "duplicate_pkl.pt", r"holds two records named '[^']*/data\.pkl'",
+            ("open", "scan"))  # fmt: skip
 def _(root: Path, c: Case) -> None:
     _checked_and_loaded(root, c, "data.pkl")
 
@@ -1307,7 +1310,7 @@ def _(root: Path, c: Case) -> None:
         info = md.state_dict_metadata["layer.bias"]
         info.size = torch.Size([4])
         one = info.chunks[0]
-        info.chunks = [ChunkStorageMetadata(torch.Size([0]), torch.Size([2])), ChunkStorageMetadata(torch.Size([1]), torch.Size([2]))]
+        info.chunks = [ChunkStorageMetadata(torch.Size([o]), torch.Size([2])) for o in (0, 1)]
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
         store = md.storage_data[MetadataIndex("layer.bias", one.offsets)]
@@ -1426,7 +1429,8 @@ def _(root: Path, c: Case) -> None:  # the index's shard has no weight suffix; o
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"layer.weight": "weights.dat"}}))
 
 
-@_file_case("zip_pkl_inflates_100_mb", "bomb.pt", r"would inflate from \d+ to 104857\d+ bytes \(a zip bomb\?\)", ("open", "scan"))
+@_file_case("zip_pkl_inflates_100_mb", "bomb.pt", r"would inflate from \d+ to 104857\d+ bytes \(a zip bomb\?\)",
+            ("open", "scan"))  # fmt: skip
 def _(root: Path, c: Case) -> None:  # open refused it quickly; scan inflated and scanned 100 MB for 30 s
     with zipfile.ZipFile(root / c.path, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("archive/data.pkl", b"\x80\x02B" + struct.pack("<I", 100 << 20) + b"\0" * (100 << 20) + b".")
@@ -1583,8 +1587,8 @@ def _(root: Path, c: Case) -> None:
 # 13: allow_globals judged by the object a name resolves to --------------------------------------------
 
 
-@case("allow_globals_io_open_alias", "ok", "namespace.ckpt", "invalid_option", match=r"refusing to allow .*builtins\.open",
-      options={"allow_globals": ["io.open"]})  # fmt: skip
+@case("allow_globals_io_open_alias", "ok", "namespace.ckpt", "invalid_option",
+      match=r"refusing to allow .*builtins\.open", options={"allow_globals": ["io.open"]})  # fmt: skip
 def _(root: Path, c: Case) -> None:
     pass  # io.open is builtins.open
 

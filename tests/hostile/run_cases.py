@@ -87,7 +87,8 @@ def _run_mode(tg, root: Path, case: dict, target) -> dict:
         raise
     src = tg.open(target)
     from_file = all(torch_equal(model.state_dict()[k], src[k].load()) for k in src if k in model.state_dict())
-    return {"status": "ok", "tensors": {k: list(v.shape) for k, v in model.state_dict().items()}, "from_file": from_file}
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return {"status": "ok", "tensors": shapes, "from_file": from_file}
 
 
 def torch_equal(a, b) -> bool:
@@ -102,7 +103,8 @@ def _class_state() -> dict:
     from torch.distributed.checkpoint import metadata
 
     classes = [pathlib.PurePath, pathlib.Path, pathlib.PosixPath, pathlib.PurePosixPath]
-    classes += [getattr(metadata, n) for n in ("Metadata", "TensorStorageMetadata", "MetadataIndex", "TensorProperties")]
+    names = ("Metadata", "TensorStorageMetadata", "MetadataIndex", "TensorProperties")
+    classes += [getattr(metadata, n) for n in names]
     return {f"{c.__module__}.{c.__qualname__}": sorted((k, id(v)) for k, v in vars(c).items()) for c in classes}
 
 

@@ -208,7 +208,10 @@ def test_convert_removes_stale_temps_of_its_own_names_only(tmp_path):
     save_file({"w": torch.ones(3)}, src)
     out = tmp_path / "out"
     out.mkdir()
-    ours = [_stale(out, ".model.safetensors.abcd1234.tmp"), _stale(out, ".model-00002-of-00003.safetensors.x_y_z_12.tmp")]
+    ours = [
+        _stale(out, ".model.safetensors.abcd1234.tmp"),
+        _stale(out, ".model-00002-of-00003.safetensors.x_y_z_12.tmp"),
+    ]
     foreign = [_stale(out, ".other.safetensors.abcd1234.tmp"), _stale(out, ".model.safetensors.notours.tmp")]
     young = _stale(out, ".model.safetensors.zzzz9999.tmp", age_s=-60)  # newer than the run: another writer's
     tg.convert(src, out)

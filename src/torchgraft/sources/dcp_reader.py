@@ -319,7 +319,8 @@ def _check_storage(root: Path, metadata: Any) -> None:
                 raise _bad(root, f"points {where!r} at {rel!r}, which is not a regular file")
         if file_sizes[rel] >= 0 and span[0] + span[1] > file_sizes[rel]:
             raise _bad(
-                root, f"points {where!r} at bytes {span[0]}..{span[0] + span[1]} of {rel!r}, which holds {file_sizes[rel]}"
+                root,
+                f"points {where!r} at bytes {span[0]}..{span[0] + span[1]} of {rel!r}, which holds {file_sizes[rel]}",
             )
 
 

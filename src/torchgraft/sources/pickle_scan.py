@@ -5,6 +5,11 @@ The scan runs a small stack machine over :func:`pickletools.genops`: literal val
 That is enough to resolve ``STACK_GLOBAL`` and torch's persistent ids
 ``('storage', torch.FloatStorage, key, location, numel)``, which the torch reader
 checks against the file before ``torch.load`` allocates anything.
+
+Both passes (the opcode scan and the faster inert unpickler of :func:`storage_records`) also
+refuse what no unpickler may see (:class:`PickleRefused`): tuples nested or shared so that
+hashing them would crash or never end (:class:`TupleBudget`), and calls of allow-listed
+constructors that allocate memory the file does not hold (:func:`refused_call`).
 """
 
 from __future__ import annotations

@@ -252,7 +252,10 @@ def open_safetensors(path: Path, **_: Any) -> Source:
     with _no_gc():
         entries = {
             name: TensorRef(
-                name, torch_shape(info["dtype"], info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], _getter(handle, name)
+                name,
+                torch_shape(info["dtype"], info["shape"]),
+                SAFETENSORS_DTYPES[info["dtype"]],
+                _getter(handle, name),
             )
             for name, info in header.items()
         }
