@@ -39,6 +39,7 @@ from .report import LoadReport
 from .rules import RuleSpec
 from .sources import Source
 from .sources import open as open_source
+from .sources.torch_reader import unusable_tensor
 from .target import TargetView
 
 __all__ = ["load"]
@@ -229,6 +230,9 @@ def _stage(
             continue
         assert e.source is not None
         tensor = src[e.source].load()
+        if why := unusable_tensor(tensor):  # a sparse or meta tensor would fail mid-commit, past the undo
+            msg = f"Checkpoint {src.describe()} cannot be loaded; the model is unchanged:"
+            raise LoadError(msg, [f"{name}: {why}"])
         if e.action == "adapt":
             tensor = _run_adapter(e, tensor, model)
         current = live[name]

@@ -1555,7 +1555,7 @@ def _(root: Path, c: Case) -> None:  # DCP's reader raised UnpicklingError
     (d / "__0_0.distcp").write_bytes(b"\x07" * size)
 
 
-@_dcp_case("dcp_distcp_deep_tuple", r"names a chunk of 'layer\.(weight|bias)' that cannot be read safely: " + _TOO_DEEP)
+@_dcp_case("dcp_distcp_deep_tuple", r"a chunk of 'layer\.(weight|bias)' that cannot be read safely: the pickle " + _TOO_DEEP)
 def _(root: Path, c: Case) -> None:  # the chunk's data.pkl went straight to torch's unpickler (a segfault)
     d = _dcp_dir(root, c.name)
     files = {}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, UnsafeCheckpointError
-from .base import Source, TensorRef, dtype_name
+from .base import Source, TensorRef, dtype_name, valid_module_metadata
 from .containers import MAX_DEPTH, find_state_dict
 from .legacy_reader import NOT_PLAIN, element_size, read_legacy
 from .pickle_scan import (
@@ -439,24 +439,6 @@ def unusable_tensor(t: Any) -> str:
     if getattr(t, "is_nested", False):
         return "nested"
     return ""
-
-
-def valid_module_metadata(meta: Any) -> dict[str, dict[str, Any]] | None:
-    """A state dict's ``_metadata`` when it has the shape torch writes (module -> {"version": int, ...}), else ``None``.
-
-    Modules' version hooks compare ``version`` with numbers mid-load; a hostile value must be dropped at open.
-    """
-    if not isinstance(meta, Mapping):
-        return None
-    for module, info in meta.items():
-        if not isinstance(module, str) or not isinstance(info, Mapping):
-            return None
-        if not all(isinstance(k, str) for k in info):
-            return None
-        version = info.get("version")
-        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
-            return None
-    return {k: dict(v) for k, v in meta.items()}
 
 
 def _const(t: Any):
