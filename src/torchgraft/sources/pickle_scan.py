@@ -107,13 +107,26 @@ def _allocates(name: str) -> bool:
     return False
 
 
+class _Encoded:
+    """What ``_codecs.encode(text, "latin1")`` returns in a scan: bytes as long as text of the pickle (protocol 2)."""
+
+    __slots__ = ()
+
+
+_ENCODED = _Encoded()
+
+
+def _encoded(value: object) -> bool:
+    return value is _ENCODED or getattr(type(value), "inert_name", "") == "_codecs.encode"
+
+
 def refused_call(name: str, args: object) -> str | None:
     """Why a pickle may not call the global ``name`` with ``args``, or ``None`` when it may."""
     if _allocates(name):
         return f"the pickle calls {name}, which allocates uninitialised memory (values not from the file)"
     if name == "builtins.bytearray" and not (
-        isinstance(args, tuple) and args and isinstance(args[0], (bytes, bytearray, str))
-    ):
+        isinstance(args, tuple) and (not args or isinstance(args[0], (bytes, bytearray, str)) or _encoded(args[0]))
+    ):  # bytearray() and bytearray(data) are what pickle writes; bytearray(n) allocates n bytes
         return "the pickle calls builtins.bytearray with a size, which allocates memory the file does not hold"
     return None
 
@@ -330,7 +343,7 @@ class _Machine:
                 why = refused_call(func.name, args if isinstance(args, tuple) else None)
                 if why:
                     raise PickleRefused(why)
-            push(_OPAQUE)
+            push(_ENCODED if isinstance(func, _Global) and func.name == "_codecs.encode" else _OPAQUE)
         elif name in _MEMO_PUT:
             self.memo[int(arg)] = self.stack[-1]  # type: ignore[arg-type]
         elif name == "MEMOIZE":
