@@ -110,8 +110,13 @@ def stage_entry(
 
     Raises:
         AdapterError: the entry's adapter cannot produce the model's shape.
-        LoadError: the checkpoint changed since it was planned (another shape).
+        LoadError: the checkpoint changed since it was planned (another shape), or the tensor is
+            sparse, meta, quantized or nested (it would fail mid-commit, past the undo).
     """
+    from .sources.torch_reader import unusable_tensor
+
+    if why := unusable_tensor(tensor):
+        raise LoadError(f"Checkpoint {source.describe()} cannot be loaded; the model is unchanged:", [f"{name}: {why}"])
     if entry.action == "adapt":
         from . import adapters
 
