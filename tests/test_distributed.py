@@ -366,3 +366,31 @@ def test_torchrun_fsdp2_cpu(nproc, torchrun_inputs, tmp_path):
     ]
     assert runs["errors"][0]["errors"] == 5
     assert runs["nonfinite"][0]["nonfinite"] == {"weight": {"nan": 7, "inf": 0}, "bias": {"nan": 0, "inf": 1}}
+
+
+def test_distributed_path_checks_dcp_chunks_before_torch_unpickles_them(tmp_path):
+    """tgd.load reads DCP chunks through the same reader as tg.open: a hostile chunk is refused, not unpickled.
+
+    In a child process: without the check, torch's unpickler segfaults on this chunk.
+    """
+    script = f"""
+import sys, torch
+from torch import nn
+sys.path.insert(0, {str(Path(__file__).parent / "hostile")!r})
+import make_corpus
+import torchgraft as tg, torchgraft.distributed as tgd
+root = __import__("pathlib").Path({str(tmp_path)!r})
+make_corpus.build(root, ["dcp_distcp_deep_tuple"])
+case = next(c for c in make_corpus.CASES if c.name == "dcp_distcp_deep_tuple")
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+try:
+    tgd.load(Net(), root / case.path)
+except tg.CheckpointError as e:
+    print("REFUSED", e)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "REFUSED" in done.stdout and "cannot be read safely" in done.stdout, done.stdout[-2000:]

@@ -413,7 +413,7 @@ class _Window(io.RawIOBase):
         return got
 
 
-def _check_chunks(root: Path, fqn: str, metadata: Any) -> None:
+def check_chunks(root: Path, fqn: str, metadata: Any) -> None:
     """The pickles in ``fqn``'s chunks pass the same inert pass as a torch file before DCP's ``torch.load`` sees them.
 
     (Tuples nested too deep or too shared to hash, and calls that allocate what the file does not hold.)
@@ -460,8 +460,7 @@ def _loader(root: Path, fqn: str, metadata: Any):
         from .dcp_storage import read_dcp_tensor
 
         try:
-            _check_chunks(root, fqn, metadata)
-            return read_dcp_tensor(root, fqn, metadata=metadata)
+            return read_dcp_tensor(root, fqn, metadata=metadata)  # its reader checks the chunks first
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - a chunk the safe loader refuses, or damaged bytes: one error
