@@ -457,7 +457,7 @@ def test_missing_gguf_package_names_the_extra(tmp_path, valid, monkeypatch):
     path = tmp_path / "m.gguf"
     path.write_bytes(valid)
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
-    with pytest.raises(tg.CheckpointError, match=r"needs the 'gguf' package\n  Try: pip install 'torchgraft\[gguf\]'"):
+    with pytest.raises(tg.CheckpointError, match=r"needs the 'gguf' package, which is not installed\n  Try: pip install 'torchgraft\[gguf\]'"):
         tg.open(path)
 
 

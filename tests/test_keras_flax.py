@@ -385,7 +385,7 @@ def test_keras_truncated_file(tmp_path):
 def test_keras_without_h5py_names_the_extra(tmp_path, monkeypatch):
     (tmp_path / "w.weights.h5").write_bytes(_weights_bytes(tmp_path))
     monkeypatch.setitem(sys.modules, "h5py", None)
-    with pytest.raises(CheckpointError, match=r"needs the h5py package.*\n.*pip install 'torchgraft\[keras\]'"):
+    with pytest.raises(CheckpointError, match=r"needs the .h5py. package.*\n.*pip install 'torchgraft\[keras\]'"):
         tg.open(tmp_path / "w.weights.h5")
 
 
@@ -615,7 +615,7 @@ def test_flax_hostile_inputs(tmp_path, payload, match):
 def test_flax_without_msgpack_names_the_extra(tmp_path, monkeypatch):
     (tmp_path / "m.msgpack").write_bytes(msgpack.packb({"a": 1}))
     monkeypatch.setitem(sys.modules, "msgpack", None)
-    with pytest.raises(CheckpointError, match=r"needs the msgpack package.*\n.*pip install 'torchgraft\[flax\]'"):
+    with pytest.raises(CheckpointError, match=r"needs the .msgpack. package.*\n.*pip install 'torchgraft\[flax\]'"):
         tg.open(tmp_path / "m.msgpack")
 
 

@@ -436,14 +436,14 @@ def test_missing_extras_name_the_extra_to_install(tmp_path, monkeypatch, models)
 
     path, _ = _mlp_graph(tmp_path)
     monkeypatch.setitem(sys.modules, "onnx", None)
-    with pytest.raises(CheckpointError, match=r"needs the 'onnx' package\n.*torchgraft\[onnx\]"):
+    with pytest.raises(CheckpointError, match=r"needs the 'onnx' package, which is not installed\n.*torchgraft\[onnx\]"):
         tg.open(path)
     monkeypatch.setitem(sys.modules, "google_crc32c", None)
-    with pytest.raises(CheckpointError, match=r"needs the 'google-crc32c' package\n.*torchgraft\[tf\]"):
+    with pytest.raises(CheckpointError, match=r"needs the 'google-crc32c' package, which is not installed\n.*torchgraft\[tf\]"):
         tg.open(models / "nmp")
     monkeypatch.setattr(tf_reader, "_messages", {})
     monkeypatch.setitem(sys.modules, "google.protobuf", None)
-    with pytest.raises(CheckpointError, match=r"needs the 'protobuf' package\n.*torchgraft\[tf\]"):
+    with pytest.raises(CheckpointError, match=r"needs the 'protobuf' package, which is not installed\n.*torchgraft\[tf\]"):
         tg.open(models / "nmp")
 
 

@@ -11,7 +11,7 @@ from ..keys import layout_fingerprint
 if TYPE_CHECKING:  # torch is imported lazily: listing a safetensors file must not pay for it
     import torch
 
-__all__ = ["DTYPE_SIZES", "Source", "TensorRef", "constant_loader", "dtype_name", "valid_module_metadata"]
+__all__ = ["DTYPE_SIZES", "Source", "TensorRef", "constant_loader", "dtype_name", "require", "valid_module_metadata"]
 
 #: Bytes per element for every dtype name a reader may report (torch's names, without "torch.").
 DTYPE_SIZES: dict[str, float] = {
@@ -21,6 +21,29 @@ DTYPE_SIZES: dict[str, float] = {
     "int64": 8, "int32": 4, "int16": 2, "int8": 1,
     "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
 }  # fmt: skip
+
+
+def require(module: str, *, path: Any, format: str, reading: str, extra: str, package: str | None = None) -> Any:
+    """Import the library a format is read with, or raise the :class:`CheckpointError` that names the extra.
+
+    Readers of other frameworks' files import their library only when such a file is opened.
+
+    Example:
+        >>> gguf = require("gguf", path=path, format="gguf", reading="GGUF files", extra="gguf")
+    """
+    import importlib
+
+    from ..errors import CheckpointError
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CheckpointError(
+            path,
+            f"reading {reading} needs the {(package or module)!r} package, which is not installed",
+            format=format,
+            hint=f"pip install 'torchgraft[{extra}]'",
+        ) from None
 
 
 def dtype_name(dtype: Any) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from .base import Source, TensorRef
+from .base import Source, TensorRef, require
 from .layouts import LAYOUTS
 
 __all__ = ["FLAX_DTYPES", "flax_scan_note", "looks_like_flax_msgpack", "open_flax"]
@@ -260,15 +260,7 @@ def open_flax(path: Path, **_: Any) -> Source:
         ((10, 32), "flax 'kernel' (params/Dense_0/kernel): kernel [in, out] transposed to [out, in]: [32, 10] -> [10, 32]")
     """
     path = Path(path)
-    try:
-        import msgpack
-    except ImportError:
-        raise CheckpointError(
-            path,
-            "reading Flax msgpack files needs the msgpack package, which is not installed",
-            format=FORMAT,
-            hint="pip install 'torchgraft[flax]'",
-        ) from None
+    msgpack = require("msgpack", path=path, format=FORMAT, reading="Flax msgpack files", extra="flax")
     try:
         with path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
-from .base import Source, TensorRef
+from .base import Source, TensorRef, require
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +36,6 @@ __all__ = ["ARCHITECTURES", "GGUFArchitecture", "LayoutFix", "looks_like_gguf", 
 
 FORMAT = "gguf"
 MAGIC = b"GGUF"
-INSTALL_HINT = "pip install 'torchgraft[gguf]'"
 
 #: Header limits (real files hold tens of key/values and at most some thousands of tensors).
 MAX_KV = 1 << 20
@@ -63,13 +62,7 @@ def looks_like_gguf(head: bytes) -> bool:
 
 
 def _gguf(path: Path | None = None) -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise CheckpointError(
-            path, "reading GGUF files needs the 'gguf' package", format=FORMAT, hint=INSTALL_HINT
-        ) from None
-    return gguf
+    return require("gguf", path=path, format=FORMAT, reading="GGUF files", extra="gguf")
 
 
 # Layout differences ------------------------------------------------------------------------------

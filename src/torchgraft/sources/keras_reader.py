@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from .base import Source, TensorRef
+from .base import Source, TensorRef, require
 from .layouts import LAYOUTS
 
 __all__ = [
@@ -127,16 +127,7 @@ def looks_like_keras_zip(path: Path, head: bytes) -> bool:
 
 
 def _h5py(path: Path, fmt: str) -> Any:
-    try:
-        import h5py
-    except ImportError:
-        raise CheckpointError(
-            path,
-            "reading Keras files needs the h5py package, which is not installed",
-            format=fmt,
-            hint="pip install 'torchgraft[keras]'",
-        ) from None
-    return h5py
+    return require("h5py", path=path, format=fmt, reading="Keras files", extra="keras")
 
 
 def _bad(path: Path, fmt: str, reason: str, hint: str | None = None) -> CheckpointError:

@@ -47,7 +47,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
-from .base import DTYPE_SIZES, Source, TensorRef
+from .base import DTYPE_SIZES, Source, TensorRef, require
 
 if TYPE_CHECKING:
     from torch import nn
@@ -62,7 +62,6 @@ __all__ = [
 ]
 
 FORMAT = "onnx"
-EXTRA_HINT = "pip install 'torchgraft[onnx]'"
 
 #: ONNX ``TensorProto.DataType`` -> torch dtype names. Others (strings, 4-bit, FNUZ floats) are skipped.
 ONNX_DTYPES: dict[int, str] = {
@@ -168,13 +167,7 @@ def _bad(path: Path, reason: str, hint: str = "the file is damaged or not an ONN
 
 
 def _import_onnx(path: Path):
-    try:
-        import onnx
-    except ImportError:
-        raise CheckpointError(
-            path, "reading ONNX models needs the 'onnx' package", format=FORMAT, hint=EXTRA_HINT
-        ) from None
-    return onnx
+    return require("onnx", path=path, format=FORMAT, reading="ONNX models", extra="onnx")
 
 
 def _attributes(onnx: Any, node: Any) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..keys import natural_key
-from .base import DTYPE_SIZES, Source, TensorRef
+from .base import DTYPE_SIZES, Source, TensorRef, require
 
 __all__ = [
     "ATTRIBUTE_NAMES",
@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 FORMAT = "tf-checkpoint"
-EXTRA_HINT = "pip install 'torchgraft[tf]' (protobuf and google-crc32c; TensorFlow itself is not needed)"
 
 #: TensorFlow ``DataType`` enum values -> torch dtype names (``types.proto``). Others are refused.
 TF_DTYPES: dict[int, str] = {
@@ -125,12 +124,8 @@ def _proto_classes(where: Path) -> dict[str, Any]:
     with _messages_lock:
         if _messages:
             return _messages
-        try:
-            from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-        except ImportError:
-            raise CheckpointError(
-                where, "reading TensorFlow checkpoints needs the 'protobuf' package", format=FORMAT, hint=EXTRA_HINT
-            ) from None
+        require("google.protobuf", path=where, format=FORMAT, reading="TensorFlow checkpoints", extra="tf", package="protobuf")
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
         F = descriptor_pb2.FieldDescriptorProto
         fdp = descriptor_pb2.FileDescriptorProto(name="torchgraft_tf_bundle.proto", package="torchgraft.tf")
         fdp.syntax = "proto3"
@@ -172,16 +167,11 @@ def _proto_classes(where: Path) -> dict[str, Any]:
 
 
 def _crc32c(where: Path) -> Callable[[bytes], int]:
-    try:
-        import google_crc32c
-    except ImportError:
-        raise CheckpointError(
-            where,
-            "checking a TensorFlow checkpoint's checksums needs the 'google-crc32c' package",
-            format=FORMAT,
-            hint=EXTRA_HINT,
-        ) from None
-    return google_crc32c.value
+    crc32c = require(
+        "google_crc32c", path=where, format=FORMAT, reading="a TensorFlow checkpoint's checksums", extra="tf",
+        package="google-crc32c",
+    )  # fmt: skip
+    return crc32c.value
 
 
 def _unmask(masked: int) -> int:
