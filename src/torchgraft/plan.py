@@ -181,6 +181,7 @@ class Plan:
         lines += [f"unexpected: {k}" for k in self.unexpected]
         lines += [
             f"shape mismatch: {e.target} expects {list(e.shape)}, checkpoint {e.source!r} has {list(e.source_shape or ())}"
+            f" (adapt='auto' or adapt={{{e.target!r}: adapter}} adapts it)"
             for e in self.mismatched
         ]
         lines += [

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .common import EXIT_OK, EXIT_PROBLEMS, Command, add_json, console, fmt_bytes, print_json
+from .common import EXIT_OK, EXIT_PROBLEMS, Command, add_allow_globals, add_json, console, fmt_bytes, print_json
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -25,13 +25,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--container", default=None, help="where the state dict sits in a training checkpoint (e.g. state_dict_ema)"
     )
+    add_allow_globals(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import open as open_source
     from ..summary import module_tree, select, summarize
 
-    src = open_source(args.path, container=args.container)
+    src = open_source(args.path, container=args.container, allow_globals=args.allow_globals or None)
     if args.filter:
         src = select(src, args.filter)
     info = summarize(src)
