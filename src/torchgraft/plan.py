@@ -287,6 +287,13 @@ class Plan:
             raise PlanError("stale plan: " + "; ".join(problems) + ". Make a new one with tg.plan(model, source).")
 
     # Rendering -----------------------------------------------------------
+    def __repr__(self) -> str:
+        """Short, for a REPL: the counts and the first problems (``print(plan)`` shows the full table)."""
+        counts = ", ".join(f"{v} {k}" for k, v in self.summary().items() if v)
+        problems = self.problems()
+        shown = "; ".join(problems[:3]) + (f"; ... {len(problems) - 3} more" if len(problems) > 3 else "")
+        return f"<Plan {self.source} -> {self.model}: {counts or 'empty'}{'; ' + shown if shown else ''}>"
+
     def __str__(self) -> str:
         from .report import render_plan
 

@@ -96,7 +96,7 @@ def progress(
         return
     from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    amount = DownloadColumn() if unit_bytes else MofNCompleteColumn()
+    amount = DownloadColumn(binary_units=True) if unit_bytes else MofNCompleteColumn()  # MiB, like every size printed
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
