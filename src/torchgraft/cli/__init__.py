@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ..errors import AdapterError, CheckpointError, LoadError, PlanError
+from ..errors import AdapterError, CheckpointError, LoadError, PlanError, UnsafeCheckpointError
 from . import convert_cmd, demo_cmd, diff_cmd, graft_cmd, inspect_cmd, scan_cmd
 from .common import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, Command, UsageError
 
@@ -117,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"torchgraft: error: {_one_line(e)}", file=sys.stderr)
+        if isinstance(e, UnsafeCheckpointError) and e.globals and not e.dangerous:
+            flags = " ".join(f"--allow-globals {name}" for name in e.globals)
+            print(f"  on the command line, if you trust the file: {flags}", file=sys.stderr)
         return EXIT_USAGE
     except ImportError as e:  # an optional extra that is not installed
         if args.debug:

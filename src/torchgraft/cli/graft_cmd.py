@@ -428,7 +428,7 @@ def run_plan(args: argparse.Namespace) -> int:
         con = console(args)
         con.print(plan)
         if args.save:
-            load = _command("load", args.src, *_model_options(args), "--plan", args.save, "--out", "OUT_DIR")
+            load = _command("load", args.src, *_model_options(args), "--plan", args.save, "--out", "OUT_DIR/")
             con.print(f"plan saved to {args.save}; execute it with:\n  {load}", markup=False)
     if verdict:
         print(f"torchgraft: {verdict}", file=sys.stderr)
