@@ -202,7 +202,7 @@ def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
         "ignore_missing": args.ignore_missing,
         "ignore_unexpected": args.ignore_unexpected,
     }
-    rules = rules_option(args.rules)
+    rules = rules_option(getattr(args, "rules", []))
     if rules:
         options["rules"] = rules
     accepted = inspect.signature(tg.plan).parameters
