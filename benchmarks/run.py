@@ -291,7 +291,9 @@ def _in_process(contender: str, size: str, fmt: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default=None, help=f"comma-separated, of {', '.join(SIZES)} (default: bert-base,bert-large)")
+    ap.add_argument(
+        "--sizes", default=None, help=f"comma-separated, of {', '.join(SIZES)} (default: bert-base,bert-large)"
+    )
     ap.add_argument("--large", action="store_true", help="add bert-1.3b to the default sizes (4.8 GiB per format)")
     ap.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma-separated, of {', '.join(FORMATS)}")
     ap.add_argument(

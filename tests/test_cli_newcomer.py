@@ -155,7 +155,8 @@ def test_version_demo_help_paths_and_links(minilm_dir, mobilenet_path, tmp_path)
 
     r = run_cli("demo", "--paths", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == {"all-MiniLM-L6-v2": str(minilm_dir), "mobilenet_v2-b0353104.pth": str(mobilenet_path)}
+    expected = {"all-MiniLM-L6-v2": str(minilm_dir), "mobilenet_v2-b0353104.pth": str(mobilenet_path)}
+    assert json.loads(r.stdout) == expected == {k: str(v) for k, v in assets.paths().items()}
     r = run_cli("demo", "--link", tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "all-MiniLM-L6-v2" / "config.json").is_file()

@@ -33,7 +33,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="with --paths / --link: print one JSON object")
     p.epilog = "scenarios:\n" + "\n".join(f"  {name:<10} {sc.title}" for name, sc in SCENARIOS.items())
-    p.epilog += "\n\nexample:\n  torchgraft demo\n  torchgraft demo surgery\n  torchgraft demo --paths\n  torchgraft demo --link ."
+    examples = ["torchgraft demo", "torchgraft demo surgery", "torchgraft demo --paths", "torchgraft demo --link ."]
+    p.epilog += "\n\nexample:\n" + "\n".join(f"  {e}" for e in examples)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -440,7 +440,10 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _config_to_write(model: Any, out_path: Path) -> tuple[Any, Path] | None:
-    """A transformers model written as ``DIR/model.safetensors`` gets ``DIR/config.json`` too (``from_pretrained(DIR)``)."""
+    """A transformers model written as ``DIR/model.safetensors`` gets ``DIR/config.json`` too.
+
+    So that ``from_pretrained(DIR)`` reads the result (with ``--arg`` changes such as ``num_labels``).
+    """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string") or out_path.name != "model.safetensors":
         return None
@@ -547,7 +550,7 @@ PLAN = Command(
 LOAD = Command(
     "load",
     "graft SRC into a model built from a spec and save the model's weights as safetensors",
-    "torchgraft load all-MiniLM-L6-v2/ --model transformers:BertForTokenClassification --arg num_labels=2 --out tokcls.safetensors",
+    "torchgraft load all-MiniLM-L6-v2/ --model transformers:BertForTokenClassification --arg num_labels=2 --out tokcls/",
     configure_load,
     run_load,
 )
