@@ -25,9 +25,8 @@ from torchgraft.adapters import (
     register_adapter,
     resolve,
     run,
-    select_layers,
 )
-from torchgraft.rules import apply_rules, compile_rules
+from torchgraft.rules import apply_rules, compile_rules, select_layers
 
 FAST = settings(max_examples=40, deadline=None)
 FLOATS = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16])

@@ -205,7 +205,7 @@ def test_minilm_into_bert_with_other_names(minilm_dir):
     assert (hidden - out.last_hidden_state).abs().max().item() < 1e-5
     assert (pooled - out.pooler_output).abs().max().item() < 1e-5
     # what was found, as rules to paste: {} stands for the layer number
-    rules = plan.rules()
+    rules = plan.aligned_rules()
     assert rules["encoder.layer.{}.attention.self.query"] == "blocks.{}.attn.q"
     assert rules["embeddings.word_embeddings"] == "embed.tok"
     again = tg.plan(OtherBert(), minilm_dir, rules=rules)
@@ -720,7 +720,7 @@ def test_saved_plan_keeps_the_alignment_and_refuses_stale_use(tmp_path):
     data = json.loads((tmp_path / "plan.json").read_text())
     assert data["summary"]["aligned"] == len(plan.aligned)
     loaded = tg.Plan.load(tmp_path / "plan.json")
-    assert loaded.aligned == plan.aligned and loaded.rules() == plan.rules()
+    assert loaded.aligned == plan.aligned and loaded.aligned_rules() == plan.aligned_rules()
     model = HFStyleNet().eval()
     report = tg.load(model, path, plan=loaded)  # no align=True needed: the plan carries it
     assert report.aligned == plan.aligned and report.missing == []
@@ -746,9 +746,9 @@ def test_rules_export_templates_numbers_and_reproduces_the_alignment(tmp_path):
     torch.manual_seed(0)
     src = Deep("layers", n=4)
     plan = tg.plan(Deep("blocks", n=4), save_st(src.state_dict(), tmp_path / "d.safetensors"), align=True)
-    assert plan.rules() == {"layers.{}.{}": "blocks.{}.{}"}
+    assert plan.aligned_rules() == {"layers.{}.{}": "blocks.{}.{}"}
     model = Deep("blocks", n=4)
-    tg.load(model, tmp_path / "d.safetensors", rules=plan.rules(), strict=True)
+    tg.load(model, tmp_path / "d.safetensors", rules=plan.aligned_rules(), strict=True)
     assert torch.equal(model.blocks[3][0].weight, src.layers[3][0].weight)
 
 

@@ -98,7 +98,7 @@ def test_errors(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(tg.CheckpointError, match="the file is empty"):
         tg.scan(tmp_path / "empty.pt")
-    (tmp_path / "x.bin").write_bytes(b"GGUF\x03\x00\x00\x00")
+    (tmp_path / "x.bin").write_bytes(b"XYZW\x03\x00\x00\x00")  # no format of its own (GGUF is scanned now)
     with pytest.raises(tg.CheckpointError, match="not a pickle, a torch zip or a safetensors file"):
         tg.scan(tmp_path / "x.bin")
     (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 40)

@@ -200,6 +200,14 @@ def test_empty_file(tmp_path):
         tg.open(tmp_path / "m.bin")
 
 
+def test_empty_shard_is_sniffed_like_a_file(tmp_path):
+    """A shard is refused by the same check ``tg.open`` runs on a file: empty, then named."""
+    (tmp_path / "model.bin.index.json").write_text(json.dumps({"weight_map": {"w": "part.bin"}}))
+    (tmp_path / "part.bin").write_bytes(b"")
+    with pytest.raises(tg.CheckpointError, match=r"part.bin': the file is empty"):
+        tg.open(tmp_path / "model.bin.index.json")
+
+
 def test_unknown_format_mentions_tf(tmp_path):
     (tmp_path / "tf_model.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
     with pytest.raises(tg.CheckpointError, match=r"(?s)not a safetensors file.*from_tf=True"):
@@ -280,8 +288,8 @@ def test_index_errors(tmp_path, sd):
 
 def test_unknown_format_name(tmp_path, sd):
     save_file(sd, tmp_path / "m.safetensors")
-    with pytest.raises(tg.CheckpointError, match=r"unknown format 'onnx'"):
-        tg.open(tmp_path / "m.safetensors", format="onnx")
+    with pytest.raises(tg.CheckpointError, match=r"unknown format 'tflite'"):
+        tg.open(tmp_path / "m.safetensors", format="tflite")
 
 
 def test_missing_key_message(tmp_path, sd):

@@ -23,7 +23,6 @@ import os
 import signal
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -33,12 +32,24 @@ from torch import nn
 from .errors import LoadError
 from .initialize import initialise_module
 from .keys import split_key
-from .plan import Entry, Plan, build_plan
+from .plan import Plan
+from .planner import IgnorePatterns, PlanOptions, build_plan
 from .policy import AdaptSpec
 from .report import LoadReport
 from .rules import RuleSpec
 from .sources import Source
 from .sources import open as open_source
+from .staging import (
+    ModuleGroups,
+    count_nonfinite,
+    is_float,
+    nonfinite_error,
+    retie,
+    slot,
+    stage_entry,
+    strict_error,
+    tie_groups,
+)
 from .target import TargetView
 
 __all__ = ["load"]
@@ -72,13 +83,9 @@ class _Undo:
             module._buffers.update(buffers)
 
 
-def _float(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point or dtype.is_complex
-
-
 def _final_dtype(current: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
     """The dtype an entry ends up in: ``wanted`` for floating-point entries, else unchanged."""
-    return wanted if wanted is not None and _float(current) else current
+    return wanted if wanted is not None and is_float(current) else current
 
 
 def load(
@@ -88,8 +95,8 @@ def load(
     strict: bool = False,
     rules: RuleSpec | None = None,
     prefix: str | None = None,
-    ignore_missing: Iterable[str] = (),
-    ignore_unexpected: Iterable[str] = (),
+    ignore_missing: IgnorePatterns = (),
+    ignore_unexpected: IgnorePatterns = (),
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     plan: Plan | None = None,
@@ -157,43 +164,37 @@ def load(
     if check_finite not in ("warn", "error", False, None):
         raise ValueError(f"check_finite must be 'warn', 'error' or False, not {check_finite!r}")
     src = open_source(source, allow_globals=allow_globals)
-    view = TargetView.of(model)
-    if plan is None:
-        plan = build_plan(
-            model,
-            view,
-            src,
-            rules=rules,
-            prefix=prefix,
-            ignore_missing=ignore_missing,
-            ignore_unexpected=ignore_unexpected,
-            adapt=adapt,
-            align=align,
-        )
-    else:
-        plan.check_fits(view, src)
-    if strict and (problems := plan.problems()):
-        raise LoadError(f"Checkpoint {src.describe()} does not fit {type(model).__name__} (strict=True):", problems)
-
-    materialise_on = torch.device(device) if device is not None else torch.device("cpu")
-    staged, assign_modules = _stage(model, view, plan, src, dtype, materialise_on)
-    nonfinite = _find_nonfinite(staged, view, dtype) if check_finite else {}
-    if nonfinite and check_finite == "error":
-        raise LoadError(
-            f"Checkpoint {src.describe()} holds NaN or Inf values (check_finite='error'); the model is unchanged:",
-            [f"{name}: {c['nan']} NaN, {c['inf']} Inf" for name, c in nonfinite.items()],
-        )
-
-    _check_complete(model, view, plan, staged)
-    undo = _Undo()
-    init_methods: dict[str, str] = {}
     try:
-        with torch.no_grad():
-            init_methods = _initialise(model, view, plan, undo, materialise_on, dtype, init_missing)
-            _commit(model, view, plan, src, staged, assign_modules, undo)
-    except BaseException:
-        undo.rollback()
-        raise
+        view = TargetView.of(model)
+        if plan is None:
+            options = PlanOptions(rules=rules, prefix=prefix, ignore_missing=ignore_missing,
+                                  ignore_unexpected=ignore_unexpected, adapt=adapt, align=align)  # fmt: skip
+            plan = build_plan(model, view, src, options)
+        else:
+            plan.check_fits(view, src)
+        if strict and (problems := plan.problems()):
+            raise strict_error(src, type(model).__name__, problems)
+
+        groups = ModuleGroups.of(view, plan)
+        materialise_on = torch.device(device) if device is not None else torch.device("cpu")
+        staged, assign_modules = _stage(view, plan, groups, src, dtype, materialise_on)
+        nonfinite = _find_nonfinite(staged, view, dtype) if check_finite else {}
+        if nonfinite and check_finite == "error":
+            raise nonfinite_error(src, nonfinite)
+
+        _check_complete(model, view, plan, groups, staged)
+        undo = _Undo()
+        init_methods: dict[str, str] = {}
+        try:
+            with torch.no_grad():
+                init_methods = _initialise(model, view, groups, undo, materialise_on, dtype, init_missing)
+                _commit(model, view, plan, groups, src, staged, assign_modules, undo)
+        except BaseException:
+            undo.rollback()
+            raise
+    finally:
+        if src is not source:  # opened here from a path: release it (tensors assigned from its maps stay valid)
+            src.close()
     report = LoadReport.from_plan(
         plan,
         model=model,
@@ -208,9 +209,9 @@ def load(
 
 
 def _stage(
-    model: nn.Module,
     view: TargetView,
     plan: Plan,
+    groups: ModuleGroups,
     src: Source,
     dtype: torch.dtype | None,
     materialise_on: torch.device,
@@ -223,25 +224,15 @@ def _stage(
             continue
         current = live[name]
         if current.is_meta or _final_dtype(current.dtype, dtype) != current.dtype:
-            assign_modules.add(split_key(name)[0])
+            assign_modules.add(groups.module[name])
     staged: dict[str, torch.Tensor] = {}
     for name, e in plan.entries.items():
         if not e.loads:
             continue
         assert e.source is not None
-        tensor = src[e.source].load()
-        if e.action == "adapt":
-            tensor = _run_adapter(e, tensor, model)
         current = live[name]
-        if tuple(tensor.shape) != tuple(current.shape):
-            if current.dim() == 0 and tensor.numel() == 1:
-                tensor = tensor.reshape(())
-            else:
-                raise LoadError(
-                    f"Checkpoint {src.describe()} changed since it was planned:",
-                    [f"{e.source!r} has shape {list(tensor.shape)}, the model's {name!r} needs {list(current.shape)}"],
-                )
-        if split_key(name)[0] in assign_modules:
+        tensor = stage_entry(name, e, src[e.source].load(), shape=tuple(current.shape), source=src)
+        if groups.module[name] in assign_modules:
             target_dtype = _final_dtype(current.dtype, dtype)
             target_device = materialise_on if current.is_meta else current.device
             tensor = tensor.to(device=target_device, dtype=target_dtype)
@@ -258,72 +249,29 @@ def _find_nonfinite(
     """Model name -> ``{"nan": n, "inf": n}`` for staged tensors that are not finite in their final dtype."""
     out: dict[str, dict[str, int]] = {}
     for name, tensor in staged.items():
-        if not _float(tensor.dtype):
+        if not is_float(tensor.dtype):
             continue
         info = view.entries.get(name) or view.nonpersistent.get(name)
         final = _final_dtype(getattr(torch, info.dtype), dtype) if info is not None else tensor.dtype
-        if final != tensor.dtype and _float(final):
+        if final != tensor.dtype and is_float(final):
             tensor = tensor.to(final)  # copy_ casts the same way at commit: overflow becomes Inf
-        counts = _count_nonfinite(tensor)
+        counts = count_nonfinite(tensor)
         if counts is not None:
             out[name] = counts
     return out
 
 
-def _count_nonfinite(tensor: torch.Tensor) -> dict[str, int] | None:
-    """``{"nan": n, "inf": n}``, or ``None`` when every value is finite.
-
-    Fast path: one reduction (NaN and Inf propagate through a sum), about 25x faster than
-    ``isfinite(t).all()``, which writes a mask as large as the tensor. Only when the sum is not
-    finite are the values counted exactly (a sum of large finite values may overflow).
-    """
-    try:
-        wide = (
-            tensor.sum(dtype=torch.float32) if tensor.element_size() < 4 and not tensor.is_complex() else tensor.sum()
-        )
-        if bool(torch.isfinite(wide)):
-            return None
-        counts = {"nan": int(torch.isnan(tensor).sum()), "inf": int(torch.isinf(tensor).sum())}
-    except (RuntimeError, TypeError, NotImplementedError):  # float8 and friends: count in float32
-        try:
-            wide = tensor.float()
-            counts = {"nan": int(torch.isnan(wide).sum()), "inf": int(torch.isinf(wide).sum())}
-        except (RuntimeError, TypeError, NotImplementedError):  # packed float4 holds no NaN or Inf
-            return None
-    return counts if counts["nan"] or counts["inf"] else None
-
-
-def _run_adapter(entry: Entry, tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    from . import adapters
-
-    assert entry.adapter is not None
-    return adapters.run(entry.adapter, tensor, target_shape=entry.shape, model=model, target=entry.target)
-
-
-def _modules_to_initialise(view: TargetView, plan: Plan) -> dict[str, list[str]]:
-    """Module path -> its entries that need values the checkpoint does not give."""
-    todo: dict[str, list[str]] = defaultdict(list)
-    for name, e in plan.entries.items():
-        if e.action == "init" or (e.action == "tied" and plan.entries.get(view.tied.get(name, ""), e).action == "init"):
-            todo[split_key(name)[0]].append(name)
-    loaded_buffers = {n for n, e in plan.entries.items() if e.buffer}
-    for name, info in view.nonpersistent.items():
-        if info.meta and name not in loaded_buffers:
-            todo[split_key(name)[0]].append(name)
-    return todo
-
-
 def _initialise(
     model: nn.Module,
     view: TargetView,
-    plan: Plan,
+    groups: ModuleGroups,
     undo: _Undo,
     materialise_on: torch.device,
     dtype: torch.dtype | None,
     init_missing: bool,
 ) -> dict[str, str]:
     methods: dict[str, str] = {}
-    for path in _modules_to_initialise(view, plan):
+    for path in groups.to_initialise:
         module = view.modules[path]
         undo.slots(module)
         for t in [*module.parameters(), *module.buffers()]:
@@ -338,7 +286,7 @@ def _initialise(
         if dtype is not None:
             for store in (module._parameters, module._buffers):
                 for key, t in store.items():
-                    if t is not None and _float(t.dtype) and t.dtype != dtype:
+                    if t is not None and is_float(t.dtype) and t.dtype != dtype:
                         store[key] = _like(t, t.to(dtype))
     return methods
 
@@ -369,6 +317,7 @@ def _commit(
     model: nn.Module,
     view: TargetView,
     plan: Plan,
+    groups: ModuleGroups,
     src: Source,
     staged: dict[str, torch.Tensor],
     assign_modules: set[str],
@@ -382,13 +331,8 @@ def _commit(
     staging, so they cannot fail, and nothing needs to be copied aside for them (memory stays
     at the model plus the staged tensors).
     """
-    by_module: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for name, tensor in staged.items():
-        by_module[split_key(name)[0]][name] = tensor
-    # BatchNorm-style "default" entries are filled by the module's hook: it must be called
-    for name, e in plan.entries.items():
-        if e.action == "default":
-            by_module.setdefault(split_key(name)[0], {})
+    # modules with only BatchNorm-style "default" entries are there too: their hook fills them
+    by_module = {path: {name: staged[name] for name in names} for path, names in groups.loads.items()}
     first = [p for p in by_module if p in assign_modules or not _stock_loader(view.modules[p])]
     last = [p for p in by_module if p not in set(first)]
     errors: list[str] = []
@@ -399,7 +343,7 @@ def _commit(
     with _interrupts_deferred():  # the last phase only copies bytes: let Ctrl-C wait until it is done
         for path in last:
             _load_module(view, plan, src, path, by_module[path], False, undo, False, errors)
-        _retie(view, plan, undo)
+        retie(view, plan, before_change=undo.slots)
     if errors:  # unreachable for stock modules with checked tensors; said plainly if it ever happens
         raise LoadError(
             f"Loading into {type(model).__name__} failed part way; some tensors were already copied:", errors
@@ -437,7 +381,7 @@ def _load_module(
     undo.slots(module)
     if remember_values and not assign:
         for name in local:
-            undo.values(_slot(module, split_key(name)[1]))
+            undo.values(slot(module, split_key(name)[1]))
     prefix = f"{path}." if path else ""
     src_module = plan.metadata_map.get(path)
     metadata = dict(src.module_metadata.get(src_module, {})) if src_module is not None else {}
@@ -448,44 +392,16 @@ def _load_module(
     module._load_from_state_dict(local, prefix, metadata, False, [], [], errors)
 
 
-def _slot(module: nn.Module, attr: str) -> torch.Tensor | None:
-    return module._parameters.get(attr, module._buffers.get(attr))
-
-
-def _tie_groups(view: TargetView) -> dict[str, list[str]]:
-    """First name -> every name of the same tensor (first included)."""
-    groups: dict[str, list[str]] = {}
-    for name, owner in view.tied.items():
-        groups.setdefault(owner, [owner]).append(name)
-    return groups
-
-
-def _retie(view: TargetView, plan: Plan, undo: _Undo) -> None:
-    """Names that shared one tensor before the load share one again (assignment breaks ties).
-
-    The tensor kept is the one that was loaded (the checkpoint may hold a tie under its
-    second name), else the first name's.
-    """
-    for owner, names in _tie_groups(view).items():
-        keep = next((n for n in names if plan.entries[n].loads), owner)
-        value = _slot(view.module_of(keep), split_key(keep)[1])
-        for name in names:
-            module, attr = view.module_of(name), split_key(name)[1]
-            store = module._parameters if attr in module._parameters else module._buffers
-            if store.get(attr) is not value:
-                undo.slots(module)
-                store[attr] = value
-
-
-def _check_complete(model: nn.Module, view: TargetView, plan: Plan, staged: dict[str, torch.Tensor]) -> None:
+def _check_complete(
+    model: nn.Module, view: TargetView, plan: Plan, groups: ModuleGroups, staged: dict[str, torch.Tensor]
+) -> None:
     """Before anything changes: refuse a load that would leave tensors on the meta device."""
     meta = [n for n, i in view.entries.items() if i.meta] + [n for n, i in view.nonpersistent.items() if i.meta]
     if not meta:
         return
-    initialised = set(_modules_to_initialise(view, plan))
     defaults = {n for n, e in plan.entries.items() if e.action == "default"}
-    covered = {n for n in meta if n in staged or n in defaults or split_key(n)[0] in initialised}
-    for names in _tie_groups(view).values():
+    covered = {n for n in meta if n in staged or n in defaults or groups.module[n] in groups.to_initialise}
+    for names in tie_groups(view).values():
         if any(n in covered for n in names):
             covered.update(names)
     left = [n for n in meta if n not in covered]

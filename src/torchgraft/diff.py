@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from difflib import SequenceMatcher
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .keys import collapse_keys, natural_key, prefix_gains
+from .align.vocabulary import path_similarity
+from .keys import collapse_keys, natural_key, resolve_prefix
 from .sources import Source
 
 if TYPE_CHECKING:
@@ -27,10 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CheckpointDiff", "Rename", "diff", "layer_of"]
 
-_TOKENS = re.compile(r"[._]")
-_NUMBERS = re.compile(r"\d+")
-#: Leaf names that mean the same thing (legacy norm names).
-_SAME_LEAF = {frozenset({"gamma", "weight"}), frozenset({"beta", "bias"})}
 _MIN_SCORE = 0.5  # similar enough among several same-shaped candidates
 _MIN_SCORE_UNIQUE = 0.2  # the only tensor of its shape on both sides
 _MAX_PAIRS_PER_SHAPE = 250_000  # beyond this a shape bucket is too ambiguous to pair by name
@@ -261,33 +256,16 @@ def _prefix_reason(prefix: Mapping[str, Any]) -> str:
 
 
 def _prefix_pairs(only_a: list[str], only_b: list[str]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    """B's names are A's with a leading ``p.`` added (``add``) or removed (``strip``)."""
+    """B's names are A's with a leading ``p.`` added (``add``) or removed (``strip``), decided as for plans."""
     set_a, set_b = set(only_a), set(only_b)
-    gains = prefix_gains(set_a, set_b)
-    if not gains:
+    pfx = resolve_prefix(set_a, set_b)
+    if not pfx.mode:
         return {}, []
-    (mode, prefix), count = max(gains.items(), key=lambda kv: (kv[1], -len(kv[0][1])))
-    if count < 2:  # one coincidence is a rename, not a prefix
-        return {}, []
-    if mode == "add":
-        pairs = [(n[len(prefix) :], n) for n in only_b if n.startswith(prefix) and n[len(prefix) :] in set_a]
+    if pfx.mode == "add":
+        pairs = [(pfx.to_source(n), n) for n in only_b if n.startswith(pfx.prefix) and pfx.to_source(n) in set_a]
     else:
-        pairs = [(n, n[len(prefix) :]) for n in only_a if n.startswith(prefix) and n[len(prefix) :] in set_b]
-    return {"mode": mode, "prefix": prefix, "count": len(pairs)}, pairs
-
-
-def _similarity(a: str, b: str) -> float:
-    """Path similarity in 0..1: characters and tokens alike, layer numbers equal, same kind of leaf."""
-    ratio = SequenceMatcher(None, a, b, autojunk=False).ratio()
-    ta, tb = set(_TOKENS.split(a)), set(_TOKENS.split(b))
-    tokens = len(ta & tb) / len(ta | tb)
-    score = 0.6 * ratio + 0.4 * tokens
-    if _NUMBERS.findall(a) != _NUMBERS.findall(b):
-        score *= 0.6
-    leaf_a, leaf_b = a.rpartition(".")[2], b.rpartition(".")[2]
-    if leaf_a != leaf_b and frozenset({leaf_a, leaf_b}) not in _SAME_LEAF:
-        score *= 0.5
-    return score
+        pairs = [(n, pfx.to_target(n, set_b)) for n in only_a if pfx.to_target(n, set_b) != n]
+    return {"mode": pfx.mode, "prefix": pfx.prefix, "count": len(pairs)}, pairs
 
 
 def _similar_pairs(src_a: Source, src_b: Source, only_a: list[str], only_b: list[str]) -> list[Rename]:
@@ -306,7 +284,7 @@ def _similar_pairs(src_a: Source, src_b: Source, only_a: list[str], only_b: list
             continue
         unique = len(names_a) == 1 and len(names_b) == 1
         scored = sorted(
-            ((_similarity(x, y), x, y) for x in names_a for y in names_b), key=lambda t: (-t[0], t[1], t[2])
+            ((path_similarity(x, y), x, y) for x in names_a for y in names_b), key=lambda t: (-t[0], t[1], t[2])
         )
         used_a: set[str] = set()
         used_b: set[str] = set()

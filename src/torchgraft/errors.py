@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from .dangers import dangerous_globals
+
 __all__ = [
     "AdapterError",
     "CheckpointError",
@@ -72,8 +74,6 @@ class UnsafeCheckpointError(CheckpointError):
         format: str | None = None,
         detail: str | None = None,
     ) -> None:
-        from .sources.pickle_scan import dangerous_globals
-
         self.globals = list(globals)
         #: those of ``globals`` that run code or commands: the file is hostile, never allow-list them
         self.dangerous = dangerous_globals(self.globals)

@@ -1,14 +1,15 @@
-"""Atomic file writes: a temporary file in the destination folder, then a rename."""
+"""Atomic file writes: a temporary file (or folder) in the destination folder, then a rename."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_text", "replace_dir"]
 
 
 @contextlib.contextmanager
@@ -53,3 +54,31 @@ def atomic_write_text(dest: str | os.PathLike[str], text: str, *, overwrite: boo
     """Write ``text`` to ``dest`` atomically (UTF-8)."""
     with atomic_path(dest, overwrite=overwrite) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def replace_dir(new: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
+    """Move the finished folder ``new`` to ``dest``, replacing what is there; ``dest`` is never left missing.
+
+    ``new`` must lie in ``dest``'s folder (one file system). An existing ``dest`` (a folder or a
+    file) is renamed aside first, put back if the rename of ``new`` fails, and removed after.
+
+    Example:
+        >>> tmp = Path(tempfile.mkdtemp(prefix=".out.", dir="."))   # written completely...
+        >>> replace_dir(tmp, "out")                                  # ...then swapped in
+    """
+    new, dest = Path(new), Path(dest)
+    if not dest.exists():
+        new.rename(dest)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+    old.rmdir()
+    dest.rename(old)
+    try:
+        new.rename(dest)
+    except BaseException:
+        old.rename(dest)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError
+from .messages import first_line
 
 __all__ = ["HF_SCHEME", "HubSpec", "is_hub_path", "local_path", "parse_hub_path", "resolve_hub_path"]
 
@@ -81,7 +82,7 @@ def resolve_hub_path(path: str) -> Path:
     except LocalEntryNotFoundError:
         pass
     except Exception as e:  # noqa: BLE001 - invalid revision names and the like, as one CheckpointError
-        raise CheckpointError(path, f"{type(e).__name__}: {_first_line(e)}", format="hf", hint=_cache_hint()) from None
+        raise CheckpointError(path, f"{type(e).__name__}: {first_line(e)}", format="hf", hint=_cache_hint()) from None
     if _offline():
         raise CheckpointError(
             path,
@@ -119,7 +120,7 @@ def _download(spec: HubSpec, path: str) -> Path:  # pragma: no cover - needs a n
     except Exception as e:  # noqa: BLE001 - network, auth and not-found errors, as one CheckpointError
         raise CheckpointError(
             path,
-            f"downloading failed: {type(e).__name__}: {_first_line(e)}",
+            f"downloading failed: {type(e).__name__}: {first_line(e)}",
             format="hf",
             hint="check the repository id and revision, log in for gated repositories (hf auth login), "
             "or pass a local directory",
@@ -164,7 +165,3 @@ def _cache_dir() -> str:
 
 def _cache_hint() -> str:
     return "download it where a network exists (hf download org/name), or set HF_HOME to the cache that holds it"
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

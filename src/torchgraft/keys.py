@@ -5,10 +5,22 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 from json.encoder import encode_basestring_ascii as _json_string  # what json.dumps uses for str
 
-__all__ = ["collapse_groups", "collapse_keys", "format_ranges", "layout_fingerprint", "natural_key", "split_key"]
+__all__ = [
+    "Prefix",
+    "collapse_groups",
+    "collapse_keys",
+    "format_ranges",
+    "layout_fingerprint",
+    "natural_key",
+    "prefix_gains",
+    "resolve_prefix",
+    "split_key",
+]
 
 _NUM = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 
@@ -138,3 +150,78 @@ def prefix_gains(source: set[str], target: set[str], *, max_depth: int = 2) -> C
             if len(parts) > depth and parts[depth] in target:
                 gains["strip", ".".join(parts[:depth]) + "."] += 1
     return gains
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """A base-model prefix (``"bert."``, with its dot) that target names add to source names, or strip from them.
+
+    ``mode``: ``"add"`` (a target name is ``prefix`` + a source name: a base checkpoint into a
+    model with a head), ``"strip"`` (a source name is ``prefix`` + a target name: the other
+    way round), ``""`` (no prefix).
+
+    Example:
+        >>> p = Prefix("add", "bert.")
+        >>> p.to_target("encoder.w", {"bert.encoder.w"}), p.to_source("bert.encoder.w")
+        ('bert.encoder.w', 'encoder.w')
+    """
+
+    mode: Literal["", "add", "strip"] = ""
+    prefix: str = ""
+
+    def to_target(self, key: str, expected: Collection[str]) -> str:
+        """``key`` as the target names it: changed only when that gives a name in ``expected``."""
+        if key in expected or not self.mode:
+            return key
+        if self.mode == "add" and self.prefix + key in expected:
+            return self.prefix + key
+        if self.mode == "strip" and key.startswith(self.prefix) and key[len(self.prefix) :] in expected:
+            return key[len(self.prefix) :]
+        return key
+
+    def to_source(self, target: str) -> str:
+        """The source-side spelling of a target name (the other direction of :meth:`to_target`)."""
+        if self.mode == "add" and target.startswith(self.prefix):
+            return target[len(self.prefix) :]
+        if self.mode == "strip":
+            return self.prefix + target
+        return target
+
+    def to_dict(self) -> dict[str, str]:
+        """``{"mode", "prefix"}``, or ``{}`` for no prefix (as plans store it)."""
+        return {"mode": self.mode, "prefix": self.prefix} if self.mode else {}
+
+
+def resolve_prefix(
+    source: set[str], target: set[str], *, option: str | None = None, declared: str | None = None
+) -> Prefix:
+    """The prefix handling that matches the most names, like ``from_pretrained``'s add/remove prefix.
+
+    The one rename-by-prefix guess, used by :func:`torchgraft.plan` (source = checkpoint names
+    after rules, target = the model's) and :func:`torchgraft.diff` (A's and B's names).
+
+    Args:
+        source, target: the two name sets; only ``source - target`` is looked at.
+        option: ``None`` = automatic: ``declared``, or a prefix that explains two or more
+            names, or every unmatched name; ``""`` = no prefix; anything else = that prefix only.
+        declared: the model's own ``base_model_prefix`` (without the dot), preferred on ties.
+
+    Example:
+        >>> resolve_prefix({"embeddings.w", "encoder.w"}, {"bert.embeddings.w", "bert.encoder.w", "head.w"})
+        Prefix(mode='add', prefix='bert.')
+    """
+    if option == "":
+        return Prefix()
+    unmatched = source - target
+    gains = prefix_gains(unmatched, target)
+    if option is not None:
+        want = option.rstrip(".") + "."
+        gains = Counter({k: v for k, v in gains.items() if k[1] == want})
+    else:  # inferred: the declared base_model_prefix, or a prefix that explains more than one coincidence
+        declared_prefix = f"{declared}." if declared else None
+        gains = Counter({k: v for k, v in gains.items() if k[1] == declared_prefix or v >= 2 or v == len(unmatched)})
+    if not gains:
+        return Prefix()
+    preferred = (declared or "") + "."
+    (mode, prefix), _n = max(gains.items(), key=lambda kv: (kv[1], kv[0][1] == preferred, -len(kv[0][1])))
+    return Prefix(mode, prefix)  # type: ignore[arg-type]

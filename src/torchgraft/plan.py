@@ -1,9 +1,6 @@
-"""The dry run: decide, from names and shapes alone, what happens to every tensor.
+"""A plan as data: what happens to every tensor, decided before anything is read.
 
-``plan(model, source)`` renames source keys (:mod:`torchgraft.rules`), resolves the
-base-model prefix in either direction (a base checkpoint into a model with a head and
-the other way round), matches names, checks shapes, applies ignore patterns, and decides
-one action per model entry:
+:func:`torchgraft.plan` (built in :mod:`torchgraft.planner`) decides one action per model entry:
 
 * ``copy``: load the source tensor (cast to the target dtype when they differ);
 * ``adapt``: load it through a named adapter (shape change);
@@ -12,34 +9,31 @@ one action per model entry:
 * ``default``: filled by the module's own loading hook (BatchNorm's ``num_batches_tracked``
   in checkpoints saved before it existed).
 
-Source entries that nothing uses are ``unexpected``, in the checkpoint's own names.
+Source entries that nothing uses are ``unexpected``, in the checkpoint's own names. A
+:class:`Plan` round-trips through JSON (:meth:`Plan.save` / :meth:`Plan.load`) and carries
+fingerprints of the model and checkpoint layouts, so a stale plan is refused
+(:meth:`Plan.check_fits`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+import warnings
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import PlanError
-from .integrations import hf
-from .keys import prefix_gains, split_key
-from .rules import RuleSpec, apply_rules, compile_rules, suffix_matcher
-from .sources import Source
-from .sources import open as open_source
-from .target import TargetView
 
-if TYPE_CHECKING:  # torch is imported where it is used, so `import torchgraft` stays light
-    from torch import nn
+if TYPE_CHECKING:
+    from .planner import build_plan, plan
+    from .sources import Source
+    from .target import TargetView
 
-    from .policy import AdaptSpec
-
-__all__ = ["PLAN_VERSION", "Entry", "Plan", "plan"]
+__all__ = ["PLAN_VERSION", "Entry", "Plan", "build_plan", "plan"]
 
 PLAN_VERSION = 1
 Action = Literal["copy", "adapt", "init", "tied", "default"]
@@ -143,10 +137,6 @@ class Plan:
         return self._where(lambda e: e.action == "init" and not e.mismatched and e.ignored)
 
     @property
-    def to_initialise(self) -> list[str]:
-        return self._where(lambda e: e.action == "init")
-
-    @property
     def mismatched(self) -> list[Entry]:
         return [e for e in self.entries.values() if e.mismatched]
 
@@ -164,16 +154,23 @@ class Plan:
         """Model name -> ``{"source", "confidence", "reason"}`` for entries ``align=True`` paired by structure."""
         return {k: {"source": e.source, **e.aligned} for k, e in self.entries.items() if e.aligned}
 
-    def rules(self) -> dict[str, str]:
-        """The aligned pairs as a rules table to paste into ``rules=`` (``{}`` = layer number).
+    def aligned_rules(self) -> dict[str, str]:
+        """The pairs ``align=True`` made, as a rules table to paste into ``rules=`` (``{}`` = layer number).
+
+        Loading with these rules (and without ``align=True``) gives the same pairs.
 
         Example:
-            >>> tg.plan(model, ckpt, align=True).rules()
+            >>> tg.plan(model, ckpt, align=True).aligned_rules()
             {'encoder.layer.{}.attention.self.query': 'blocks.{}.attn.q', ...}
         """
-        from .align import plan_rules
+        from .rules import plan_rules
 
         return plan_rules(self)
+
+    def rules(self) -> dict[str, str]:
+        """Deprecated name of :meth:`aligned_rules`."""
+        warnings.warn("Plan.rules() is now Plan.aligned_rules()", DeprecationWarning, stacklevel=2)
+        return self.aligned_rules()
 
     def problems(self) -> list[str]:
         """Every missing, unexpected and mismatched key, one line each (what ``strict=True`` refuses)."""
@@ -305,312 +302,10 @@ class Plan:
         return plan_renderable(self)
 
 
-# ---------------------------------------------------------------------------
-# Building a plan
+def __getattr__(name: str) -> Any:
+    """``plan`` and ``build_plan`` live in :mod:`torchgraft.planner` (which imports this module); found here too."""
+    if name in ("plan", "build_plan"):
+        from . import planner
 
-
-def _compile_patterns(patterns: Iterable[str | re.Pattern[str]]) -> list[re.Pattern[str]]:
-    out = []
-    for p in patterns:
-        try:
-            out.append(p if isinstance(p, re.Pattern) else re.compile(p))
-        except re.error as e:
-            raise PlanError(f"ignore pattern {p!r} is not a valid regex: {e}") from None
-    return out
-
-
-def _matches(patterns: list[re.Pattern[str]], *names: str | None) -> re.Pattern[str] | None:
-    for p in patterns:
-        if any(n is not None and p.search(n) for n in names):
-            return p
-    return None
-
-
-@dataclass(frozen=True)
-class _Prefix:
-    mode: Literal["", "add", "strip"]
-    prefix: str  # with trailing dot
-
-    def to_target(self, key: str, expected: set[str]) -> str:
-        if key in expected or not self.mode:
-            return key
-        if self.mode == "add" and self.prefix + key in expected:
-            return self.prefix + key
-        if self.mode == "strip" and key.startswith(self.prefix) and key[len(self.prefix) :] in expected:
-            return key[len(self.prefix) :]
-        return key
-
-
-def _resolve_prefix(option: str | None, declared: str | None, keys: set[str], expected: set[str]) -> _Prefix:
-    """Pick the prefix handling that matches the most keys, like ``from_pretrained``'s add/remove_prefix.
-
-    ``option``: ``None`` = automatic (the model's ``base_model_prefix`` or one inferred from
-    the key sets), ``""`` = off, anything else = that prefix only.
-    """
-    if option == "":
-        return _Prefix("", "")
-    unmatched = keys - expected
-    gains = prefix_gains(unmatched, expected)
-    if option is not None:
-        want = option.rstrip(".") + "."
-        gains = Counter({k: v for k, v in gains.items() if k[1] == want})
-    else:  # inferred: the declared base_model_prefix, or a prefix that explains more than one coincidence
-        declared_prefix = f"{declared}." if declared else None
-        gains = Counter({k: v for k, v in gains.items() if k[1] == declared_prefix or v >= 2 or v == len(unmatched)})
-    if not gains:
-        return _Prefix("", "")
-    preferred = (declared or "") + "."
-    (mode, prefix), _n = max(gains.items(), key=lambda kv: (kv[1], kv[0][1] == preferred, -len(kv[0][1])))
-    return _Prefix(mode, prefix)  # type: ignore[arg-type]
-
-
-def _norm_version_default(view: TargetView, key: str, source: Source, src_module: str | None) -> bool:
-    """BatchNorm fills ``num_batches_tracked`` itself for checkpoints older than version 2."""
-    from torch.nn.modules.batchnorm import _NormBase
-
-    module_path, attr = split_key(key)
-    if attr != "num_batches_tracked" or not isinstance(view.modules.get(module_path), _NormBase):
-        return False
-    version = source.module_metadata.get(src_module or "", {}).get("version") if src_module is not None else None
-    return version is None or version < 2
-
-
-def plan(
-    model: nn.Module,
-    source: str | os.PathLike[str] | Source | Mapping[str, Any],
-    *,
-    rules: RuleSpec | None = None,
-    prefix: str | None = None,
-    ignore_missing: Iterable[str | re.Pattern[str]] = (),
-    ignore_unexpected: Iterable[str | re.Pattern[str]] = (),
-    adapt: AdaptSpec | None = None,
-    allow_globals: Iterable[str | Any] | None = None,
-    align: bool = False,
-) -> Plan:
-    """Decide what loading ``source`` into ``model`` would do, without reading tensor bytes.
-
-    Args:
-        model: any ``nn.Module``; it may live on the meta device. It is not modified.
-        source: a path, an open :class:`~torchgraft.sources.Source` or a state dict.
-        rules: key renames applied first: ``{"old.{}.x": "new.{}.x", "drop.me": None}`` or
-            ``re.Pattern`` keys (see :mod:`torchgraft.rules`).
-        prefix: base-model prefix handling: ``None`` = automatic (``model.base_model_prefix``
-            or inferred from the two key sets), ``""`` = none, ``"bert"`` = only that prefix.
-        ignore_missing: regexes for model entries whose absence is expected (not warned about,
-            still initialised). Added to the model's own ``_keys_to_ignore_on_load_missing``.
-        ignore_unexpected: regexes for checkpoint entries that may go unused silently.
-            Added to ``_keys_to_ignore_on_load_unexpected``.
-        adapt: what to do with shape mismatches (see :mod:`torchgraft.policy`): ``None``
-            reports them; ``"auto"`` adapts by role (first conv, classifier, embeddings,
-            positions); ``{"features.0.0.weight": "luminance", "classifier.*": "reinit"}``
-            names adapters per glob pattern. Decisions are in ``plan.adapted``.
-        allow_globals: when ``source`` is a path: classes a trusted pickle may hold
-            (``["argparse.Namespace"]``), as for :func:`torchgraft.open`.
-        align: after rules and prefixes, pair the leftovers on both sides by structure
-            (:mod:`torchgraft.align`): module tree, shapes, order where trustworthy, names.
-            Pairs are in ``plan.aligned`` with a confidence and a reason; same-shaped
-            candidates that cannot be told apart stay missing and are in ``plan.ambiguous``.
-
-    Returns:
-        A :class:`Plan`.
-
-    Raises:
-        CheckpointError: the source cannot be opened (``UnsafeCheckpointError``: its pickle
-            wants globals the safe loader refuses).
-        PlanError: an invalid ignore pattern, rule or ``adapt`` pattern, or ``align`` not a bool.
-        AdapterError: an ``adapt`` adapter is unknown or cannot produce the model's shape.
-
-    Example:
-        >>> from transformers import BertConfig, BertForTokenClassification
-        >>> model = BertForTokenClassification(BertConfig.from_pretrained("all-MiniLM-L6-v2", num_labels=2))
-        >>> p = tg.plan(model, "all-MiniLM-L6-v2/model.safetensors")
-        >>> p.prefix, p.missing
-        ({'mode': 'add', 'prefix': 'bert.'}, ['classifier.weight', 'classifier.bias'])
-    """
-    src = open_source(source, allow_globals=allow_globals)
-    return build_plan(
-        model,
-        TargetView.of(model),
-        src,
-        rules=rules,
-        prefix=prefix,
-        ignore_missing=ignore_missing,
-        ignore_unexpected=ignore_unexpected,
-        adapt=adapt,
-        align=align,
-    )
-
-
-def build_plan(
-    model: nn.Module,
-    view: TargetView,
-    src: Source,
-    *,
-    rules: RuleSpec | None = None,
-    prefix: str | None = None,
-    ignore_missing: Iterable[str | re.Pattern[str]] = (),
-    ignore_unexpected: Iterable[str | re.Pattern[str]] = (),
-    adapt: AdaptSpec | None = None,
-    align: bool = False,
-) -> Plan:
-    """:func:`plan` for callers that already hold the model's :class:`TargetView` and an open source."""
-    if not isinstance(align, bool):
-        raise PlanError(f"align must be True or False, not {align!r}")
-    try:
-        user_rules = compile_rules(rules)
-    except (TypeError, ValueError) as e:
-        raise PlanError(str(e)) from None
-    expected = set(view.entries) | set(view.nonpersistent)
-
-    renames = apply_rules(src.keys(), user_rules, is_expected=suffix_matcher(expected))
-    live = {orig: new for orig, new in renames.mapping.items() if new is not None}
-    pfx = _resolve_prefix(prefix, hf.base_model_prefix(model), set(live.values()), expected)
-
-    own_missing, own_unexpected = hf.ignore_patterns(model)
-    miss_patterns = _compile_patterns([*own_missing, *ignore_missing])
-    unexp_patterns = _compile_patterns([*own_unexpected, *ignore_unexpected])
-
-    # Which source entries claim which model entry
-    claims: dict[str, list[str]] = defaultdict(list)
-    unused: list[str] = []
-    renamed: dict[str, str] = {}
-    for orig, new in live.items():
-        target = pfx.to_target(new, expected)
-        if target != orig:
-            renamed[orig] = target
-        if target in expected:
-            claims[target].append(orig)
-        else:
-            unused.append(orig)
-    notes: list[str] = []
-    for target, origs in claims.items():
-        if len(origs) > 1:
-            keep = next((o for o in origs if o == target), origs[0])
-            for o in origs:
-                if o != keep:
-                    unused.append(o)
-                    notes.append(f"{o!r} and {keep!r} both map to {target!r}; {keep!r} is used")
-            claims[target] = [keep]
-
-    entries: dict[str, Entry] = {}
-    ignored: dict[str, str] = {}
-    metadata_map: dict[str, str] = {}
-    for orig in renames.dropped:
-        ignored[orig] = "dropped by a rule"
-
-    def source_module(key: str) -> str | None:
-        return metadata_map.get(split_key(key)[0])
-
-    for name, info in view.entries.items():
-        src_name = claims.get(name, [None])[0]
-        if src_name is None:
-            entries[name] = Entry(name, "init", info.shape, info.dtype)
-            continue
-        ref = src[src_name]
-        metadata_map.setdefault(split_key(name)[0], split_key(src_name)[0])
-        e = Entry(name, "copy", info.shape, info.dtype, src_name, ref.shape, ref.dtype)
-        why = list(renames.reasons.get(src_name, []))
-        if live[src_name] != name:
-            why.append(f"prefix {pfx.mode} {pfx.prefix!r}")
-        e.note = "; ".join(why)
-        if ref.shape != info.shape and not (
-            info.shape == () and ref.shape == (1,)
-        ):  # (1,) -> () as load_state_dict allows
-            e.action, e.mismatched = "init", True
-        entries[name] = e
-
-    # Non-persistent buffers: load only what a meta-built model needs; otherwise the model computes them.
-    for name, info in view.nonpersistent.items():
-        src_name = claims.get(name, [None])[0]
-        if src_name is None:
-            continue
-        ref = src[src_name]
-        if info.meta and ref.shape == info.shape:
-            entries[name] = Entry(
-                name,
-                "copy",
-                info.shape,
-                info.dtype,
-                src_name,
-                ref.shape,
-                ref.dtype,
-                buffer=True,
-                note="non-persistent buffer, loaded to materialise the meta model",
-            )
-        else:
-            ignored[src_name] = f"non-persistent buffer {name!r}: computed by the model, not loaded"
-
-    ambiguous: list[dict[str, Any]] = []
-    if align:
-        from .align import align_plan
-
-        ambiguous = align_plan(
-            view,
-            src,
-            entries,
-            unused,
-            live,
-            renamed=renamed,
-            metadata_map=metadata_map,
-            skip=lambda k: _matches(unexp_patterns, k, live.get(k)) is not None,
-        )
-
-    # Tied weights: one tensor under several names is loaded once.
-    for name, owner in view.tied.items():
-        e, first = entries[name], entries[owner]
-        if first.loads or not e.loads:
-            if e.loads:
-                ignored[e.source or name] = f"same tensor as {owner!r}, which is loaded from {first.source!r}"
-            entries[name] = Entry(name, "tied", e.shape, e.dtype, note=f"tied to {owner}")
-        else:  # only the later name is in the checkpoint: load through it, the owner follows
-            entries[owner] = Entry(owner, "tied", first.shape, first.dtype, note=f"tied to {name}")
-
-    for name, e in entries.items():
-        if e.action != "init" or e.mismatched:
-            continue
-        if _norm_version_default(view, name, src, source_module(name)):
-            e.action, e.note = "default", "set to 0 by BatchNorm's loading hook (checkpoint predates it)"
-        elif (p := _matches(miss_patterns, name, _source_name_guess(name, pfx))) is not None:
-            e.ignored, e.note = True, f"missing, ignored by pattern {p.pattern!r}"
-
-    if adapt is not None:
-        from .policy import apply_policy  # imports torch: only when adapting
-
-        notes += apply_policy(entries, adapt, model=model, view=view, source=src)
-
-    unexpected: list[str] = []
-    for orig in unused:
-        p = _matches(unexp_patterns, orig, live.get(orig))
-        if p is not None:
-            ignored[orig] = f"unused, ignored by pattern {p.pattern!r}"
-        else:
-            unexpected.append(orig)
-
-    if pfx.mode == "add":
-        metadata_map.setdefault(pfx.prefix[:-1], "")
-    return Plan(
-        entries=entries,
-        unexpected=unexpected,
-        ignored=ignored,
-        renamed=renamed,
-        rename_reasons=renames.reasons,
-        prefix={"mode": pfx.mode, "prefix": pfx.prefix} if pfx.mode else {},
-        metadata_map=metadata_map,
-        model=type(model).__name__,
-        source=src.path or "state dict",
-        source_format=src.format,
-        container=src.container,
-        model_fingerprint=view.fingerprint(),
-        source_fingerprint=src.fingerprint(),
-        notes=notes,
-        ambiguous=ambiguous,
-    )
-
-
-def _source_name_guess(target: str, pfx: _Prefix) -> str:
-    """The checkpoint-side spelling of a model name (ignore patterns may be written either way)."""
-    if pfx.mode == "add" and target.startswith(pfx.prefix):
-        return target[len(pfx.prefix) :]
-    if pfx.mode == "strip":
-        return pfx.prefix + target
-    return target
+        return getattr(planner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,7 +36,7 @@ from torch import nn
 from . import adapters
 from .errors import AdapterError, PlanError
 from .keys import split_key
-from .report import describe_adapter
+from .messages import describe_adapter
 from .surgery import find_head, find_input_conv
 
 if TYPE_CHECKING:
@@ -204,14 +204,14 @@ def _prepare(spec: dict[str, Any], e: Entry, model: nn.Module, source: Source) -
         args, note = adapter.prepare(dict(spec["args"]), ctx)
     except AdapterError as err:
         raise AdapterError(f"{err} (for {e.target!r})") from None
-    return {"name": spec["name"], "args": adapters._jsonable(args, spec["name"])}, note
+    return {"name": spec["name"], "args": adapters.json_args(args, spec["name"])}, note
 
 
-def _check(spec: dict[str, Any], e: Entry, model: nn.Module) -> None:
+def _check(spec: dict[str, Any], e: Entry) -> None:
     """Run the adapter on a meta tensor: the shapes must work out before anything is read."""
     fake = _meta(e)
     if fake is not None:
-        adapters.run(spec, fake, target_shape=e.shape, model=model, target=e.target)
+        adapters.run(spec, fake, target_shape=e.shape, target=e.target)
 
 
 def _add_note(e: Entry, note: str) -> None:
@@ -293,7 +293,7 @@ def apply_policy(
             continue
         spec, prep_note = _prepare(spec, e, model, source)
         try:
-            _check(spec, e, model)
+            _check(spec, e)
         except AdapterError as err:
             if match[1] != "auto":
                 raise

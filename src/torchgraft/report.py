@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .keys import collapse_groups, collapse_keys
+from .keys import collapse_groups, collapse_keys, split_key
+from .messages import describe_adapter  # re-exported: report.describe_adapter keeps working
 
 if TYPE_CHECKING:
     from torch import nn
@@ -16,7 +18,7 @@ if TYPE_CHECKING:
     from .plan import Plan
     from .sources import Source
 
-__all__ = ["LoadReport", "render_plan", "render_text"]
+__all__ = ["LoadReport", "alignment_renderable", "render_plan", "render_text"]
 
 _MAX_LINES = 12
 
@@ -63,15 +65,6 @@ def render_text(renderable: Any, *, width: int = 120) -> str:
     buf = io.StringIO()
     Console(file=buf, width=width, force_terminal=False, color_system=None, highlight=False).print(renderable)
     return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
-
-
-def describe_adapter(spec: dict[str, Any]) -> str:
-    """``{"name": "input_channels", "args": {"method": "sum"}}`` -> ``input_channels(method='sum')``."""
-    args = ", ".join(
-        f"{k}=[{len(v)} items]" if isinstance(v, list) and len(v) > 6 else f"{k}={v!r}"
-        for k, v in spec.get("args", {}).items()
-    )
-    return f"{spec.get('name')}({args})" if args else str(spec.get("name"))
 
 
 def _adapter_summary(adapted: dict[str, dict[str, Any]]) -> str:
@@ -395,6 +388,69 @@ def _with_alignment(renderable, aligned: dict[str, dict[str, Any]], ambiguous: l
         return renderable
     from rich.console import Group
 
-    from .align import alignment_renderable
-
     return Group(renderable, alignment_renderable(aligned, ambiguous))
+
+
+# ---------------------------------------------------------------------------
+# Structural alignment (``align=True``)
+
+
+_LAYER_NUMBER = re.compile(r"(?<![^.\s(])\d+(?![^.\s)])")
+
+
+def _group_pairs(aligned: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, float, float, str, int]]:
+    """Collapse aligned pairs into rows: (model label, checkpoint label, min conf, max conf, reason, n)."""
+    groups: dict[tuple[str, str], list[tuple[str, Mapping[str, Any]]]] = {}
+    for target, info in aligned.items():
+        t_mod, s_mod = split_key(target)[0], split_key(str(info["source"]))[0]
+        groups.setdefault((_LAYER_NUMBER.sub("#", t_mod), _LAYER_NUMBER.sub("#", s_mod)), []).append((target, info))
+    rows = []
+    for members in groups.values():
+        t_label = ", ".join(collapse_keys(t for t, _ in members))
+        s_label = ", ".join(collapse_keys(str(i["source"]) for _, i in members))
+        confs = [float(i["confidence"]) for _, i in members]
+        rows.append((t_label, s_label, min(confs), max(confs), str(members[0][1]["reason"]), len(members)))
+    return rows
+
+
+def alignment_renderable(aligned: Mapping[str, Mapping[str, Any]], ambiguous: list[Mapping[str, Any]]):
+    """Rich renderable: the aligned pairs with confidence and reason, then the ambiguous ones."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    parts: list[Any] = []
+    if aligned:
+        table = Table(show_lines=True, expand=False)
+        table.add_column("model (aligned)", overflow="fold")
+        table.add_column("checkpoint", overflow="fold")
+        table.add_column("conf", justify="right", no_wrap=True)
+        table.add_column("why", overflow="fold")
+        for t, s, lo, hi, reason, n in _group_pairs(aligned):
+            conf = f"{lo:.2f}" if lo == hi else f"{lo:.2f}-{hi:.2f}"
+            table.add_row(t, s, conf, reason + (f" (+{n - 1} like it)" if n > 1 else ""))
+        parts += [
+            Text(
+                f"aligned by structure: {len(aligned)} entries (plan.aligned; plan.aligned_rules() exports them)",
+                style="bold",
+            ),
+            table,
+        ]
+    if ambiguous:
+        table = Table(show_lines=True, expand=False)
+        table.add_column("model (not loaded)", overflow="fold")
+        table.add_column("candidates in the checkpoint", overflow="fold")
+        table.add_column("why", overflow="fold")
+        rows: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+        for a in ambiguous:  # the same ambiguity in every layer is one row
+            key = (*sorted({_LAYER_NUMBER.sub("#", k) for k in a["targets"]}), _LAYER_NUMBER.sub("#", str(a["reason"])))
+            rows.setdefault(key, []).append(a)
+        for group in rows.values():
+            targets = [k for a in group for k in a["targets"]]
+            candidates = [k for a in group for k in a["candidates"]]
+            more = f" (and {len(group) - 1} more like it)" if len(group) > 1 else ""
+            table.add_row(
+                "\n".join(collapse_keys(targets)), "\n".join(collapse_keys(candidates)), str(group[0]["reason"]) + more
+            )
+        parts += [Text("ambiguous: left missing, pass rules= to decide", style="bold"), table]
+    return Group(*parts)

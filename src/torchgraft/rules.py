@@ -9,6 +9,8 @@ stands for a layer number, ``None`` drops the key, and a template that names a m
 (``"backbone": "features"``) renames everything under it. Regex rules are
 ``re.Pattern -> replacement`` pairs (``re.compile(r"^enc\\.(\\d+)\\.")``: ``r"encoder.\\1."``).
 
+:func:`select_layers` builds the rules for a shallower model from chosen checkpoint layers.
+
 Example:
     >>> rules = compile_rules({"old.{}.fc": "new.{}.proj", "aux_head": None})
     >>> apply_rules(["old.3.fc.weight", "aux_head.bias"], rules).mapping
@@ -18,8 +20,16 @@ Example:
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import AdapterError
+from .keys import natural_key, split_key
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 __all__ = [
     "BUILTIN_RULES",
@@ -28,7 +38,10 @@ __all__ = [
     "RuleSpec",
     "apply_rules",
     "compile_rules",
+    "export_rules",
     "invert_rules",
+    "plan_rules",
+    "select_layers",
     "suffix_matcher",
 ]
 
@@ -208,3 +221,214 @@ def _apply(
             applied.append(rule.name)
             key = new
     return key
+
+
+# ---------------------------------------------------------------------------
+# depth: layer selection as rename rules
+
+
+def select_layers(
+    layers: Mapping[int, int] | Sequence[int] | Literal["every_other"],
+    *,
+    template: str,
+    num_layers: int | None = None,
+    source_layers: int | None = None,
+) -> list[tuple[re.Pattern[str], str | None]]:
+    """Rename rules that build a shallower (or reordered) model from chosen checkpoint layers.
+
+    A 6-layer student taking layers 0, 2, 4, ... of a 12-layer checkpoint is a rename: the
+    checkpoint's ``encoder.layer.2.*`` becomes the model's ``encoder.layer.1.*``. The rules
+    returned here do that and drop every checkpoint layer that is not selected (reported as
+    ``ignored: dropped by a rule``, not as unexpected). Pass them as ``rules=`` to
+    :func:`torchgraft.plan` / :func:`torchgraft.load`, alone or followed by your own rules.
+
+    Args:
+        layers: which checkpoint layer each model layer takes: ``{0: 0, 1: 2, 2: 4}`` (model
+            layer -> checkpoint layer), the list ``[0, 2, 4]`` (the same), or ``"every_other"``
+            (model layer ``i`` takes checkpoint layer ``2 * i``; needs ``num_layers``).
+        template: the checkpoint's layer path with ``{}`` for the number, e.g.
+            ``"encoder.layer.{}"`` or ``"model.layers.{}"``. It also matches after a leading
+            prefix (``bert.encoder.layer.3.*``).
+        num_layers: the model's number of layers (for ``"every_other"``).
+        source_layers: the checkpoint's number of layers, to check the selection against.
+
+    Returns:
+        Ordered ``(re.Pattern, replacement)`` rules (``None`` = drop), a valid ``rules=`` value.
+
+    Raises:
+        AdapterError: the template has no single ``{}``, a layer number is negative or beyond
+            ``source_layers``, one checkpoint layer is selected twice (a rename feeds one model
+            layer), the selection swaps layers in a cycle, or ``"every_other"`` lacks ``num_layers``.
+
+    Example:
+        >>> rules = select_layers({0: 0, 1: 2, 2: 4}, template="encoder.layer.{}")
+        >>> report = tg.load(student, "all-MiniLM-L6-v2/", rules=rules)   # 3-layer BERT
+        >>> report.renamed["encoder.layer.2.output.dense.weight"]
+        'encoder.layer.1.output.dense.weight'
+    """
+    name = "select_layers"
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise AdapterError(
+            f"{name}: template must contain exactly one '{{}}' for the layer number, e.g. 'encoder.layer.{{}}'; got {template!r}"
+        )
+    mapping = _layer_mapping(layers, num_layers)
+    for tgt, src in mapping.items():
+        for value, what in ((tgt, "model layer"), (src, "checkpoint layer")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise AdapterError(f"{name}: {what} numbers must be ints >= 0, got {value!r}")
+        if source_layers is not None and src >= source_layers:
+            raise AdapterError(
+                f"{name}: model layer {tgt} takes checkpoint layer {src}, but the checkpoint has layers 0..{source_layers - 1}"
+            )
+    seen: dict[int, int] = {}
+    for tgt, src in mapping.items():
+        if src in seen:
+            raise AdapterError(
+                f"{name}: checkpoint layer {src} is selected for model layers {seen[src]} and {tgt}; a rename feeds one "
+                "model layer. Copy the layer after loading, or load twice with different rules"
+            )
+        seen[src] = tgt
+
+    head, tail = template.split("{}")
+    lead = r"(?:^|(?<=\.))" + re.escape(head)
+
+    def pattern(number: str) -> re.Pattern[str]:
+        return re.compile(lead + number + re.escape(tail) + r"(?=\.|$)")
+
+    rules: list[tuple[re.Pattern[str], str | None]] = []
+    selected = "|".join(str(s) for s in sorted(mapping.values()))
+    # 1) drop every checkpoint layer that is not selected (any number, before any rename)
+    rules.append((pattern(rf"(?!(?:{selected})(?:\D|$))\d+" if selected else r"\d+"), None))
+    # 2) renames, ordered so that no renamed key meets a later rule: a rename s -> t must come
+    #    after the rule that consumes the checkpoint's own layer t.
+    moves = {src: tgt for tgt, src in mapping.items() if src != tgt}
+    done: set[int] = set()
+    order: list[int] = []
+    while len(order) < len(moves):
+        ready = [s for s in sorted(moves) if s not in done and (moves[s] not in moves or moves[s] in done)]
+        if not ready:
+            cycle = sorted(s for s in moves if s not in done)
+            raise AdapterError(
+                f"{name}: checkpoint layers {cycle} swap places in a cycle; renames cannot express a permutation. "
+                "Load with the layers in order and permute the modules afterwards"
+            )
+        for s in ready:
+            done.add(s)
+            order.append(s)
+    for s in order:
+        rules.append((pattern(str(s)), f"{head}{moves[s]}{tail}"))
+    return rules
+
+
+def _layer_mapping(layers: Any, num_layers: int | None) -> dict[int, int]:
+    name = "select_layers"
+    if isinstance(layers, str):
+        if layers != "every_other":
+            raise AdapterError(
+                f"{name}: unknown selection {layers!r}; use 'every_other', a list or a {{model: checkpoint}} dict"
+            )
+        if num_layers is None:
+            raise AdapterError(f"{name}: 'every_other' needs num_layers= (the model's number of layers)")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise AdapterError(f"{name}: num_layers must be a positive int, got {num_layers!r}")
+        return {i: 2 * i for i in range(num_layers)}
+    if isinstance(layers, Mapping):
+        return dict(layers)
+    if isinstance(layers, Sequence):
+        return dict(enumerate(layers))
+    raise AdapterError(f"{name}: layers must be a {{model: checkpoint}} dict, a list or 'every_other', got {layers!r}")
+
+
+# ---------------------------------------------------------------------------
+# Exporting pairs (from ``align=True``) as a rules table
+
+
+def _numbers(path: str) -> list[str]:
+    return [p for p in path.split(".") if p.isdigit()]
+
+
+def _template(path: str) -> str:
+    return ".".join("{}" if p.isdigit() else p for p in path.split("."))
+
+
+def _table_mapping(table: Mapping[str, str], keys: Iterable[str]) -> dict[str, str | None]:
+    """What ``table`` (user rules only, no built-ins) renames each of ``keys`` to."""
+    return apply_rules(keys, compile_rules(table), builtin=False).mapping
+
+
+def export_rules(
+    pairs: Mapping[str, str],
+    all_keys: Iterable[str],
+    *,
+    loaded_by_name: Iterable[str] = (),
+    targets: Iterable[str] = (),
+) -> dict[str, str]:
+    """A rules table that maps each checkpoint key in ``pairs`` to its model key.
+
+    Module-level templates (``"encoder.layer.{}.attention.self.query": "blocks.{}.attn.q"``)
+    where every instance agrees, module-level literals otherwise, full keys as a last resort.
+    The table is checked: it must give every pair, and leave the keys matched by name alone.
+
+    Example:
+        >>> export_rules({"enc.0.q.weight": "blocks.0.attn.q.weight", "enc.1.q.weight": "blocks.1.attn.q.weight"},
+        ...              ["enc.0.q.weight", "enc.1.q.weight"])
+        {'enc.{}.q': 'blocks.{}.attn.q'}
+    """
+    all_keys = list(dict.fromkeys(all_keys))
+    keep = set(loaded_by_name)
+    target_names = set(targets)
+
+    def works(table: dict[str, str]) -> bool:
+        got = _table_mapping(table, all_keys)
+        for k in all_keys:
+            if k in pairs:
+                if got.get(k) != pairs[k]:
+                    return False
+            elif got.get(k) != k and (k in keep or got.get(k) in target_names):
+                return False
+        return True
+
+    by_module: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+    for s, t in pairs.items():
+        by_module[split_key(s)[0], split_key(t)[0]].append((s, t))
+    modules: dict[str, str] = {}
+    entry_level: dict[str, str] = {}
+    seen_src: dict[str, str] = {}
+    for (sm, tm), members in by_module.items():
+        if (
+            sm
+            and tm
+            and all(split_key(s)[1] == split_key(t)[1] for s, t in members)
+            and seen_src.setdefault(sm, tm) == tm
+        ):
+            modules[sm] = tm
+        else:
+            entry_level.update(members)
+    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for sm, tm in modules.items():
+        groups[_template(sm)].append((sm, tm))
+    templated: dict[str, str] = {}
+    for tmpl, members in groups.items():
+        t_tmpls = {_template(tm) for _, tm in members}
+        if "{}" in tmpl and len(t_tmpls) == 1 and all(_numbers(sm) == _numbers(tm) for sm, tm in members):
+            templated[tmpl] = t_tmpls.pop()
+        else:
+            templated.update(dict(members))
+
+    def ordered(table: dict[str, str]) -> dict[str, str]:
+        return dict(sorted(table.items(), key=lambda kv: natural_key(kv[0])))
+
+    for table in (ordered({**templated, **entry_level}), ordered({**modules, **entry_level}), ordered(dict(pairs))):
+        if works(table):
+            return table
+    return ordered(dict(pairs))
+
+
+def plan_rules(plan: Plan) -> dict[str, str]:
+    """``plan.aligned_rules()``: the aligned pairs of ``plan`` as a rules table (see :func:`export_rules`)."""
+    pairs = {e.source: k for k, e in plan.entries.items() if e.aligned and e.source}
+    if not pairs:
+        return {}
+    keys = [e.source for e in plan.entries.values() if e.source] + list(plan.unexpected) + list(plan.ignored)
+    by_name = [e.source for e in plan.entries.values() if e.source and not e.aligned]
+    return export_rules(pairs, keys, loaded_by_name=by_name, targets=plan.entries)

@@ -18,14 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .dangers import danger_of as _danger_of
 from .errors import CheckpointError
-from .sources.pickle_scan import danger_of as _danger_of
 from .sources.pickle_scan import pickle_globals, refused_globals
 from .sources.safetensors_reader import looks_like_safetensors, read_header
 
 __all__ = ["FileScan", "ScanReport", "danger_of", "scan"]
 
-_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".safetensors", ".tar")
+_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".safetensors", ".tar", ".onnx", ".index", ".gguf")
 _PICKLE_PROTO = b"\x80"
 _PICKLE_V0_STARTS = b"(c]}"  # protocol 0/1 pickles start with MARK, GLOBAL, EMPTY_LIST or EMPTY_DICT
 _MAX_MEMBER_BYTES = 512 * 1024 * 1024
@@ -188,6 +188,8 @@ def _scan_file(path: Path) -> FileScan:
         head = f.read(16)
     if size == 0:
         raise CheckpointError(path, "the file is empty", hint="the download or save was interrupted: fetch it again")
+    if (scan_format := next((f for sfx, f in _DATA_FORMATS.items() if path.name.endswith(sfx)), None)) is not None:
+        return scan_format(path)
     if looks_like_safetensors(head, size):
         tensors, _meta, _ = read_header(path)
         return FileScan(str(path), "safetensors", note=f"{len(tensors)} tensors; safetensors holds no code")
@@ -199,6 +201,10 @@ def _scan_file(path: Path) -> FileScan:
         found = pickle_globals(data)
         fmt = "torch-legacy" if head[:1] == _PICKLE_PROTO and _is_torch_legacy(data) else "pickle"
         return FileScan(str(path), fmt, found, refused_globals(found) if found else [])
+    if head[:4] == b"GGUF":  # llama.cpp: tensors and key/values, nothing that runs
+        from .sources.gguf_reader import scan_gguf
+
+        return FileScan(str(path), "gguf", note=scan_gguf(path))
     raise CheckpointError(
         path,
         f"not a pickle, a torch zip or a safetensors file (first bytes: {head[:8]!r})",
@@ -232,6 +238,34 @@ def _scan_zip(path: Path) -> FileScan:
     return FileScan(str(path), "torch-zip", found, refused, members, "; ".join(notes))
 
 
+def _scan_onnx(path: Path) -> FileScan:  # opening checks every external data path (none may leave the folder)
+    from .sources.onnx_reader import open_onnx
+
+    with open_onnx(path) as src:
+        external = len(src.files) - 1
+    return FileScan(
+        str(path),
+        "onnx",
+        note=f"{len(src)} initializers, {external} external data files (inside the "
+        "model's folder); the graph is data to torchgraft, never executed (onnxruntime would run it)",
+    )
+
+
+def _scan_tf(path: Path) -> FileScan:
+    from .sources.tf_reader import open_tf_checkpoint
+
+    with open_tf_checkpoint(path) as src:
+        pb = (
+            "; the SavedModel's saved_model.pb holds TF graphs (they can call Python): never read"
+            if (path.parent.parent / "saved_model.pb").is_file()
+            else ""
+        )
+    return FileScan(str(path), "tf-checkpoint", note=f"{len(src)} tensors; a TF bundle holds tensors only, no code{pb}")
+
+
+_DATA_FORMATS = {".onnx": _scan_onnx, ".index": _scan_tf}  # formats that hold no pickles: validated, never executed
+
+
 def _is_torch_legacy(data: bytes) -> bool:
     # torch's legacy format starts with the pickled magic number 0x1950a86a20f9469cfc6c
     return b"\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19" in data[:32]
@@ -248,7 +282,7 @@ def _renderable(report: ScanReport):
     parts: list[Any] = [Text(f"scan: {report.path}", style="bold")]
     for f in report.files:
         title = f"{f.path} ({f.format})" if len(report.files) > 1 or f.path != report.path else f"format: {f.format}"
-        if f.format == "safetensors" or not f.globals:
+        if f.format in ("safetensors", "onnx", "tf-checkpoint") or not f.globals:
             parts.append(Text(f"{title}: {f.note or 'no globals referenced'}"))
             continue
         t = Table(title=title, title_justify="left")

@@ -39,6 +39,7 @@ def select(source: Source, pattern: str) -> Source:
         containers=source.containers,
         skipped={k: v for k, v in source.skipped.items() if match(k)},
         files=source.files,
+        conversions={k: v for k, v in source.conversions.items() if k in keep},
     )
 
 
@@ -57,6 +58,7 @@ def summarize(source: Source) -> dict[str, Any]:
         "dtypes": dict(dtypes),
         "metadata": source.metadata,
         "skipped": source.skipped,
+        "conversions": source.conversions,
         "entries": [{"name": n, "shape": list(r.shape), "dtype": r.dtype} for n, r in source.items()],
     }
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .adapters import ChannelMethod, input_channels
+from .adapters.channels import ChannelMethod, input_channels
 
 __all__ = [
     "HEAD_NAMES",

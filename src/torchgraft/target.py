@@ -24,7 +24,6 @@ class TargetInfo:
     shape: tuple[int, ...]
     dtype: str
     meta: bool
-    is_param: bool
 
 
 @dataclass
@@ -49,7 +48,6 @@ class TargetView:
     def of(cls, model: nn.Module) -> TargetView:
         modules = dict(model.named_modules(remove_duplicate=False))
         state = model.state_dict(keep_vars=True)
-        param_ids = {id(p) for _, p in model.named_parameters(remove_duplicate=False)}
         entries: dict[str, TargetInfo] = {}
         tensors: dict[str, torch.Tensor] = {}
         first_by_id: dict[int, str] = {}
@@ -58,7 +56,7 @@ class TargetView:
             if not hasattr(t, "shape"):  # _extra_state objects
                 continue
             tensors[name] = t
-            entries[name] = TargetInfo(tuple(t.shape), dtype_name(t.dtype), t.device.type == "meta", id(t) in param_ids)
+            entries[name] = TargetInfo(tuple(t.shape), dtype_name(t.dtype), t.device.type == "meta")
             owner = first_by_id.setdefault(id(t), name)
             if owner != name:
                 tied[name] = owner
@@ -68,7 +66,7 @@ class TargetView:
                 b = module._buffers.get(bname)
                 if b is not None:
                     key = f"{path}.{bname}" if path else bname
-                    nonpersistent[key] = TargetInfo(tuple(b.shape), dtype_name(b.dtype), b.device.type == "meta", False)
+                    nonpersistent[key] = TargetInfo(tuple(b.shape), dtype_name(b.dtype), b.device.type == "meta")
                     tensors[key] = b
         return cls(entries, tied, nonpersistent, modules, tensors)
 

@@ -1029,6 +1029,309 @@ def _(root: Path, c: Case) -> None:  # reading it would block for ever
     os.mkfifo(root / c.path)
 
 
+# ONNX and TensorFlow checkpoints (issue 15) -----------------------------------------------------
+
+
+def _onnx_model(path: Path, *, external: str | None = None) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    sd = _sd()  # torch-style names are kept: layer.weight (stored [in, out] for MatMul), layer.bias
+    w = numpy_helper.from_array(sd["layer.weight"].T.contiguous().numpy(), name="layer.weight")
+    b = numpy_helper.from_array(sd["layer.bias"].numpy(), name="layer.bias")
+    nodes = [
+        helper.make_node("MatMul", ["x", "layer.weight"], ["h"]),
+        helper.make_node("Add", ["h", "layer.bias"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [w, b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if external is None:
+        onnx.save(model, str(path))
+    else:
+        onnx.save(model, str(path), save_as_external_data=True, location=external, size_threshold=0)
+
+
+def _onnx_relocate(path: Path, **fields: str) -> None:
+    """Rewrite the external data fields (location, offset, length) of every initializer."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key in fields:
+                e.value = fields[e.key]
+        for key in fields.keys() - {e.key for e in t.external_data}:
+            t.external_data.add(key=key, value=fields[key])
+    onnx.save(model, str(path))
+
+
+@case("onnx_control_ok", "ok", "onnx_ok/m.onnx", "ok")
+def _(root: Path, c: Case) -> None:
+    (root / "onnx_ok").mkdir()
+    _onnx_model(root / c.path, external="m.data")
+
+
+@case("onnx_external_data_escapes", "broken", "onnx_escape/m.onnx", "error", match=r"keeps its data in '\.\./")
+def _(root: Path, c: Case) -> None:  # reading ../secret would leak any file next to the model's folder
+    (root / "onnx_escape").mkdir()
+    _onnx_model(root / c.path, external="m.data")
+    (root / "secret").write_bytes(b"\0" * 48)
+    _onnx_relocate(root / c.path, location="../secret")
+
+
+@case("onnx_external_data_symlink_out", "broken", "onnx_link/m.onnx", "error", match=r"which leads to")
+def _(root: Path, c: Case) -> None:
+    (root / "onnx_link").mkdir()
+    _onnx_model(root / c.path, external="m.data")
+    (root / "onnx_link_target").write_bytes((root / "onnx_link" / "m.data").read_bytes())
+    (root / "onnx_link" / "m.data").unlink()
+    (root / "onnx_link" / "m.data").symlink_to(root / "onnx_link_target")
+
+
+@case("onnx_external_data_past_end", "broken", "onnx_past/m.onnx", "error", match=r"spans bytes 4611686018427387904")
+def _(root: Path, c: Case) -> None:
+    (root / "onnx_past").mkdir()
+    _onnx_model(root / c.path, external="m.data")
+    _onnx_relocate(root / c.path, offset=str(1 << 62), length="48")
+
+
+@case("onnx_truncated", "broken", "onnx_truncated.onnx", "error", match=r"\(read as onnx\): not a valid ONNX model")
+def _(root: Path, c: Case) -> None:
+    _onnx_model(root / c.path)
+    data = (root / c.path).read_bytes()
+    (root / c.path).write_bytes(data[: len(data) - 30])
+
+
+@case("onnx_huge_shape", "broken", "onnx_huge.onnx", "error", match=r"has shape \[1099511627776, 1099511627776\]")
+def _(root: Path, c: Case) -> None:  # 2**80 elements claimed over 48 bytes: refused before any allocation
+    import onnx
+
+    _onnx_model(root / c.path)
+    model = onnx.load(str(root / c.path))
+    model.graph.initializer[0].dims[:] = [1 << 40, 1 << 40]
+    onnx.save(model, str(root / c.path))
+
+
+@case("onnx_random_bytes", "broken", "onnx_random.onnx", "error", match=r"\(read as onnx\)")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(random.Random(15).randbytes(4096))
+
+
+def _tf_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _tf_masked_crc(data: bytes) -> int:
+    import google_crc32c
+
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _tf_entry(shape: list[int], offset: int, size: int, crc: int) -> bytes:
+    """A BundleEntryProto (DT_FLOAT), encoded by hand from tensor_bundle.proto's field numbers."""
+    dims = b"".join(b"\x12" + _tf_varint(len(d)) + d for d in (b"\x08" + _tf_varint(n) for n in shape))
+    return (
+        b"\x08\x01\x12" + _tf_varint(len(dims)) + dims
+        + b"\x20" + _tf_varint(offset) + b"\x28" + _tf_varint(size) + b"\x35" + struct.pack("<I", crc)
+    )  # fmt: skip
+
+
+def _tf_bundle(prefix: Path, rows: list[tuple[bytes, bytes]], data: bytes, *, index_at: int | None = None) -> None:
+    """PREFIX.index (an SSTable: one data block, an empty metaindex, an index block, the footer) + PREFIX.data-*."""
+    prefix.with_name(prefix.name + ".data-00000-of-00001").write_bytes(data)
+
+    def block(entries: list[tuple[bytes, bytes]]) -> bytes:
+        body = b"".join(_tf_varint(0) + _tf_varint(len(k)) + _tf_varint(len(v)) + k + v for k, v in entries)
+        return body + struct.pack("<II", 0, 1)
+
+    out = bytearray()
+
+    def put(contents: bytes) -> bytes:
+        handle = _tf_varint(len(out)) + _tf_varint(len(contents))
+        out.extend(contents + b"\x00" + struct.pack("<I", _tf_masked_crc(contents + b"\x00")))
+        return handle
+
+    data_handle = put(block(rows))
+    if index_at is not None:
+        data_handle = _tf_varint(index_at) + _tf_varint(64)
+    meta = put(block([]))
+    index = put(block([(rows[-1][0], data_handle)]))
+    footer = (meta + index).ljust(40, b"\x00") + struct.pack("<Q", 0xDB4775248B80FB57)
+    prefix.with_name(prefix.name + ".index").write_bytes(bytes(out) + footer)
+
+
+_TF_KEY = b"layer/kernel/.ATTRIBUTES/VARIABLE_VALUE"
+_TF_BIAS = b"layer/bias/.ATTRIBUTES/VARIABLE_VALUE"
+_TF_HEADER = (b"", b"\x08\x01")  # BundleHeaderProto{num_shards: 1}
+
+
+def _tf_ok(prefix: Path, **entry: Any) -> None:
+    """A Dense layer: kernel [4, 3] (read as layer.weight [3, 4]) and bias [3]; ``entry`` overrides the kernel's fields."""
+    sd = _sd()
+    kernel, bias = sd["layer.weight"].T.contiguous().numpy().tobytes(), sd["layer.bias"].numpy().tobytes()
+    fields = {"shape": [4, 3], "offset": 0, "size": len(kernel), "crc": _tf_masked_crc(kernel)} | entry
+    rows = [
+        _TF_HEADER,
+        (_TF_BIAS, _tf_entry([3], len(kernel), len(bias), _tf_masked_crc(bias))),
+        (_TF_KEY, _tf_entry(**fields)),
+    ]
+    _tf_bundle(prefix, rows, kernel + bias)
+
+
+@case("tf_control_ok", "ok", "tf_ok.index", "ok")
+def _(root: Path, c: Case) -> None:
+    _tf_ok(root / "tf_ok")
+
+
+@case("tf_index_truncated", "broken", "tf_cut.index", "error", match=r"does not end with the table magic number")
+def _(root: Path, c: Case) -> None:
+    _tf_ok(root / "tf_cut")
+    data = (root / c.path).read_bytes()
+    (root / c.path).write_bytes(data[:-5])
+
+
+@case("tf_index_block_damaged", "broken", "tf_flip.index", "error", match=r"fails its CRC32C checksum")
+def _(root: Path, c: Case) -> None:
+    _tf_ok(root / "tf_flip")
+    data = bytearray((root / c.path).read_bytes())
+    data[9] ^= 0x10
+    (root / c.path).write_bytes(bytes(data))
+
+
+@case("tf_block_handle_outside", "broken", "tf_handle.index", "error", match=r"lies outside the index file")
+def _(root: Path, c: Case) -> None:
+    raw = b"\0" * 64
+    _tf_bundle(root / "tf_handle", [_TF_HEADER, (_TF_KEY, _tf_entry([4, 4], 0, 64, 0))], raw, index_at=1 << 40)
+
+
+@case("tf_huge_shape", "broken", "tf_huge.index", "error", match=r"has shape \[1099511627776, 1099511627776\]")
+def _(root: Path, c: Case) -> None:  # 2**80 elements claimed over 64 bytes: refused before any allocation
+    _tf_ok(root / "tf_huge", shape=[1 << 40, 1 << 40])
+
+
+@case("tf_offset_past_shard", "broken", "tf_past.index", "error", match=r"outside its 60-byte data shard")
+def _(root: Path, c: Case) -> None:
+    _tf_ok(root / "tf_past", offset=1 << 62)
+
+
+@case("tf_many_shards", "broken", "tf_shards.index", "error", match=r"claims 2147483647 data shards")
+def _(root: Path, c: Case) -> None:  # two billion data files would be looked for
+    _tf_bundle(root / "tf_shards", [(b"", b"\x08" + _tf_varint(2**31 - 1))], b"")
+
+
+@case("tf_entry_not_protobuf", "broken", "tf_proto.index", "error", match=r"is not a valid protobuf message")
+def _(root: Path, c: Case) -> None:  # a length-delimited field that claims 4 GB
+    _tf_bundle(root / "tf_proto", [_TF_HEADER, (_TF_KEY, b"\x12\xff\xff\xff\xff\x0f")], b"")
+
+
+@case("tf_data_damaged", "broken", "tf_rot.index", "error", match=r"fail their CRC32C checksum")
+def _(root: Path, c: Case) -> None:  # the index is intact; the tensor's bytes are checked when it is loaded
+    _tf_ok(root / "tf_rot", crc=0)
+# GGUF (llama.cpp): written byte by byte, so that every field can lie --------------------------------
+
+_GGUF_STRING, _GGUF_ARRAY, _GGUF_U32, _GGUF_F32 = 8, 9, 4, 0
+
+
+def _gguf_str(text: str | bytes) -> bytes:
+    raw = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def raw_gguf(
+    kv: list[tuple[str, int, bytes]],
+    tensors: list[tuple[str, list[int], int, int]],
+    data: bytes = b"",
+    *,
+    version: int = 3,
+    counts: tuple[int, int] | None = None,
+) -> bytes:
+    """A GGUF file. ``kv``: (key, value type, encoded value); ``tensors``: (name, dims innermost first, type,
+    offset in the data block)."""
+    n_tensors, n_kv = counts or (len(tensors), len(kv))
+    out = b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
+    out += b"".join(_gguf_str(key) + struct.pack("<I", vtype) + value for key, vtype, value in kv)
+    for name, dims, ttype, offset in tensors:
+        out += _gguf_str(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ttype, offset)
+    return out + b"\0" * (-len(out) % 32) + data
+
+
+_GGUF_ARCH = ("general.architecture", _GGUF_STRING, _gguf_str("llama"))
+_GGUF_NORM = ("blk.0.attn_norm.weight", [4], _GGUF_F32, 0)
+
+
+@case("gguf_control_ok", "ok", "ok.gguf", "ok")
+def _(root: Path, c: Case) -> None:  # an architecture without a mapping keeps its names
+    arch = ("general.architecture", _GGUF_STRING, _gguf_str("mystery"))
+    tensors = [("layer.weight", [4], _GGUF_F32, 0), ("layer.bias", [2], _GGUF_F32, 32)]
+    (root / c.path).write_bytes(raw_gguf([arch], tensors, struct.pack("<4f", 1, 2, 3, 4).ljust(32, b"\0") + b"\0" * 8))
+
+
+@case("gguf_truncated_header", "broken", "gguf_cut.gguf", "error", match=r"\(read as gguf\): .* past the end of the")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [_GGUF_NORM], struct.pack("<4f", 1, 2, 3, 4))[:45])
+
+
+@case("gguf_bad_version", "broken", "gguf_v99.gguf", "error", match=r"GGUF version 99; versions 2 and 3 are supported")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [], version=99))
+
+
+@case(
+    "gguf_huge_counts", "broken", "gguf_counts.gguf", "error", match=r"the header claims \d+ tensors and \d+ key/values"
+)
+def _(root: Path, c: Case) -> None:  # a reader that trusts the counts allocates or loops for ever
+    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [], counts=(2**64 - 1, 2**63)))
+
+
+@case(
+    "gguf_huge_string_array",
+    "broken",
+    "gguf_vocab.gguf",
+    "error",
+    match=r"'tokenizer.ggml.tokens' claims \d+ strings, more than the rest of the file can hold",
+)
+def _(root: Path, c: Case) -> None:  # gguf.GGUFReader walks such an array element by element
+    tokens = ("tokenizer.ggml.tokens", _GGUF_ARRAY, struct.pack("<IQ", _GGUF_STRING, 2**62) + _gguf_str("a"))
+    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH, tokens], []))
+
+
+@case("gguf_nested_arrays", "broken", "gguf_nested.gguf", "error", match=r"nests arrays more than \d+ deep")
+def _(root: Path, c: Case) -> None:
+    value = struct.pack("<IQ", _GGUF_U32, 1) + struct.pack("<I", 7)
+    for _ in range(10_000):
+        value = struct.pack("<IQ", _GGUF_ARRAY, 1) + value
+    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH, ("deep", _GGUF_ARRAY, value)], []))
+
+
+@case(
+    "gguf_tensor_past_eof",
+    "broken",
+    "gguf_eof.gguf",
+    "error",
+    match=r"tensor 'blk.0.attn_norm.weight' \(\[1048576, 1048576\] F32, \d+ bytes at byte \d+\) reaches past the end",
+)
+def _(root: Path, c: Case) -> None:
+    huge = ("blk.0.attn_norm.weight", [1 << 20, 1 << 20], _GGUF_F32, 0)
+    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [huge], b"\0" * 64))
+
+
+@case("gguf_unknown_tensor_type", "broken", "gguf_type.gguf", "error", match=r"has unknown type 12345")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [("blk.0.attn_norm.weight", [4], 12345, 0)], b"\0" * 64))
+
+
 # ----------------------------------------------------------------------------------------------------
 
 

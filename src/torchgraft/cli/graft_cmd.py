@@ -7,7 +7,6 @@ allows, and pass ``--align`` / ``--adapt`` through to :func:`torchgraft.plan`.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -195,8 +194,6 @@ def rules_option(items: list[str]) -> dict[str, str | None] | None:
 
 
 def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
-    import torchgraft as tg
-
     options: dict[str, Any] = {
         "prefix": args.prefix,
         "ignore_missing": args.ignore_missing,
@@ -205,15 +202,10 @@ def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
     rules = rules_option(getattr(args, "rules", []))
     if rules:
         options["rules"] = rules
-    accepted = inspect.signature(tg.plan).parameters
     if args.align:
-        if "align" not in accepted:
-            raise UsageError("--align needs tg.plan(align=...), which this version of torchgraft does not have yet")
         options["align"] = True
     adapt = adapt_option(args.adapt)
     if adapt is not None:
-        if "adapt" not in accepted:
-            raise UsageError("--adapt needs tg.plan(adapt=...), which this version of torchgraft does not have yet")
         options["adapt"] = adapt
     return options
 

@@ -12,10 +12,23 @@ from ..errors import CheckpointError
 from .base import DTYPE_SIZES, Source, TensorRef, dtype_name
 from .dcp_reader import looks_like_dcp, open_dcp
 from .directory import open_directory, open_index
+from .gguf_reader import looks_like_gguf, open_gguf
+from .onnx_reader import looks_like_onnx, open_onnx  # onnx, protobuf: imported when such a file is opened
 from .safetensors_reader import looks_like_safetensors, open_safetensors
+from .tf_reader import looks_like_tf_checkpoint, open_tf_checkpoint
 from .torch_reader import open_torch
 
-__all__ = ["DTYPE_SIZES", "READERS", "Reader", "Source", "TensorRef", "dtype_name", "open", "register_reader"]
+__all__ = [
+    "DTYPE_SIZES",
+    "READERS",
+    "Reader",
+    "Source",
+    "TensorRef",
+    "dtype_name",
+    "open",
+    "read_head",
+    "register_reader",
+]
 
 _HEAD_BYTES = 16
 
@@ -36,12 +49,16 @@ class Reader:
 READERS: list[Reader] = [
     # torch.distributed.checkpoint: a directory with .metadata (before "directory"; the file is a pickle)
     Reader("dcp", lambda p, head, size: looks_like_dcp(p), open_dcp),
+    # TensorFlow: a SavedModel folder (variables/variables.index), PREFIX.index or PREFIX.data-* (before "directory")
+    Reader("tf-checkpoint", lambda p, head, size: looks_like_tf_checkpoint(p), open_tf_checkpoint),
     Reader("directory", lambda p, head, size: p.is_dir(), open_directory),
     Reader("index", lambda p, head, size: p.name.endswith(".index.json"), open_index),
     Reader("safetensors", lambda p, head, size: looks_like_safetensors(head, size), open_safetensors),
     Reader("torch-zip", lambda p, head, size: head[:4] == b"PK\x03\x04", open_torch),
     # pickle protocol 2+ starts with PROTO (0x80); torch's legacy format is a series of pickles
     Reader("torch-legacy", lambda p, head, size: head[:1] == b"\x80", open_torch),
+    Reader("onnx", lambda p, head, size: looks_like_onnx(p, head), open_onnx),
+    Reader("gguf", lambda p, head, size: looks_like_gguf(head), open_gguf),
 ]
 
 
@@ -49,6 +66,25 @@ def register_reader(reader: Reader, *, first: bool = True) -> None:
     """Add a format. ``first=True`` lets it claim files before the built-in readers."""
     READERS[:] = [r for r in READERS if r.name != reader.name]
     READERS.insert(0 if first else len(READERS), reader)
+
+
+def read_head(path: Path) -> tuple[bytes, int]:
+    """The first bytes every :class:`Reader` sniffs, and the file's size.
+
+    Raises:
+        CheckpointError: the file cannot be read, or is empty.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(_HEAD_BYTES)
+    except OSError as e:
+        raise CheckpointError(
+            path, f"cannot read the file ({e.strerror or e})", hint="check the file's permissions"
+        ) from None
+    if size == 0:
+        raise CheckpointError(path, "the file is empty", hint="the download or save was interrupted: fetch it again")
+    return head, size
 
 
 def open(
@@ -103,16 +139,7 @@ def open(
         )
     head, size = b"", 0
     if p.is_file():
-        try:
-            size = p.stat().st_size
-            with p.open("rb") as f:
-                head = f.read(_HEAD_BYTES)
-        except OSError as e:
-            raise CheckpointError(
-                p, f"cannot read the file ({e.strerror or e})", hint="check the file's permissions"
-            ) from None
-        if size == 0:
-            raise CheckpointError(p, "the file is empty", hint="the download or save was interrupted: fetch it again")
+        head, size = read_head(p)
     elif not p.is_dir():  # a FIFO or device would block or never end
         raise CheckpointError(p, "not a regular file or directory", hint="pass the checkpoint file itself")
     options = {"container": container, "allow_globals": allow_globals}

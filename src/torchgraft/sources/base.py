@@ -11,7 +11,7 @@ from ..keys import layout_fingerprint
 if TYPE_CHECKING:  # torch is imported lazily: listing a safetensors file must not pay for it
     import torch
 
-__all__ = ["DTYPE_SIZES", "Source", "TensorRef", "dtype_name"]
+__all__ = ["DTYPE_SIZES", "Source", "TensorRef", "constant_loader", "dtype_name"]
 
 #: Bytes per element for every dtype name a reader may report (torch's names, without "torch.").
 DTYPE_SIZES: dict[str, float] = {
@@ -31,6 +31,12 @@ def dtype_name(dtype: Any) -> str:
 class TensorRef:
     """One entry of a checkpoint: its shape and dtype now, its values on demand.
 
+    Attributes:
+        name, shape, dtype: as stored (dtype as torch names it, without ``"torch."``).
+        file: the file that holds the tensor's bytes, where the reader knows it (safetensors:
+            each shard's own file), so that a tensor can be read in slices without parsing
+            the file's header again; ``None`` otherwise.
+
     Example:
         >>> ref = tg.open("model.safetensors")["embeddings.word_embeddings.weight"]
         >>> ref.shape, ref.dtype
@@ -38,12 +44,21 @@ class TensorRef:
         >>> tensor = ref.load()          # reads (or maps) the bytes now
     """
 
-    __slots__ = ("_loader", "dtype", "name", "shape")
+    __slots__ = ("_loader", "dtype", "file", "name", "shape")
 
-    def __init__(self, name: str, shape: tuple[int, ...], dtype: str, loader: Callable[[], torch.Tensor]):
+    def __init__(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: str,
+        loader: Callable[[], torch.Tensor],
+        *,
+        file: str | None = None,
+    ):
         self.name = name
         self.shape = tuple(int(d) for d in shape)
         self.dtype = dtype
+        self.file = file
         self._loader = loader
 
     @property
@@ -70,8 +85,9 @@ class Source(Mapping[str, TensorRef]):
 
     Attributes:
         path: file or directory it was opened from (``None`` for an in-memory state dict).
-        format: the reader that opened it (``"safetensors"``, ``"torch-zip"``, ``"torch-legacy"``,
-            ``"sharded-safetensors"``, ``"sharded-torch"``, ``"state-dict"``).
+        format: what was read: a reader's name in :data:`torchgraft.sources.READERS` (``"safetensors"``,
+            ``"torch-zip"``, ``"torch-legacy"``, ``"dcp"``), ``"sharded-safetensors"`` or ``"sharded-torch"``
+            for an index and its shards, ``"state-dict"`` for an in-memory state dict.
         metadata: file-level string metadata (safetensors header ``__metadata__``).
         module_metadata: per-module ``_metadata`` saved by ``torch.save(model.state_dict())``
             (``{"features.0.1": {"version": 2}, ...}``), used by modules' version hooks.
@@ -149,6 +165,14 @@ class Source(Mapping[str, TensorRef]):
         """A short hash of names, shapes and dtypes: identifies the layout, not the values."""
         return layout_fingerprint((name, r.shape, r.dtype) for name, r in sorted(self._entries.items()))
 
+    def plan_notes(self, missing: list[str]) -> list[str]:
+        """Plain-words notes for a plan whose model entries ``missing`` this source cannot give.
+
+        Readers of other frameworks' files override it (an ONNX graph whose BatchNorm was folded into
+        its convolutions holds no BatchNorm entries); torch formats have nothing to add.
+        """
+        return []
+
     def close(self) -> None:
         """Release file handles and memory maps (tensors already loaded stay valid)."""
         if self._closer is not None:
@@ -173,12 +197,13 @@ class Source(Mapping[str, TensorRef]):
         skipped: dict[str, str] = {}
         for key, value in state_dict.items():
             if isinstance(value, torch.Tensor):
-                entries[key] = TensorRef(key, tuple(value.shape), dtype_name(value.dtype), _constant(value))
+                entries[key] = TensorRef(key, tuple(value.shape), dtype_name(value.dtype), constant_loader(value))
             else:
                 skipped[key] = type(value).__name__
         meta = getattr(state_dict, "_metadata", None)
         return cls(entries, path=name, format="state-dict", module_metadata=meta, skipped=skipped)
 
 
-def _constant(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+def constant_loader(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A :class:`TensorRef` loader for a tensor already in memory (a state dict, an eagerly read pickle)."""
     return lambda: t

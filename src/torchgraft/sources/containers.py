@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import CheckpointError
+from ..messages import short_repr
 
 __all__ = ["CONTAINER_KEYS", "EMA_KEYS", "MAX_DEPTH", "find_state_dict"]
 
@@ -55,10 +56,6 @@ def _candidates(obj: Any, prefix: str = "", depth: int = 0, seen: set[int] | Non
         if isinstance(k, str) and isinstance(v, Mapping):
             out.extend(_candidates(v, f"{prefix}.{k}" if prefix else k, depth + 1, seen))
     return out
-
-
-def _short(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _get(obj: Any, path: str) -> Any:
@@ -119,7 +116,7 @@ def find_state_dict(
     for key in EMA_KEYS:
         if _is_state_dict(obj.get(key)):
             return obj[key], key, candidates
-    top = ", ".join(_short(repr(k)) for k in list(obj)[:12])
+    top = ", ".join(short_repr(k) for k in list(obj)[:12])
     raise CheckpointError(
         path,
         f"no state dict found; top-level keys are {top}",

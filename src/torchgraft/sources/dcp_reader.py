@@ -228,7 +228,7 @@ def storage_key(source: Source, name: str) -> str:
 
 def _loader(root: Path, fqn: str, metadata: Any):
     def load() -> torch.Tensor:
-        from ..distributed import read_dcp_tensor
+        from .dcp_storage import read_dcp_tensor
 
         return read_dcp_tensor(root, fqn, metadata=metadata)
 

@@ -7,6 +7,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import CheckpointError
+from ..messages import first_line
+from ..messages import short_repr as _r
 from .base import Source
 
 __all__ = ["WEIGHT_FILES", "open_directory", "open_index"]
@@ -60,15 +62,6 @@ def open_directory(path: Path, **options: Any) -> Source:
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 
-def _r(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
 def _hf_blobs(root: Path) -> Path | None:
     """``<repo>/blobs`` when ``root`` lies in a Hugging Face cache snapshot (``<repo>/snapshots/<rev>/...``)."""
     for folder in (root, *root.parents):
@@ -91,7 +84,7 @@ def _confined_shard(index: Path, root: Path, shard: str, bad) -> Path:
     try:
         target = (index.parent / shard).resolve()
     except (OSError, RuntimeError, ValueError) as e:  # symlink loops, names the OS refuses
-        raise bad(f"shard {_r(shard)} cannot be resolved ({_first_line(e)})") from None
+        raise bad(f"shard {_r(shard)} cannot be resolved ({first_line(e, 200)})") from None
     if not target.is_relative_to(root):
         blobs = _hf_blobs(root)
         if blobs is None or not target.is_relative_to(blobs):
@@ -111,18 +104,9 @@ _NOT_SHARD_READERS = frozenset({"directory", "index", "dcp"})
 
 def _open_shard(target: Path, options: dict[str, Any]) -> Source:
     """Open one shard with a single-file reader, chosen by content like :func:`torchgraft.open`."""
-    from . import READERS
+    from . import READERS, read_head
 
-    try:
-        size = target.stat().st_size
-        with target.open("rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise CheckpointError(
-            target, f"cannot read the file ({e.strerror or e})", hint="check the file's permissions"
-        ) from None
-    if size == 0:
-        raise CheckpointError(target, "the file is empty", hint="the download or save was interrupted: fetch it again")
+    head, size = read_head(target)
     for reader in READERS:
         if reader.name not in _NOT_SHARD_READERS and reader.matches(target, head, size):
             return reader.open(target, **options)
@@ -202,7 +186,7 @@ def open_index(path: Path, **options: Any) -> Source:
     except RecursionError:
         raise bad("the index is not valid JSON (nested too deeply)") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers with too many digits
-        raise bad(f"the index is not valid JSON ({_first_line(e)})") from None
+        raise bad(f"the index is not valid JSON ({first_line(e, 200)})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

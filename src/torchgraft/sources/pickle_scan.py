@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
+from ..dangers import DANGERS, UNRESOLVED_STACK_GLOBAL, danger_of, dangerous_globals  # the table, re-exported
+
 __all__ = [
     "DANGERS",
     "MAX_SCAN_BYTES",
@@ -36,8 +38,6 @@ __all__ = [
 #: At most this many bytes of one file or zip member are scanned (the pickled part of a
 #: legacy torch file comes first; raw storage bytes follow and need no scanning).
 MAX_SCAN_BYTES = 64 * 1024 * 1024
-
-UNRESOLVED_STACK_GLOBAL = "<unresolved STACK_GLOBAL>"
 
 _LITERAL_OPS = {
     "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4",
@@ -410,52 +410,3 @@ def refused_globals(names: list[str]) -> list[str]:
     except Exception:  # noqa: BLE001 - private API moved: report everything, which errs on the safe side
         return list(names)
     return [n for n in names if n not in allowed]
-
-
-_CMD, _CODE, _FILES, _IMPORT = "runs commands", "runs code", "touches files", "imports modules"
-#: What a global can do when a pickle calls it, by full name or by module (every global of the module).
-#: One table for messages, ``allow_globals`` refusals and ``torchgraft scan``; the protection itself
-#: is torch's allow-list, which refuses everything not on it.
-DANGERS: dict[str, str] = {
-    "os": f"{_CMD} / {_FILES}", "posix": f"{_CMD} / {_FILES}", "nt": f"{_CMD} / {_FILES}",
-    "subprocess": _CMD, "commands": _CMD, "pty": _CMD, "sys": "changes the interpreter",
-    "runpy": _CODE, "importlib": _IMPORT, "code": _CODE, "codeop": _CODE, "pdb": _CODE, "bdb": _CODE,
-    "shutil": _FILES, "socket": "opens network connections", "webbrowser": "opens URLs",
-    "ctypes": "calls native code", "marshal": "loads code objects", "pickle": "unpickles more data",
-    "_pickle": "unpickles more data", "dill": "unpickles more data", "cloudpickle": "unpickles more data",
-    "multiprocessing": "starts processes", "asyncio": _CODE, "timeit": _CODE, "trace": _CODE,
-    "cProfile": _CODE, "profile": _CODE, "types": "builds code objects", "torch.hub": "downloads and runs code",
-    "numpy.testing": _CODE, "pip": "installs packages", "setuptools": _CODE,
-    "builtins.eval": _CODE, "builtins.exec": _CODE, "builtins.compile": _CODE, "builtins.breakpoint": _CODE,
-    "builtins.__import__": _IMPORT, "builtins.getattr": "reaches any attribute",
-    "builtins.setattr": "changes any attribute", "builtins.delattr": "changes any attribute",
-    "builtins.open": "opens files", "builtins.globals": "reaches the interpreter's state",
-    "builtins.locals": "reaches the interpreter's state", "builtins.vars": "reaches the interpreter's state",
-    "builtins.input": "reads the terminal", "builtins.help": _CODE, "builtins.memoryview": "reads raw memory",
-    "__builtin__.eval": _CODE, "__builtin__.exec": _CODE,
-    "functools.partial": "calls any function", "functools.reduce": "calls any function",
-    "operator.attrgetter": "reaches any attribute", "operator.methodcaller": "calls any method",
-    "operator.call": "calls any function", "torch.load": "unpickles more data",
-    UNRESOLVED_STACK_GLOBAL: "a global that cannot be resolved statically",
-}  # fmt: skip
-
-
-def danger_of(name: str) -> str:
-    """What ``name`` can do when a pickle calls it (from :data:`DANGERS`), or ``""`` when nothing is known."""
-    if name in DANGERS:
-        return DANGERS[name]
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        hint = DANGERS.get(".".join(parts[:i]))
-        if hint:
-            return hint
-    return ""
-
-
-def dangerous_globals(names: list[str]) -> list[str]:
-    """Those of ``names`` known to run code, commands or imports when a pickle calls them.
-
-    A guard rail for messages and for ``allow_globals``; not the protection itself (that is
-    torch's allow-list, which refuses everything not on it).
-    """
-    return [n for n in names if danger_of(n)]

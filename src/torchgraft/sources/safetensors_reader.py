@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..messages import first_line
+from ..messages import short_repr as _r  # names and shapes in a hostile header can be megabytes long
 from .base import DTYPE_SIZES, Source, TensorRef
 
 __all__ = ["SAFETENSORS_DTYPES", "looks_like_safetensors", "open_safetensors", "read_header", "torch_shape"]
@@ -99,7 +101,7 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
     except RecursionError:
         raise bad("the header is not valid JSON (nested too deeply)") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers with too many digits
-        raise bad(f"the header is not valid JSON ({_first_line(e)})") from None
+        raise bad(f"the header is not valid JSON ({first_line(e, 200)})") from None
     if not isinstance(header, dict):
         raise bad(f"the header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", None)
@@ -176,16 +178,6 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _r(value: object, limit: int = 80) -> str:
-    """``repr`` cut to ``limit`` characters: names and shapes in a hostile header can be megabytes long."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
 class _LazySafeOpen:
     """Opens the file with ``safetensors.safe_open`` on first use (that imports torch)."""
 
@@ -221,7 +213,11 @@ def open_safetensors(path: Path, **_: Any) -> Source:
     handle = _LazySafeOpen(path)
     entries = {
         name: TensorRef(
-            name, torch_shape(info["dtype"], info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], _getter(handle, name)
+            name,
+            torch_shape(info["dtype"], info["shape"]),
+            SAFETENSORS_DTYPES[info["dtype"]],
+            _getter(handle, name),
+            file=str(path),
         )
         for name, info in header.items()
     }

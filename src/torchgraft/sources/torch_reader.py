@@ -22,14 +22,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..dangers import dangerous_globals
 from ..errors import CheckpointError, UnsafeCheckpointError
-from .base import Source, TensorRef, dtype_name
+from ..messages import first_line
+from .base import Source, TensorRef, constant_loader, dtype_name
 from .containers import MAX_DEPTH, find_state_dict
 from .legacy_reader import NOT_PLAIN, element_size, read_legacy
 from .pickle_scan import (
     MAX_SCAN_BYTES,
     checkpoint_globals,
-    dangerous_globals,
     refused_globals,
     scan_pickles,
     storage_records,
@@ -172,7 +173,7 @@ def _check_zip(path: Path, size: int, bad) -> bool:
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - BadZipFile, zlib.error, EOFError, struct.error, ...
-        raise bad(f"the zip archive is truncated or damaged ({type(e).__name__}: {_first_line(str(e))})") from None
+        raise bad(f"the zip archive is truncated or damaged ({type(e).__name__}: {first_line(str(e))})") from None
     records = storage_records(data)  # 4x faster; the opcode scan below handles what it gives up on
     if records is None:
         scan = scan_pickles(data, max_pickles=1)
@@ -261,7 +262,7 @@ def safe_torch_load(path: Path, *, mmap: bool, allow_globals: Iterable[str | Any
     except pickle.UnpicklingError as e:
         raise _refusal(path, fmt, str(e), extra) from None
     except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, struct.error, AssertionError, MemoryError, ...
-        raise bad(f"{type(e).__name__}: {_first_line(str(e))}") from None
+        raise bad(f"{type(e).__name__}: {first_line(str(e))}") from None
 
 
 def _refusal(path: Path, fmt: str, msg: str, extra: list[tuple[str, Any]]) -> CheckpointError:
@@ -295,11 +296,7 @@ def _unpickler_reason(msg: str) -> str:
             line = line.split("WeightsUnpickler error:", 1)[1].strip()
         if line and not line.startswith(_BOILERPLATE):
             return line[:300]
-    return _first_line(msg)
-
-
-def _first_line(msg: str) -> str:
-    return (msg.strip().splitlines() or ["no details"])[0][:300]
+    return first_line(msg)
 
 
 def _flatten(
@@ -341,7 +338,7 @@ def open_torch(
     skipped: dict[str, str] = {}
     for key, value in _flatten(state_dict, skipped):
         if isinstance(value, torch.Tensor):
-            entries[key] = TensorRef(key, tuple(value.shape), dtype_name(value.dtype), _const(value))
+            entries[key] = TensorRef(key, tuple(value.shape), dtype_name(value.dtype), constant_loader(value))
         else:
             skipped[key] = type(value).__name__
     meta = getattr(state_dict, "_metadata", None)
@@ -356,7 +353,3 @@ def open_torch(
         containers=candidates,
         skipped=skipped,
     )
-
-
-def _const(t: Any):
-    return lambda: t

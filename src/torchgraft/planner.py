@@ -1,0 +1,419 @@
+"""Building a plan: decide, from names and shapes alone, what happens to every tensor.
+
+``plan(model, source)`` renames source keys (:mod:`torchgraft.rules`), resolves the
+base-model prefix in either direction (:func:`torchgraft.keys.resolve_prefix`), matches
+names, checks shapes, pairs leftovers by structure on request (:mod:`torchgraft.align`),
+settles tied weights, applies ignore patterns and the ``adapt=`` policy, and returns a
+:class:`~torchgraft.plan.Plan` (the data: entries, actions, JSON). Each step is one function
+below, in the order :func:`build_plan` runs them.
+
+The planning options travel as one :class:`PlanOptions`; :func:`plan`, :func:`torchgraft.load`
+and :func:`torchgraft.distributed.load` take them as keyword arguments of the same names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .align import align, source_order_trusted
+from .errors import PlanError
+from .integrations import hf
+from .keys import Prefix, resolve_prefix, split_key
+from .plan import Entry, Plan
+from .rules import RenameResult, RuleSpec, apply_rules, compile_rules, suffix_matcher
+from .sources import Source
+from .sources import open as open_source
+from .target import TargetView
+
+if TYPE_CHECKING:  # torch is imported where it is used, so `import torchgraft` stays light
+    from torch import nn
+
+    from .policy import AdaptSpec
+
+__all__ = ["IgnorePatterns", "PlanOptions", "align_plan", "build_plan", "plan"]
+
+#: What ``ignore_missing=`` / ``ignore_unexpected=`` accept: regexes, as strings or compiled.
+IgnorePatterns = Iterable[str | re.Pattern[str]]
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Everything that decides a plan besides the model and the checkpoint (see :func:`plan` for each).
+
+    The ignore patterns are kept as tuples, so a generator passed by the caller is read once.
+
+    Example:
+        >>> build_plan(model, TargetView.of(model), tg.open("ckpt.pth"), PlanOptions(align=True))
+    """
+
+    rules: RuleSpec | None = None
+    prefix: str | None = None
+    ignore_missing: tuple[str | re.Pattern[str], ...] = ()
+    ignore_unexpected: tuple[str | re.Pattern[str], ...] = ()
+    adapt: AdaptSpec | None = None
+    align: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ignore_missing", tuple(self.ignore_missing))
+        object.__setattr__(self, "ignore_unexpected", tuple(self.ignore_unexpected))
+
+
+def plan(
+    model: nn.Module,
+    source: str | os.PathLike[str] | Source | Mapping[str, Any],
+    *,
+    rules: RuleSpec | None = None,
+    prefix: str | None = None,
+    ignore_missing: IgnorePatterns = (),
+    ignore_unexpected: IgnorePatterns = (),
+    adapt: AdaptSpec | None = None,
+    allow_globals: Iterable[str | Any] | None = None,
+    align: bool = False,
+) -> Plan:
+    """Decide what loading ``source`` into ``model`` would do, without reading tensor bytes.
+
+    Args:
+        model: any ``nn.Module``; it may live on the meta device. It is not modified.
+        source: a path, an open :class:`~torchgraft.sources.Source` or a state dict.
+        rules: key renames applied first: ``{"old.{}.x": "new.{}.x", "drop.me": None}`` or
+            ``re.Pattern`` keys (see :mod:`torchgraft.rules`).
+        prefix: base-model prefix handling: ``None`` = automatic (``model.base_model_prefix``
+            or inferred from the two key sets), ``""`` = none, ``"bert"`` = only that prefix.
+        ignore_missing: regexes for model entries whose absence is expected (not warned about,
+            still initialised). Added to the model's own ``_keys_to_ignore_on_load_missing``.
+        ignore_unexpected: regexes for checkpoint entries that may go unused silently.
+            Added to ``_keys_to_ignore_on_load_unexpected``.
+        adapt: what to do with shape mismatches (see :mod:`torchgraft.policy`): ``None``
+            reports them; ``"auto"`` adapts by role (first conv, classifier, embeddings,
+            positions); ``{"features.0.0.weight": "luminance", "classifier.*": "reinit"}``
+            names adapters per glob pattern. Decisions are in ``plan.adapted``.
+        allow_globals: when ``source`` is a path: classes a trusted pickle may hold
+            (``["argparse.Namespace"]``), as for :func:`torchgraft.open`.
+        align: after rules and prefixes, pair the leftovers on both sides by structure
+            (:mod:`torchgraft.align`): module tree, shapes, order where trustworthy, names.
+            Pairs are in ``plan.aligned`` with a confidence and a reason; same-shaped
+            candidates that cannot be told apart stay missing and are in ``plan.ambiguous``.
+
+    Returns:
+        A :class:`Plan`.
+
+    Raises:
+        CheckpointError: the source cannot be opened (``UnsafeCheckpointError``: its pickle
+            wants globals the safe loader refuses).
+        PlanError: an invalid ignore pattern, rule or ``adapt`` pattern, or ``align`` not a bool.
+        AdapterError: an ``adapt`` adapter is unknown or cannot produce the model's shape.
+
+    Example:
+        >>> from transformers import BertConfig, BertForTokenClassification
+        >>> model = BertForTokenClassification(BertConfig.from_pretrained("all-MiniLM-L6-v2", num_labels=2))
+        >>> p = tg.plan(model, "all-MiniLM-L6-v2/model.safetensors")
+        >>> p.prefix, p.missing
+        ({'mode': 'add', 'prefix': 'bert.'}, ['classifier.weight', 'classifier.bias'])
+    """
+    src = open_source(source, allow_globals=allow_globals)
+    options = PlanOptions(
+        rules=rules,
+        prefix=prefix,
+        ignore_missing=ignore_missing,
+        ignore_unexpected=ignore_unexpected,
+        adapt=adapt,
+        align=align,
+    )
+    return build_plan(model, TargetView.of(model), src, options)
+
+
+# ---------------------------------------------------------------------------
+# The steps
+
+
+@dataclass
+class _Draft:
+    """A plan being built: what the steps below fill in, then :meth:`finish` turns into a :class:`Plan`."""
+
+    renames: RenameResult
+    live: dict[str, str]  # checkpoint key -> its name after rules (dropped keys left out)
+    prefix: Prefix
+    entries: dict[str, Entry] = field(default_factory=dict)
+    claims: dict[str, str] = field(default_factory=dict)  # model name -> the checkpoint key that fills it
+    unused: list[str] = field(default_factory=list)  # checkpoint keys nothing uses (so far)
+    renamed: dict[str, str] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)
+    metadata_map: dict[str, str] = field(default_factory=dict)  # model module -> checkpoint module
+    notes: list[str] = field(default_factory=list)
+    ambiguous: list[dict[str, Any]] = field(default_factory=list)
+
+    def source_module(self, key: str) -> str | None:
+        return self.metadata_map.get(split_key(key)[0])
+
+
+@dataclass(frozen=True)
+class _IgnoreRules:
+    """The ignore patterns in force: the model's own (Hugging Face ``_keys_to_ignore_on_load_*``) and the caller's."""
+
+    missing: list[re.Pattern[str]]
+    unexpected: list[re.Pattern[str]]
+
+    @classmethod
+    def of(cls, model: nn.Module, options: PlanOptions) -> _IgnoreRules:
+        own_missing, own_unexpected = hf.ignore_patterns(model)
+        return cls(
+            _compile_patterns([*own_missing, *options.ignore_missing]),
+            _compile_patterns([*own_unexpected, *options.ignore_unexpected]),
+        )
+
+
+def _compile_patterns(patterns: Iterable[str | re.Pattern[str]]) -> list[re.Pattern[str]]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(p if isinstance(p, re.Pattern) else re.compile(p))
+        except re.error as e:
+            raise PlanError(f"ignore pattern {p!r} is not a valid regex: {e}") from None
+    return out
+
+
+def _matches(patterns: list[re.Pattern[str]], *names: str | None) -> re.Pattern[str] | None:
+    for p in patterns:
+        if any(n is not None and p.search(n) for n in names):
+            return p
+    return None
+
+
+def _rename(model: nn.Module, view: TargetView, src: Source, options: PlanOptions) -> _Draft:
+    """Rules, then the base-model prefix: the name each checkpoint key goes by."""
+    try:
+        user_rules = compile_rules(options.rules)
+    except (TypeError, ValueError) as e:
+        raise PlanError(str(e)) from None
+    expected = set(view.entries) | set(view.nonpersistent)
+    renames = apply_rules(src.keys(), user_rules, is_expected=suffix_matcher(expected))
+    live = {orig: new for orig, new in renames.mapping.items() if new is not None}
+    pfx = resolve_prefix(set(live.values()), expected, option=options.prefix, declared=hf.base_model_prefix(model))
+    return _Draft(renames, live, pfx)
+
+
+def _claim(draft: _Draft, view: TargetView) -> None:
+    """Which checkpoint key fills which model name; the rest is unused. Two claimants: the exact name wins."""
+    expected = set(view.entries) | set(view.nonpersistent)
+    claims: dict[str, list[str]] = defaultdict(list)
+    for orig, new in draft.live.items():
+        target = draft.prefix.to_target(new, expected)
+        if target != orig:
+            draft.renamed[orig] = target
+        if target in expected:
+            claims[target].append(orig)
+        else:
+            draft.unused.append(orig)
+    for target, origs in claims.items():
+        keep = next((o for o in origs if o == target), origs[0])
+        for o in origs:
+            if o != keep:
+                draft.unused.append(o)
+                draft.notes.append(f"{o!r} and {keep!r} both map to {target!r}; {keep!r} is used")
+        draft.claims[target] = keep
+    for orig in draft.renames.dropped:
+        draft.ignored[orig] = "dropped by a rule"
+
+
+def _match(draft: _Draft, view: TargetView, src: Source) -> None:
+    """One entry per model name: ``copy`` from its claimant, ``init`` when none or the shapes differ."""
+    pfx = draft.prefix
+    for name, info in view.entries.items():
+        src_name = draft.claims.get(name)
+        if src_name is None:
+            draft.entries[name] = Entry(name, "init", info.shape, info.dtype)
+            continue
+        ref = src[src_name]
+        draft.metadata_map.setdefault(split_key(name)[0], split_key(src_name)[0])
+        e = Entry(name, "copy", info.shape, info.dtype, src_name, ref.shape, ref.dtype)
+        why = list(draft.renames.reasons.get(src_name, []))
+        if draft.live[src_name] != name:
+            why.append(f"prefix {pfx.mode} {pfx.prefix!r}")
+        e.note = "; ".join(why)
+        if ref.shape != info.shape and not (info.shape == () and ref.shape == (1,)):  # (1,) -> () as load_state_dict
+            e.action, e.mismatched = "init", True
+        draft.entries[name] = e
+
+
+def _match_nonpersistent(draft: _Draft, view: TargetView, src: Source) -> None:
+    """Non-persistent buffers: load only what a meta-built model needs; otherwise the model computes them."""
+    for name, info in view.nonpersistent.items():
+        src_name = draft.claims.get(name)
+        if src_name is None:
+            continue
+        ref = src[src_name]
+        if info.meta and ref.shape == info.shape:
+            draft.entries[name] = Entry(
+                name,
+                "copy",
+                info.shape,
+                info.dtype,
+                src_name,
+                ref.shape,
+                ref.dtype,
+                buffer=True,
+                note="non-persistent buffer, loaded to materialise the meta model",
+            )
+        else:
+            draft.ignored[src_name] = f"non-persistent buffer {name!r}: computed by the model, not loaded"
+
+
+def _align(draft: _Draft, view: TargetView, src: Source, ignore: _IgnoreRules) -> None:
+    """``align=True``: pair the leftovers by structure (checkpoint keys the caller ignores are left out)."""
+    draft.ambiguous = align_plan(
+        view,
+        src,
+        draft.entries,
+        draft.unused,
+        draft.live,
+        renamed=draft.renamed,
+        metadata_map=draft.metadata_map,
+        skip=lambda k: _matches(ignore.unexpected, k, draft.live.get(k)) is not None,
+    )
+
+
+def _tie(draft: _Draft, view: TargetView) -> None:
+    """Tied weights: one tensor under several names is loaded once."""
+    entries = draft.entries
+    for name, owner in view.tied.items():
+        e, first = entries[name], entries[owner]
+        if first.loads or not e.loads:
+            if e.loads:
+                draft.ignored[e.source or name] = f"same tensor as {owner!r}, which is loaded from {first.source!r}"
+            entries[name] = Entry(name, "tied", e.shape, e.dtype, note=f"tied to {owner}")
+        else:  # only the later name is in the checkpoint: load through it, the owner follows
+            entries[owner] = Entry(owner, "tied", first.shape, first.dtype, note=f"tied to {name}")
+
+
+def _settle_missing(draft: _Draft, view: TargetView, src: Source, ignore: _IgnoreRules) -> None:
+    """Missing entries the module fills itself (``default``) or the ignore patterns expect (``ignored``)."""
+    for name, e in draft.entries.items():
+        if e.action != "init" or e.mismatched:
+            continue
+        if _norm_version_default(view, name, src, draft.source_module(name)):
+            e.action, e.note = "default", "set to 0 by BatchNorm's loading hook (checkpoint predates it)"
+        elif (p := _matches(ignore.missing, name, draft.prefix.to_source(name))) is not None:
+            e.ignored, e.note = True, f"missing, ignored by pattern {p.pattern!r}"
+
+
+def _norm_version_default(view: TargetView, key: str, source: Source, src_module: str | None) -> bool:
+    """BatchNorm fills ``num_batches_tracked`` itself for checkpoints older than version 2."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    module_path, attr = split_key(key)
+    if attr != "num_batches_tracked" or not isinstance(view.modules.get(module_path), _NormBase):
+        return False
+    version = source.module_metadata.get(src_module or "", {}).get("version") if src_module is not None else None
+    return version is None or version < 2
+
+
+def _unexpected(draft: _Draft, ignore: _IgnoreRules) -> list[str]:
+    """Unused checkpoint keys, minus those the ignore patterns expect (recorded in ``ignored``)."""
+    unexpected: list[str] = []
+    for orig in draft.unused:
+        p = _matches(ignore.unexpected, orig, draft.live.get(orig))
+        if p is not None:
+            draft.ignored[orig] = f"unused, ignored by pattern {p.pattern!r}"
+        else:
+            unexpected.append(orig)
+    return unexpected
+
+
+def build_plan(model: nn.Module, view: TargetView, src: Source, options: PlanOptions | None = None) -> Plan:
+    """:func:`plan` for callers that already hold the model's :class:`TargetView` and an open source.
+
+    Raises:
+        PlanError, AdapterError: as :func:`plan`.
+    """
+    options = options if options is not None else PlanOptions()
+    if not isinstance(options.align, bool):
+        raise PlanError(f"align must be True or False, not {options.align!r}")
+    draft = _rename(model, view, src, options)
+    ignore = _IgnoreRules.of(model, options)
+    _claim(draft, view)
+    _match(draft, view, src)
+    _match_nonpersistent(draft, view, src)
+    if options.align:
+        _align(draft, view, src, ignore)
+    _tie(draft, view)
+    _settle_missing(draft, view, src, ignore)
+    draft.notes += src.plan_notes([k for k, e in draft.entries.items() if e.action == "init" and not e.mismatched])
+    if options.adapt is not None:
+        from .policy import apply_policy  # imports torch: only when adapting
+
+        draft.notes += apply_policy(draft.entries, options.adapt, model=model, view=view, source=src)
+    unexpected = _unexpected(draft, ignore)
+    if draft.prefix.mode == "add":
+        draft.metadata_map.setdefault(draft.prefix.prefix[:-1], "")
+    return Plan(
+        entries=draft.entries,
+        unexpected=unexpected,
+        ignored=draft.ignored,
+        renamed=draft.renamed,
+        rename_reasons=draft.renames.reasons,
+        prefix=draft.prefix.to_dict(),
+        metadata_map=draft.metadata_map,
+        model=type(model).__name__,
+        source=src.path or "state dict",
+        source_format=src.format,
+        container=src.container,
+        model_fingerprint=view.fingerprint(),
+        source_fingerprint=src.fingerprint(),
+        notes=draft.notes,
+        ambiguous=draft.ambiguous,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Alignment, applied to a plan in progress
+
+
+def align_plan(
+    view: TargetView,
+    source: Source,
+    entries: dict[str, Entry],
+    unused: list[str],
+    names: Mapping[str, str],
+    *,
+    renamed: dict[str, str],
+    metadata_map: dict[str, str],
+    skip: Callable[[str], bool] = lambda key: False,
+) -> list[dict[str, Any]]:
+    """Align a plan in progress in place; return the ambiguous records.
+
+    Model entries still ``init`` (not mismatched, not a tied alias) and checkpoint entries in
+    ``unused`` (minus those ``skip`` says are ignorable) are aligned. Paired entries become
+    ``copy`` (or a shape mismatch with their source set, for ``adapt=``) with ``aligned =
+    {"confidence", "reason"}``; their sources leave ``unused`` and join ``renamed``.
+    """
+    unused_set = {k for k in unused if not skip(k)}
+    left_t = {k for k, e in entries.items() if e.action == "init" and not e.mismatched and k not in view.tied}
+    if not left_t or not unused_set:
+        return []
+    anchors: dict[str, str] = {}
+    for k, e in entries.items():
+        if e.loads and e.source is not None and e.source in names:
+            anchors.setdefault(split_key(k)[0], split_key(names[e.source])[0])
+    result = align(
+        ((k, info.shape, info.dtype, k in left_t) for k, info in view.entries.items()),
+        ((k, names[k], source[k].shape, source[k].dtype, k in unused_set) for k in source if k in names),
+        source_ordered=source_order_trusted(source),
+        anchors=anchors,
+    )
+    taken: set[str] = set()
+    for p in result.pairs:
+        e, ref = entries[p.target], source[p.source]
+        e.source, e.source_shape, e.source_dtype = p.source, ref.shape, ref.dtype
+        e.action, e.mismatched = ("copy", False) if p.exact else ("init", True)
+        e.aligned = {"confidence": p.confidence, "reason": p.reason}
+        e.note = f"aligned ({p.confidence:.2f}): {p.reason}"
+        renamed[p.source] = p.target
+        metadata_map.setdefault(split_key(p.target)[0], split_key(p.source)[0])
+        taken.add(p.source)
+    unused[:] = [k for k in unused if k not in taken]
+    return result.ambiguous
