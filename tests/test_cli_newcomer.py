@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import re
 import shlex
@@ -313,3 +314,42 @@ def test_rules_option_renames_and_drops(tmp_path):
     assert plan["summary"]["loaded"] == 2 and plan["unexpected"] == []
     r = run_cli("plan", "w.safetensors", "--model", "nets:lin", "--rules", "nope.json", cwd=tmp_path)
     assert r.returncode == 2 and "--rules 'nope.json': write OLD=NEW" in r.stderr
+
+
+# 13. benchmarks/run.py: progress with the time left; the default run leaves the 1.3B size out ----------------
+# 1. benchmarks/mapped_alignment.py: what it compares holds (tensors bit-identical, outputs to fp32 rounding) -----
+
+
+def _bench_module(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_defaults_and_progress_line():
+    from rich.console import Console
+
+    run = _bench_module("run")
+    assert "bert-1.3b" in run.SIZES and "bert-1.3b" not in run.DEFAULT_SIZES
+    assert set(run.DEFAULT_CONTENDERS) >= {"floor", "from_pretrained", "torchgraft", "tg-check"}
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    progress = run._Progress(console, total=4)
+    progress.done("bert-base safetensors floor (run 1/2)", {"seconds": 0.05})
+    progress.done("bert-base safetensors torchgraft (run 1/2)", {"error": "boom"})
+    out = console.file.getvalue()
+    assert "[1/4] bert-base safetensors floor (run 1/2): 0.050 s" in out and "left" in out
+    assert "[2/4] bert-base safetensors torchgraft (run 1/2): error: boom" in out
+    assert run._clock(125.4) == "2:05"
+
+
+def test_mapped_and_aligned_copies_agree_to_fp32_rounding(mobilenet_path):
+    from torchgraft.demo.mobilenet_v2 import mobilenet_v2
+
+    bench = _bench_module("mapped_alignment")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    row = bench.compare("mobilenet", mobilenet_v2, mobilenet_path, {"x": x}, repeats=1)
+    assert row["bit_identical"]
+    assert row["misaligned_copy"][0] == 0  # the copies are what the allocator aligns
+    assert row["max_abs_diff"] <= 8 * row["fp32_eps_at_scale"]  # kernels may sum in another order, no more

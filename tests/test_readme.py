@@ -62,6 +62,7 @@ def test_readme_has_runnable_blocks():
     assert sum(len(documented_values(code)) for _, code, _ in blocks) >= 3  # the checks below check something
     text = README.read_text(encoding="utf-8")
     assert "torchgraft demo --link ." in text and "readme-test: skip" in text
+    assert "seed's" not in text and "the seed " not in text  # 4. words a user can interpret
 
 
 @pytest.mark.parametrize("line, code, skip", readme_blocks(), ids=lambda v: f"line{v}" if isinstance(v, int) else "")
