@@ -122,11 +122,8 @@ def fsdp_token_classification(sharded: str, config: BertConfig) -> dict:
     assert report.prefix == {"mode": "add", "prefix": "bert."}, report.prefix
     assert report.missing == ["classifier.weight", "classifier.bias"], report.missing
     assert sorted(report.unexpected) == ["pooler.dense.bias", "pooler.dense.weight"], report.unexpected
-    # the head, and the embeddings' non-persistent token_type_ids buffer of the meta model
-    assert report.initialised == {
-        "classifier": "transformers _init_weights",
-        "bert.embeddings": "transformers _init_weights",
-    }
+    # the head; the embeddings' non-persistent buffers are computed by the model, as on a CPU build
+    assert report.initialised == {"classifier": "transformers _init_weights"}, report.initialised
     assert same_on_every_rank(report.to_dict())
     expected = local_bytes(model, report)
     ours = full_state(model)

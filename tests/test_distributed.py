@@ -56,7 +56,7 @@ def test_open_dcp_lists_names_from_metadata_without_reading_bytes(minilm_dir, mi
     (bare / ".metadata").write_bytes((minilm_dcp / ".metadata").read_bytes())
     listed = tg.open(bare / ".metadata")
     assert len(listed) == len(original)
-    with pytest.raises(FileNotFoundError, match="__0_0.distcp"):
+    with pytest.raises(tg.CheckpointError, match="__0_0.distcp"):
         listed["pooler.dense.bias"].load()
 
 
@@ -165,9 +165,10 @@ def test_single_process_equals_tg_load(minilm_dir):
     report = tgd.load(ours, minilm_dir, seed=5)
     torch.manual_seed(5)
     expected = tg.load(reference, minilm_dir)
+    src = tg.open(minilm_dir)
     assert report.world_size == 1 and report.bytes_read == [
-        tg.open(minilm_dir).nbytes - (384 * 384 + 384) * 4
-    ]  # all but the pooler
+        src.nbytes - (384 * 384 + 384) * 4 - src["embeddings.position_ids"].nbytes
+    ]  # all but the pooler, and position_ids, which the model computes (on meta as on CPU)
     assert report.missing == expected.missing and report.initialised == expected.initialised
     a, b = ours.state_dict(), reference.state_dict()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
@@ -365,3 +366,31 @@ def test_torchrun_fsdp2_cpu(nproc, torchrun_inputs, tmp_path):
     ]
     assert runs["errors"][0]["errors"] == 5
     assert runs["nonfinite"][0]["nonfinite"] == {"weight": {"nan": 7, "inf": 0}, "bias": {"nan": 0, "inf": 1}}
+
+
+def test_distributed_path_checks_dcp_chunks_before_torch_unpickles_them(tmp_path):
+    """tgd.load reads DCP chunks through the same reader as tg.open: a hostile chunk is refused, not unpickled.
+
+    In a child process: without the check, torch's unpickler segfaults on this chunk.
+    """
+    script = f"""
+import sys, torch
+from torch import nn
+sys.path.insert(0, {str(Path(__file__).parent / "hostile")!r})
+import make_corpus
+import torchgraft as tg, torchgraft.distributed as tgd
+root = __import__("pathlib").Path({str(tmp_path)!r})
+make_corpus.build(root, ["dcp_distcp_deep_tuple"])
+case = next(c for c in make_corpus.CASES if c.name == "dcp_distcp_deep_tuple")
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+try:
+    tgd.load(Net(), root / case.path)
+except tg.CheckpointError as e:
+    print("REFUSED", e)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "REFUSED" in done.stdout and "cannot be read safely" in done.stdout, done.stdout[-2000:]

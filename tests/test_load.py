@@ -142,6 +142,10 @@ def test_init_missing_false_keeps_values():
     before = model.head.weight.detach().clone()
     report = tg.load(model, src, init_missing=False)
     assert report.initialised == {"head": "kept"}
+    assert report.not_initialised == {"kept": ["head.weight"]}
+    text = str(report)
+    assert "missing (NOT initialised: kept their values)" in text and "missing (initialised)" not in text
+    assert "were NOT initialised" in report.missing_message() and "newly initialised" not in report.missing_message()
     assert torch.equal(model.head.weight, before)
     assert torch.equal(model.head.bias, src["head.bias"])
 
@@ -370,11 +374,13 @@ def test_meta_tensor_that_cannot_be_initialised_is_an_error_and_nothing_changes(
     with torch.device("meta"):
         model = Net()
     src = {"fc.weight": torch.ones(3, 3), "fc.bias": torch.ones(3)}
-    report = tg.load(model, src)  # Scale has no initialiser: starts at zero, reported as kept
-    assert report.initialised == {"ls": "kept"} and torch.equal(model.ls.gamma, torch.zeros(3))
+    report = tg.load(model, src)  # Scale has no initialiser: starts at zero, reported as zeros
+    assert report.initialised == {"ls": "zeros"} and torch.equal(model.ls.gamma, torch.zeros(3))
+    assert report.not_initialised == {"zeros": ["ls.gamma"]}
+    assert "missing (NOT initialised: zeros" in str(report) and "NOT initialised" in report.missing_message()
 
 
-def test_meta_non_persistent_buffer_without_initialiser_is_an_error():
+def test_meta_non_persistent_buffer_without_initialiser_is_warned(caplog):
     class Buf(nn.Module):
         def __init__(self):
             super().__init__()
@@ -384,9 +390,11 @@ def test_meta_non_persistent_buffer_without_initialiser_is_an_error():
     with torch.device("meta"):
         model = Buf()
     # materialised at zero and reported: there is no initialiser for a plain module's buffer
-    report = tg.load(model, {"fc.weight": torch.ones(2, 2), "fc.bias": torch.ones(2)})
-    assert report.initialised == {"": "kept"}
+    with caplog.at_level(logging.WARNING, logger="torchgraft"):
+        report = tg.load(model, {"fc.weight": torch.ones(2, 2), "fc.bias": torch.ones(2)})
+    assert report.initialised == {"": "zeros"}
     assert not model.table.is_meta
+    assert "left as zeros in (root)" in caplog.text  # loud, never silent zeros
 
 
 def test_dtype_cast_while_loading():

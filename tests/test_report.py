@@ -84,7 +84,7 @@ def test_footer_when_everything_fits():
     model = Stack(n=3)
     text = str(tg.load(Stack(n=3), model.state_dict()))
     assert "layers.{0..2}.{bias,weight}" in text
-    assert "Every weight came from the checkpoint and every checkpoint weight was used." in text
+    assert "Every weight came from the checkpoint; all checkpoint weights were used." in text
     assert "Newly initialised" not in text and "Unused" not in text
 
 

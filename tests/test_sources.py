@@ -208,9 +208,15 @@ def test_empty_shard_is_sniffed_like_a_file(tmp_path):
         tg.open(tmp_path / "model.bin.index.json")
 
 
-def test_unknown_format_mentions_tf(tmp_path):
+def test_unknown_format_lists_the_supported_ones(tmp_path):
+    (tmp_path / "model.weights").write_bytes(b"\x00\x01garbage" * 10)
+    with pytest.raises(tg.CheckpointError, match=r"(?s)not a checkpoint format torchgraft knows.*GGUF, ONNX, TensorFlow.*Keras .keras/.weights.h5/.h5 and Flax"):
+        tg.open(tmp_path / "model.weights")
+
+
+def test_hdf5_files_are_read_as_keras(tmp_path):  # HDF5 once was "convert it first"; now the Keras reader says why
     (tmp_path / "tf_model.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
-    with pytest.raises(tg.CheckpointError, match=r"(?s)not a safetensors file.*from_tf=True"):
+    with pytest.raises(tg.CheckpointError, match=r"read as keras-weights-h5\): not a readable HDF5 file"):
         tg.open(tmp_path / "tf_model.h5")
 
 

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from .errors import LoadError
-from .initialize import initialise_module
 from .keys import split_key
 from .plan import Plan
 from .planner import IgnorePatterns, PlanOptions, build_plan
@@ -40,8 +39,10 @@ from .rules import RuleSpec
 from .sources import Source
 from .sources import open as open_source
 from .staging import (
+    UNWRITTEN,
     ModuleGroups,
     count_nonfinite,
+    initialise_entries,
     is_float,
     nonfinite_error,
     retie,
@@ -270,19 +271,20 @@ def _initialise(
     dtype: torch.dtype | None,
     init_missing: bool,
 ) -> dict[str, str]:
-    methods: dict[str, str] = {}
-    for path in groups.to_initialise:
+    todo = groups.to_initialise
+    was_meta: dict[str, bool] = {}
+    for path in todo:
         module = view.modules[path]
         undo.slots(module)
         for t in [*module.parameters(), *module.buffers()]:
             undo.values(t)
         for sub in module.modules():
             undo.slots(sub)
-        _materialise(module, materialise_on)
-        if init_missing:
-            methods[path] = initialise_module(model, module)
-        else:
-            methods[path] = "kept"
+        was_meta[path] = any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
+        _materialise(module, materialise_on, fill=UNWRITTEN if init_missing else 0)
+    methods = initialise_entries(model, view, todo, init_missing=init_missing, was_meta=was_meta)
+    for path in todo:
+        module = view.modules[path]
         if dtype is not None:
             for store in (module._parameters, module._buffers):
                 for key, t in store.items():
@@ -297,12 +299,16 @@ def _like(old: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _materialise(module: nn.Module, device: torch.device) -> None:
-    """Give the module's own meta tensors real (zeroed) storage, ready for its initialiser."""
+def _materialise(module: nn.Module, device: torch.device, *, fill: float = 0) -> None:
+    """Give the module's own meta tensors real storage, ready for its initialiser.
+
+    Floating-point tensors are filled with ``fill`` (NaN marks what no initialiser wrote), the others with zeros.
+    """
     for store in (module._parameters, module._buffers):
         for key, t in store.items():
             if t is not None and t.is_meta:
-                store[key] = _like(t, torch.zeros(t.shape, dtype=t.dtype, device=device))
+                value = torch.full(t.shape, fill if is_float(t.dtype) else 0, dtype=t.dtype, device=device)
+                store[key] = _like(t, value)
 
 
 def _stock_loader(module: nn.Module) -> bool:

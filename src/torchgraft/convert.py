@@ -165,8 +165,9 @@ def convert(
 
     Raises:
         FileExistsError: a destination file exists and ``force`` is false (nothing written).
-        ValueError: an unknown ``dtype``, a bad ``max_shard_size`` or a destination that is
-            neither a directory nor a ``.safetensors`` file.
+        ValueError: an unknown ``dtype``, a bad ``max_shard_size``, a destination that is
+            neither a directory nor a ``.safetensors`` file, or an in-memory sparse, meta or
+            quantized tensor (safetensors holds dense values only).
         CheckpointError: the source cannot be read (nothing written).
 
     Example:
@@ -182,8 +183,11 @@ def convert(
     dest = destination_path(dest)
     opened_here = not isinstance(source, (Source, Mapping))
     src = open_source(source, container=container, allow_globals=allow_globals) if opened_here else open_source(source)
+    from .fileio import sigterm_as_interrupt
+
     try:
-        return _convert(src, dest, out_dtype, shard_limit, force, dedupe_tied, metadata, progress)
+        with sigterm_as_interrupt():  # a kill -TERM removes the temporary files, as Ctrl-C does
+            return _convert(src, dest, out_dtype, shard_limit, force, dedupe_tied, metadata, progress)
     finally:
         if opened_here:
             src.close()
@@ -204,8 +208,20 @@ def _convert(
 
     from .fileio import atomic_path
 
+    import time
+
+    from .fileio import remove_stale_temps
+    from .sources.torch_reader import unusable_tensor
+
     names = list(src)
     tensors_now = _preloaded(src)
+    unusable = [f"{n!r} ({why})" for n, t in tensors_now.items() if (why := unusable_tensor(t))]
+    if unusable:  # an in-memory state dict (files are refused when opened)
+        raise ValueError(f"cannot write {', '.join(unusable[:5])} as safetensors: only dense tensors with values")
+    # temporary files that a killed conversion to these names left behind (see torchgraft.fileio)
+    stem = re.escape(dest.name.removesuffix(".safetensors"))
+    ours = re.compile(rf"{stem}(?:-\d{{5}}-of-\d{{5}})?\.safetensors(?:\.index\.json)?")
+    remove_stale_temps(dest.parent, ours, before=time.time())
     aliases, shared = _sharing(tensors_now) if tensors_now else ({}, {})
     if not dedupe_tied:
         aliases = {}

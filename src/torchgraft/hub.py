@@ -19,6 +19,11 @@ __all__ = ["HF_SCHEME", "HubSpec", "is_hub_path", "local_path", "parse_hub_path"
 
 HF_SCHEME = "hf:"
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+#: A revision is a branch or tag name (``main``, ``v1.0``, ``refs/pr/1``) or a commit hash: never a path.
+_REVISION = re.compile(r"^[A-Za-z0-9_][\w.-]*(?:/[A-Za-z0-9_][\w.-]*)*$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+#: A refs file holds one commit hash; anything longer is not one.
+_MAX_REF_BYTES = 256
 #: Files fetched when a repository is downloaded (never the whole repository).
 _SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json"]
 _TORCH_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt", "*.json"]
@@ -54,6 +59,13 @@ def parse_hub_path(path: str) -> HubSpec:
             format="hf",
             hint="write hf:org/name or hf:org/name@revision (a branch, tag or commit)",
         )
+    if revision and (len(revision) > 256 or not _REVISION.match(revision) or ".." in revision.split("/")):
+        raise CheckpointError(
+            path,
+            f"the revision {revision[:80]!r} is not a branch, tag or commit name",
+            format="hf",
+            hint="a revision names a branch or tag (main, v1.0, refs/pr/1) or a commit hash; never a path",
+        )
     return HubSpec(repo_id, revision or None)
 
 
@@ -78,7 +90,13 @@ def resolve_hub_path(path: str) -> Path:
     except ImportError:
         raise CheckpointError(path, "huggingface_hub is not installed", format="hf", hint=_INSTALL_HINT) from None
     try:
-        return Path(huggingface_hub.snapshot_download(spec.repo_id, revision=spec.revision, local_files_only=True))
+        commit = _cached_commit(spec, path)
+        snapshot = huggingface_hub.snapshot_download(
+            spec.repo_id, revision=commit or spec.revision, local_files_only=True
+        )
+        return _inside_cache(Path(snapshot), spec, path)
+    except CheckpointError:
+        raise
     except LocalEntryNotFoundError:
         pass
     except Exception as e:  # noqa: BLE001 - invalid revision names and the like, as one CheckpointError
@@ -92,6 +110,49 @@ def resolve_hub_path(path: str) -> Path:
             hint=_cache_hint(),
         )
     return _download(spec, path)
+
+
+def _repo_folder(spec: HubSpec) -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / ("models--" + spec.repo_id.replace("/", "--"))
+
+
+def _cached_commit(spec: HubSpec, path: str) -> str | None:
+    """The commit a branch or tag points at in the cache (``refs/<name>``), read only from a small regular file."""
+    revision = spec.revision or "main"
+    if _COMMIT.match(revision):
+        return revision
+    ref = _repo_folder(spec) / "refs" / revision
+    try:
+        info = os.lstat(ref)
+    except OSError:
+        return None  # not cached: huggingface_hub says so
+    import stat
+
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(path, reason, format="hf", hint="the Hugging Face cache is damaged: download it again")
+
+    if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_REF_BYTES:
+        raise bad(f"the cache's refs/{revision} is not a small regular file")
+    text = ref.read_text(encoding="ascii", errors="replace").strip()
+    if not _COMMIT.match(text):
+        raise bad(f"the cache's refs/{revision} holds {text[:60]!r}, not a commit hash")
+    return text
+
+
+def _inside_cache(snapshot: Path, spec: HubSpec, path: str) -> Path:
+    """The snapshot folder, refused unless it is a directory inside the repository's own cache folder."""
+    folder = (_repo_folder(spec) / "snapshots").resolve()
+    resolved = snapshot.resolve()
+    if resolved.parent != folder or not resolved.is_dir():
+        raise CheckpointError(
+            path,
+            f"the revision resolves to {str(snapshot)[:200]!r}, not a snapshot folder of {spec.repo_id} in the cache",
+            format="hf",
+            hint="a revision names a branch, tag or commit in the cache; the cache may be damaged",
+        )
+    return snapshot
 
 
 def local_path(path: str | os.PathLike[str]) -> Path:

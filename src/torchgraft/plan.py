@@ -124,8 +124,12 @@ class Plan:
 
     @property
     def loaded(self) -> list[str]:
-        """Model entries that receive a checkpoint tensor."""
-        return self._where(lambda e: e.loads)
+        """Model entries that receive a checkpoint tensor as it is (cast at most); adapted ones are in :attr:`adapted`.
+
+        Every entry is counted once: ``loaded``, ``adapted``, ``missing``, ``mismatched``, ``tied``,
+        module defaults and ignored entries add up to the model's entries.
+        """
+        return self._where(lambda e: e.action == "copy")
 
     @property
     def missing(self) -> list[str]:
@@ -185,12 +189,14 @@ class Plan:
             f"ambiguous: {', '.join(a['targets'])} could come from {', '.join(a['candidates'])} ({a['reason']}); pass rules= to decide"
             for a in self.ambiguous
         ]
+        if lines:  # why, where the plan knows (a conversion it cannot run, an adapter it could not apply)
+            lines += [f"note: {n}" for n in self.notes]
         return lines
 
     def summary(self) -> dict[str, int]:
         counts = Counter(e.action for e in self.entries.values())
         return {
-            "loaded": counts["copy"] + counts["adapt"],
+            "loaded": counts["copy"],
             "adapted": len(self.adapted),
             "initialised": counts["init"],
             "tied": counts["tied"],
@@ -227,9 +233,17 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:
-        version = d.get("torchgraft_plan")
+        """A plan from :meth:`to_dict`'s output, every field checked first (a plan file may be hand-edited or hostile).
+
+        Raises:
+            PlanError: a wrong version, a field of the wrong type, a shape that is not a list of
+                sane non-negative integers, an entry that loads without a source, an adapt entry
+                without an adapter, two entries for one target, or an empty fingerprint.
+        """
+        version = d.get("torchgraft_plan") if isinstance(d, Mapping) else None
         if version != PLAN_VERSION:
             raise PlanError(f"not a torchgraft plan of version {PLAN_VERSION} (found {version!r})")
+        _check_plan_dict(d)
         entries = [Entry.from_dict(e) for e in d["entries"]]
         return cls(
             entries={e.target: e for e in entries},
@@ -272,16 +286,37 @@ class Plan:
             raise PlanError(f"{str(path)!r} is not a valid torchgraft plan ({type(e).__name__}: {e})") from None
 
     def check_fits(self, view: TargetView, source: Source) -> None:
-        """Refuse a stale plan: the model or checkpoint layout changed since it was made."""
+        """Refuse a stale plan: the model or checkpoint layout changed since it was made.
+
+        Besides the fingerprints (which must be there), every entry must name a tensor of the
+        model with the entry's shape, and every entry that loads a source tensor of the source's
+        shape: a hand-edited plan cannot make the loader allocate or read what the two do not hold.
+        """
         problems = []
-        if self.model_fingerprint and self.model_fingerprint != view.fingerprint():
+        if not self.model_fingerprint or not self.source_fingerprint:
+            raise PlanError("the plan has no fingerprints, so a stale plan cannot be detected; make it with tg.plan()")
+        if self.model_fingerprint != view.fingerprint():
             problems.append(f"the model's names or shapes changed (plan made for {self.model or 'another model'})")
-        if self.source_fingerprint and self.source_fingerprint != source.fingerprint():
+        if self.source_fingerprint != source.fingerprint():
             problems.append(
                 f"the checkpoint's names, shapes or dtypes changed (plan made for {self.source or 'another file'})"
             )
         if problems:
             raise PlanError("stale plan: " + "; ".join(problems) + ". Make a new one with tg.plan(model, source).")
+        wrong = []
+        for name, e in self.entries.items():
+            info = view.entries.get(name) or view.nonpersistent.get(name)
+            if info is None or tuple(info.shape) != tuple(e.shape):
+                wrong.append(f"{name!r} (the model {'has no such entry' if info is None else 'has another shape'})")
+            elif e.loads and (
+                e.source not in source
+                or (e.source_shape is not None and tuple(source[e.source].shape) != tuple(e.source_shape))
+            ):
+                wrong.append(f"{name!r} (its source {e.source!r} is not in the checkpoint with that shape)")
+        if wrong:
+            raise PlanError(
+                f"the plan does not fit: {', '.join(wrong[:5])}. Make a new one with tg.plan(model, source)."
+            )
 
     # Rendering -----------------------------------------------------------
     def __repr__(self) -> str:
@@ -302,6 +337,102 @@ class Plan:
         return plan_renderable(self)
 
 
+# ---------------------------------------------------------------------------
+# Checking a plan read from JSON
+
+#: Bounds on what a plan file may state (a model's tensors are far inside them).
+_MAX_DIMS = 64
+_MAX_DIM = 1 << 40
+_ACTIONS = frozenset(Action.__args__)  # type: ignore[attr-defined]
+_ENTRY_TYPES: dict[str, tuple[type, ...]] = {
+    "target": (str,), "action": (str,), "shape": (list,), "dtype": (str,), "source": (str, type(None)),
+    "source_shape": (list, type(None)), "source_dtype": (str, type(None)), "adapter": (dict, type(None)),
+    "mismatched": (bool,), "ignored": (bool,), "buffer": (bool,), "note": (str,), "aligned": (dict, type(None)),
+}  # fmt: skip
+
+
+def _bad_plan(where: str, reason: str) -> PlanError:
+    return PlanError(f"not a valid torchgraft plan: {where} {reason}")
+
+
+def _check_shape(where: str, value: Any) -> None:
+    if not (
+        isinstance(value, list)
+        and len(value) <= _MAX_DIMS
+        and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= _MAX_DIM for n in value)
+    ):
+        raise _bad_plan(where, f"is not a list of at most {_MAX_DIMS} integers in 0..2**40: {str(value)[:80]}")
+
+
+def _check_strings(where: str, value: Any, kind: type) -> None:
+    if kind is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    if not ok:
+        raise _bad_plan(where, f"must be a {'list' if kind is list else 'mapping'} of strings")
+
+
+def _check_plan_dict(d: Mapping[str, Any]) -> None:
+    """Every field of a plan's JSON has the type and range :meth:`Plan.to_dict` writes (-> :class:`PlanError`)."""
+    if "entries" not in d:
+        raise _bad_plan("the plan", "has no 'entries'")
+    entries = d["entries"]
+    if not isinstance(entries, list):
+        raise _bad_plan("'entries'", "must be a list")
+    seen: set[str] = set()
+    for i, e in enumerate(entries):
+        where = f"entry {i}"
+        if not isinstance(e, dict):
+            raise _bad_plan(where, f"is a {type(e).__name__}, not an object")
+        unknown = sorted(set(e) - _ENTRY_TYPES.keys())
+        if unknown:
+            raise _bad_plan(where, f"has unknown fields {unknown[:5]}")
+        for key in ("target", "action", "shape", "dtype"):
+            if key not in e:
+                raise _bad_plan(where, f"lacks {key!r}")
+        for key, value in e.items():
+            if not isinstance(value, _ENTRY_TYPES[key]):
+                raise _bad_plan(where, f"has {key!r} of type {type(value).__name__}")
+        where = f"entry {e['target'][:120]!r}"
+        if not e["target"] or e["target"] in seen:
+            raise _bad_plan(where, "is empty or appears twice")
+        seen.add(e["target"])
+        if e["action"] not in _ACTIONS:
+            raise _bad_plan(where, f"has unknown action {e['action'][:40]!r}")
+        _check_shape(f"{where}: 'shape'", e["shape"])
+        if e.get("source_shape") is not None:
+            _check_shape(f"{where}: 'source_shape'", e["source_shape"])
+        if e["action"] in ("copy", "adapt") and not e.get("source"):
+            raise _bad_plan(where, f"has action {e['action']!r} but no source")
+        adapter = e.get("adapter")
+        if adapter is not None and not (
+            isinstance(adapter.get("name"), str) and isinstance(adapter.get("args", {}), dict)
+        ):
+            raise _bad_plan(where, "has an adapter without a name or with args that are not a mapping")
+        if e["action"] == "adapt" and adapter is None:
+            raise _bad_plan(where, "has action 'adapt' but no adapter")
+    for key in ("model", "source", "source_format", "container", "model_fingerprint", "source_fingerprint"):
+        if not isinstance(d.get(key, ""), str):
+            raise _bad_plan(f"{key!r}", "must be a string")
+    for key in ("model_fingerprint", "source_fingerprint"):
+        if not d.get(key):
+            raise _bad_plan(f"{key!r}", "is missing or empty (without it a stale plan could not be detected)")
+    for key in ("unexpected", "notes"):
+        _check_strings(f"{key!r}", d.get(key, []), list)
+    for key in ("ignored", "renamed", "prefix", "metadata_map"):
+        _check_strings(f"{key!r}", d.get(key, {}), dict)
+    reasons = d.get("rename_reasons", {})
+    if not isinstance(reasons, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v) for k, v in reasons.items()
+    ):
+        raise _bad_plan("'rename_reasons'", "must map strings to lists of strings")
+    ambiguous = d.get("ambiguous", [])
+    if not isinstance(ambiguous, list) or not all(isinstance(a, dict) for a in ambiguous):
+        raise _bad_plan("'ambiguous'", "must be a list of objects")
+
+
+
 def __getattr__(name: str) -> Any:
     """``plan`` and ``build_plan`` live in :mod:`torchgraft.planner` (which imports this module); found here too."""
     if name in ("plan", "build_plan"):
@@ -309,3 +440,4 @@ def __getattr__(name: str) -> Any:
 
         return getattr(planner, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

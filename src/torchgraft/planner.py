@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .align import align, source_order_trusted
 from .errors import PlanError
 from .integrations import hf
-from .keys import Prefix, resolve_prefix, split_key
+from .keys import Prefix, collapse_keys, resolve_prefix, split_key
 from .plan import Entry, Plan
 from .rules import RenameResult, RuleSpec, apply_rules, compile_rules, suffix_matcher
 from .sources import Source
@@ -192,9 +192,35 @@ def _rename(model: nn.Module, view: TargetView, src: Source, options: PlanOption
         raise PlanError(str(e)) from None
     expected = set(view.entries) | set(view.nonpersistent)
     renames = apply_rules(src.keys(), user_rules, is_expected=suffix_matcher(expected))
+    table_notes = _model_table_renames(model, renames, expected)
     live = {orig: new for orig, new in renames.mapping.items() if new is not None}
     pfx = resolve_prefix(set(live.values()), expected, option=options.prefix, declared=hf.base_model_prefix(model))
-    return _Draft(renames, live, pfx)
+    draft = _Draft(renames, live, pfx)
+    draft.notes += table_notes
+    return draft
+
+
+def _model_table_renames(model: nn.Module, renames: RenameResult, expected: set[str]) -> list[str]:
+    """Apply the model's own checkpoint conversion table (transformers) to names the rules left alone.
+
+    Changes ``renames`` in place (reported like any rename); returns plan notes for names the table
+    would convert with a tensor operation, which a rename cannot do.
+    """
+    names = {new: orig for orig, new in renames.mapping.items() if new is not None}
+    table = hf.conversion_renames(model, names, expected)
+    for new, target in table.renamed.items():
+        orig = names[new]
+        renames.mapping[orig] = target
+        renames.reasons.setdefault(orig, []).append(table.reasons[new])
+    by_operation: dict[str, list[str]] = defaultdict(list)
+    for new, operation in table.unsupported.items():
+        by_operation[operation].append(names[new])
+    return [
+        f"transformers converts {len(keys)} checkpoint entries of {type(model).__name__} with {operation} "
+        f"({', '.join(collapse_keys(keys)[:3])}): torchgraft renames but does not yet run tensor conversions, "
+        "so they stay unused; load this checkpoint with from_pretrained, or save it from transformers first"
+        for operation, keys in by_operation.items()
+    ]
 
 
 def _claim(draft: _Draft, view: TargetView) -> None:
@@ -240,14 +266,18 @@ def _match(draft: _Draft, view: TargetView, src: Source) -> None:
         draft.entries[name] = e
 
 
-def _match_nonpersistent(draft: _Draft, view: TargetView, src: Source) -> None:
-    """Non-persistent buffers: load only what a meta-built model needs; otherwise the model computes them."""
+def _match_nonpersistent(draft: _Draft, view: TargetView, src: Source, model: nn.Module) -> None:
+    """Non-persistent buffers: load only what a meta-built model needs; otherwise the model computes them.
+
+    transformers 5 models recompute them on meta too, so a meta and a CPU build report the same.
+    """
+    recomputed = hf.computes_buffers(model)
     for name, info in view.nonpersistent.items():
         src_name = draft.claims.get(name)
         if src_name is None:
             continue
         ref = src[src_name]
-        if info.meta and ref.shape == info.shape:
+        if info.meta and ref.shape == info.shape and not recomputed:
             draft.entries[name] = Entry(
                 name,
                 "copy",
@@ -337,7 +367,7 @@ def build_plan(model: nn.Module, view: TargetView, src: Source, options: PlanOpt
     ignore = _IgnoreRules.of(model, options)
     _claim(draft, view)
     _match(draft, view, src)
-    _match_nonpersistent(draft, view, src)
+    _match_nonpersistent(draft, view, src, model)
     if options.align:
         _align(draft, view, src, ignore)
     _tie(draft, view)

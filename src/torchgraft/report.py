@@ -84,6 +84,11 @@ def _prefix_line(prefix: dict[str, str]) -> str:
     return f"base-model prefix: removed {prefix['prefix']!r} from checkpoint names"
 
 
+#: ``report.initialised`` values of modules that nothing initialised (``init_missing=False``, or no
+#: initialiser knows the module): ``"kept"`` their values, or ``"zeros"`` (they were on the meta device).
+NOT_INITIALISED = {"kept": "kept their values", "zeros": "zeros (built on the meta device)"}
+
+
 @dataclass
 class LoadReport:
     """What :func:`torchgraft.load` did. ``str(report)`` is a grouped table; ``to_dict()`` is JSON-ready.
@@ -100,6 +105,8 @@ class LoadReport:
         initialised: module path -> how it was initialised (``"reset_parameters"``, ...).
         tied: model name -> the entry it shares a tensor with.
         ignored: name -> why it is not reported (ignore pattern, non-persistent buffer, ...).
+        dropped: checkpoint names (among ``ignored``) that nothing used because an ignore pattern
+            or a rule (``None``, ``select_layers``) left them out.
         aligned: model name -> ``{"source", "confidence", "reason"}`` for entries paired by
             structure (``align=True``).
         ambiguous: ``{"targets", "candidates", "reason"}`` for same-shaped entries alignment
@@ -126,6 +133,7 @@ class LoadReport:
     initialised: dict[str, str] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)
     ignored: dict[str, str] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
     prefix: dict[str, str] = field(default_factory=dict)
     container: str = ""
     dtype: str | None = None
@@ -170,6 +178,7 @@ class LoadReport:
             initialised=initialised,
             tied=plan.tied,
             ignored=ignored,
+            dropped=list(plan.ignored),
             prefix=dict(plan.prefix),
             container=source.container,
             dtype=dtype,
@@ -203,6 +212,7 @@ class LoadReport:
             "initialised": self.initialised,
             "tied": self.tied,
             "ignored": self.ignored,
+            "dropped": self.dropped,
             "notes": self.notes,
             "nonfinite": self.nonfinite,
             "aligned": self.aligned,
@@ -220,12 +230,32 @@ class LoadReport:
             f"- This IS NOT expected if the checkpoint comes from a model you expect to be exactly identical to {m}."
         )
 
+    @property
+    def not_initialised(self) -> dict[str, list[str]]:
+        """``"kept"`` / ``"zeros"`` -> missing entries whose module nothing initialised (see ``initialised``)."""
+        out: dict[str, list[str]] = {}
+        for key in self.missing:
+            how = self.initialised.get(split_key(key)[0])
+            if how in NOT_INITIALISED:
+                out.setdefault(how, []).append(key)
+        return out
+
     def missing_message(self) -> str:
-        return (
-            f"Some weights of {self.model} were not in the checkpoint at {self.source} and are newly initialised: "
-            f"{', '.join(collapse_keys(self.missing))}.\n"
-            "You should probably TRAIN this model on a downstream task before using it for predictions and inference."
-        )
+        lines = []
+        not_init = {k for keys in self.not_initialised.values() for k in keys}
+        if initialised := [k for k in self.missing if k not in not_init]:
+            lines.append(
+                f"Some weights of {self.model} were not in the checkpoint at {self.source} and are newly initialised: "
+                f"{', '.join(collapse_keys(initialised))}.\n"
+                "You should probably TRAIN this model on a downstream task before using it for predictions and inference."
+            )
+        for how, keys in self.not_initialised.items():
+            lines.append(
+                f"Some weights of {self.model} were not in the checkpoint at {self.source} and were NOT initialised "
+                f"(init_missing=False, or no initialiser for their module): {', '.join(collapse_keys(keys))}.\n"
+                f"They hold {NOT_INITIALISED[how]}: give them values before using the model."
+            )
+        return "\n".join(lines)
 
     def mismatched_message(self) -> str:
         lines = [f"  {m['key']}: checkpoint {m['source_shape']}, model {m['shape']}" for m in self.mismatched]
@@ -253,6 +283,8 @@ class LoadReport:
         """Warn about unused, missing, mismatched and re-initialised weights; one info line when all fit."""
         if self.unexpected:
             logger.warning(self.unused_message())
+        for note in self.notes if not self.ok else ():
+            logger.warning("%s", note)
         if self.missing:
             logger.warning(self.missing_message())
         if self.mismatched:
@@ -271,21 +303,46 @@ class LoadReport:
             )
         if self.nonfinite:
             logger.warning(self.nonfinite_message())
+        missing_modules = {split_key(k)[0] for k in self.missing}
+        if zeroed := [p or "(root)" for p, how in self.initialised.items() if how == "zeros" and p not in missing_modules]:
+            logger.warning(
+                "Buffers that %s computes itself (not saved in checkpoints) were left as zeros in %s: the model was built "
+                "on the meta device and nothing knows how to compute them. Build these modules outside "
+                "torch.device('meta'), or set the buffers yourself before using the model.",
+                self.model,
+                ", ".join(zeroed),
+            )
         if self.ok and not reinit and not self.nonfinite:
             logger.info(
-                "All weights of %s were loaded from %s and all checkpoint weights were used; "
+                "All weights of %s were loaded from %s and %s; "
                 "if your task is the one the checkpoint was trained for, the model is ready for predictions.",
                 self.model,
                 self.source,
+                self._use_of_checkpoint(),
             )
+
+    def _use_of_checkpoint(self) -> str:
+        """How much of the checkpoint was used, in words that never overclaim."""
+        if not self.dropped:
+            return "all checkpoint weights were used"
+        return (
+            f"{len(self.dropped)} checkpoint weights were left out on purpose "
+            f"(ignore patterns or rules: {', '.join(collapse_keys(self.dropped)[:4])})"
+        )
 
     def _renderable(self):
         title = f"{self.source} ({self.format}{', ' + self.container if self.container else ''}) -> {self.model}"
         inits = sorted({v for v in self.initialised.values()})
+        not_init = {k for keys in self.not_initialised.values() for k in keys}
         rows = [
             ("loaded", self.loaded, ""),
             ("adapted", list(self.adapted), _adapter_summary(self.adapted)),
-            ("missing (initialised)", self.missing, f"by {', '.join(inits)}" if inits else ""),
+            (
+                "missing (initialised)",
+                [k for k in self.missing if k not in not_init],
+                f"by {', '.join(real)}" if (real := [i for i in inits if i not in NOT_INITIALISED]) else "",
+            ),
+            *[(f"missing (NOT initialised: {NOT_INITIALISED[h]})", keys, "") for h, keys in self.not_initialised.items()],
             ("shape mismatch (initialised)", [m["key"] for m in self.mismatched], ""),
             ("unused (checkpoint names)", self.unexpected, ""),
             ("tied", list(self.tied), ""),
@@ -297,8 +354,10 @@ class LoadReport:
             for line in [_prefix_line(self.prefix), f"renamed: {len(self.renamed)} keys" if self.renamed else ""]
             if line
         ]
-        if self.missing:
+        if len(not_init) < len(self.missing):
             footer.append("Newly initialised: train these on a downstream task before relying on predictions.")
+        if not_init:
+            footer.append("NOT initialised (init_missing=False, or no initialiser): give them values before use.")
         if self.unexpected:
             footer.append(
                 "Unused: expected when loading a checkpoint trained for another task or architecture; "
@@ -311,7 +370,7 @@ class LoadReport:
         if self.nonfinite:
             footer.append("NaN / Inf values were loaded: the checkpoint is damaged or a cast overflowed.")
         if self.ok and not self.reinitialised:
-            footer.append("Every weight came from the checkpoint and every checkpoint weight was used.")
+            footer.append(f"Every weight came from the checkpoint; {self._use_of_checkpoint()}.")
         return _with_alignment(_renderable(title, rows, footer), self.aligned, self.ambiguous)
 
     def __rich__(self):

@@ -1,6 +1,6 @@
 """A safety report for checkpoint files: which globals their pickles reference, which the safe loader refuses.
 
-Nothing is executed and nothing is unpickled: pickles are read opcode by opcode
+Nothing is executed and nothing is unpickled: pickles are streamed opcode by opcode, whatever their size
 (:mod:`torchgraft.sources.pickle_scan`, built on :mod:`pickletools`), and each global is checked
 against torch's own ``weights_only`` allow-list (plus anything registered with
 ``torch.serialization.add_safe_globals``). A file is ``unsafe`` when the safe loader would refuse
@@ -20,21 +20,21 @@ from typing import Any, Literal
 
 from .dangers import danger_of as _danger_of
 from .errors import CheckpointError
-from .sources.pickle_scan import pickle_globals, refused_globals
+from .sources.pickle_scan import refused_globals, scan_pickles
 from .sources.safetensors_reader import looks_like_safetensors, read_header
 
 __all__ = ["FileScan", "ScanReport", "danger_of", "scan"]
 
 _WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".safetensors", ".tar", ".onnx", ".index", ".gguf")
+_WEIGHT_SUFFIXES += (".h5", ".keras", ".msgpack")  # Keras and Flax weights
 _PICKLE_PROTO = b"\x80"
 _PICKLE_V0_STARTS = b"(c]}"  # protocol 0/1 pickles start with MARK, GLOBAL, EMPTY_LIST or EMPTY_DICT
-_MAX_MEMBER_BYTES = 512 * 1024 * 1024
-_UNSCANNED = "<unscanned pickle>"
+_MAX_INDEX_BYTES = 100_000_000
 
 
 def danger_of(name: str) -> str:
     """What a global can do when unpickled, or ``""`` when nothing is known (a hint, not the verdict)."""
-    return "not scanned" if name == _UNSCANNED else _danger_of(name)
+    return _danger_of(name)
 
 
 @dataclass
@@ -134,10 +134,26 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
     from .hub import local_path
 
     root = local_path(path)
+    try:
+        return ScanReport(str(root), [_scan_file(f) for f in _files_to_scan(root)])
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a symlink loop, an unreadable file, a zip feature Python lacks...
+        text = (str(e).strip().splitlines() or ["no details"])[0][:300]
+        raise CheckpointError(
+            root, f"cannot scan it ({type(e).__name__}: {text})", hint="scan only reads regular files it can parse"
+        ) from None
+
+
+def _files_to_scan(root: Path) -> list[Path]:
+    """Every file a loader could read for ``root``: weight files, and every shard an index names."""
     if not root.exists():
         raise CheckpointError(root, "no such file or directory", hint="check the path")
     if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+        found = [p for p in root.rglob("*") if p.is_file()]
+        files = {p: None for p in found if p.name.endswith(_WEIGHT_SUFFIXES)}
+        for index in (p for p in found if p.name.endswith(".index.json")):
+            files.update(dict.fromkeys(_index_shards(index)))  # shards need no weight suffix to be loaded
         if not files:
             raise CheckpointError(
                 root,
@@ -145,18 +161,23 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
                 format="directory",
                 hint=f"expected files ending in {', '.join(_WEIGHT_SUFFIXES)}",
             )
-    elif root.name.endswith(".index.json"):
-        files = _index_shards(root)
-    else:
-        files = [root]
-    return ScanReport(str(root), [_scan_file(f) for f in files])
+        return sorted(files)
+    if not root.is_file():  # a FIFO or a device would block or never end
+        raise CheckpointError(root, "not a regular file or directory", hint="pass the checkpoint file itself")
+    if root.name.endswith(".index.json"):
+        return _index_shards(root)
+    return [root]
 
 
 def _index_shards(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        with index.open("rb") as f:
+            text = f.read(_MAX_INDEX_BYTES + 1)
+        if len(text) > _MAX_INDEX_BYTES:
+            raise ValueError(f"more than {_MAX_INDEX_BYTES} bytes")
+        weight_map = json.loads(text)["weight_map"]
         shards = list(dict.fromkeys(str(v) for v in weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise CheckpointError(
             index, f"not a valid index ({e})", format="index", hint="the index is damaged; download it again"
         ) from None
@@ -174,7 +195,7 @@ def _index_shards(index: Path) -> list[Path]:
         if not p.is_file():
             raise CheckpointError(
                 index,
-                f"shard {shard!r} named by the index does not exist",
+                f"shard {shard!r} named by the index does not exist or is not a regular file",
                 format="index",
                 hint="download the missing shard",
             )
@@ -193,14 +214,23 @@ def _scan_file(path: Path) -> FileScan:
     if looks_like_safetensors(head, size):
         tensors, _meta, _ = read_header(path)
         return FileScan(str(path), "safetensors", note=f"{len(tensors)} tensors; safetensors holds no code")
+    from .sources import flax_reader, keras_reader  # Keras and Flax files hold data; a Keras config may name code
+
+    if keras_reader.looks_like_hdf5(head) or keras_reader.looks_like_keras_zip(path, head):
+        fmt, note = keras_reader.keras_scan_note(path)
+        return FileScan(str(path), fmt, note=note)
+    if flax_reader.looks_like_flax_msgpack(path, head):
+        fmt, note = flax_reader.flax_scan_note(path)
+        return FileScan(str(path), fmt, note=note)
     if head[:4] == b"PK\x03\x04":
-        return _scan_zip(path)
+        return _scan_zip(path, size)
     if head[:1] == _PICKLE_PROTO or (head[:1] and head[:1] in _PICKLE_V0_STARTS):
         with path.open("rb") as f:
-            data = f.read(64 * 1024 * 1024)  # the pickled part comes first; raw storages follow
-        found = pickle_globals(data)
-        fmt = "torch-legacy" if head[:1] == _PICKLE_PROTO and _is_torch_legacy(data) else "pickle"
-        return FileScan(str(path), fmt, found, refused_globals(found) if found else [])
+            scanned = scan_pickles(f)  # every pickle in the file, streamed; raw storage bytes end the scan
+        found = scanned.globals
+        fmt = "torch-legacy" if head[:1] == _PICKLE_PROTO and _is_torch_legacy_file(path) else "pickle"
+        refused = refused_globals(found) if found else []
+        return FileScan(str(path), fmt, found, refused, note="; ".join(scanned.problems))
     if head[:4] == b"GGUF":  # llama.cpp: tensors and key/values, nothing that runs
         from .sources.gguf_reader import scan_gguf
 
@@ -212,29 +242,33 @@ def _scan_file(path: Path) -> FileScan:
     )
 
 
-def _scan_zip(path: Path) -> FileScan:
+def _scan_zip(path: Path, size: int) -> FileScan:
+    from .sources.torch_reader import check_zip_directory
+
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(path, reason, format="torch-zip", hint="download the file again")
+
     members: dict[str, list[str]] = {}
     notes: list[str] = []
     try:
         with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if not info.filename.endswith(".pkl"):
+            # the same limits as opening it (duplicate or case-colliding names, zip bombs, encryption)
+            for info in check_zip_directory(zf, size, bad):
+                if not info.filename.casefold().endswith(".pkl"):
                     continue
-                if info.file_size > _MAX_MEMBER_BYTES:
-                    members[info.filename] = [_UNSCANNED]
-                    notes.append(f"{info.filename} is {info.file_size} bytes, too large to scan")
-                    continue
-                members[info.filename] = pickle_globals(zf.read(info))
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointError(
-            path, f"the zip archive is damaged ({e})", format="torch-zip", hint="download the file again"
-        ) from None
+                with zf.open(info) as f:
+                    scanned = scan_pickles(f, max_pickles=1)
+                members[info.filename] = scanned.globals
+                notes.extend(f"{info.filename}: {p}" for p in scanned.problems)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - BadZipFile, zlib.error, NotImplementedError (deflate64), ...
+        text = (str(e).strip().splitlines() or ["no details"])[0][:300]
+        raise bad(f"the zip archive is damaged or uses what torch cannot read ({type(e).__name__}: {text})") from None
     found = list(dict.fromkeys(g for gs in members.values() for g in gs))
     if not members:
         notes.append("no pickle inside the archive")
-    refused = [g for g in found if g == _UNSCANNED] + (
-        refused_globals([g for g in found if g != _UNSCANNED]) if found else []
-    )
+    refused = refused_globals(found) if found else []
     return FileScan(str(path), "torch-zip", found, refused, members, "; ".join(notes))
 
 
@@ -264,6 +298,11 @@ def _scan_tf(path: Path) -> FileScan:
 
 
 _DATA_FORMATS = {".onnx": _scan_onnx, ".index": _scan_tf}  # formats that hold no pickles: validated, never executed
+
+
+def _is_torch_legacy_file(path: Path) -> bool:
+    with path.open("rb") as f:
+        return _is_torch_legacy(f.read(32))
 
 
 def _is_torch_legacy(data: bytes) -> bool:

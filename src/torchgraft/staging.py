@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from .target import TargetView
 
 __all__ = [
+    "UNWRITTEN",
+    "initialise_entries",
     "ModuleGroups",
     "count_nonfinite",
     "is_float",
@@ -108,8 +110,13 @@ def stage_entry(
 
     Raises:
         AdapterError: the entry's adapter cannot produce the model's shape.
-        LoadError: the checkpoint changed since it was planned (another shape).
+        LoadError: the checkpoint changed since it was planned (another shape), or the tensor is
+            sparse, meta, quantized or nested (it would fail mid-commit, past the undo).
     """
+    from .sources.torch_reader import unusable_tensor
+
+    if why := unusable_tensor(tensor):
+        raise LoadError(f"Checkpoint {source.describe()} cannot be loaded; the model is unchanged:", [f"{name}: {why}"])
     if entry.action == "adapt":
         from . import adapters
 
@@ -215,3 +222,55 @@ def retie(
                 if before_change is not None:
                     before_change(module)
                 store[attr] = value
+
+
+#: Floating-point tensors that come from the meta device start as NaN, so that what no
+#: initialiser writes can be found afterwards (and zeroed, reported, warned).
+UNWRITTEN = float("nan")
+
+
+def initialise_entries(
+    model: nn.Module,
+    view: TargetView,
+    todo: Mapping[str, list[str]],
+    *,
+    init_missing: bool,
+    was_meta: Mapping[str, bool],
+) -> dict[str, str]:
+    """Run the model's initialisers on the entries ``todo`` (module path -> names); module path -> how.
+
+    Both executors call it once their tensors are real (:data:`UNWRITTEN` where they came from meta).
+    transformers 5 models are initialised all at once by their own ``initialize_weights`` with every
+    other tensor marked, as ``from_pretrained`` does (parents' rules included); other modules by the
+    first initialiser that knows them (:mod:`torchgraft.initialize`). ``"kept"``: nothing initialised
+    them (``init_missing=False`` or no initialiser); ``"zeros"``: and they came from the meta device,
+    or no rule wrote them, so they hold zeros. Modules whose only entries were non-persistent buffers
+    that the model computed are left out, as a CPU build would report them.
+    """
+    import torch
+
+    from .initialize import initialise_module
+    from .integrations import hf
+
+    chosen = {
+        path: [t for name in names if (t := slot(view.modules[path], split_key(name)[1])) is not None]
+        for path, names in todo.items()
+    }
+    methods: dict[str, str] = {}
+    if init_missing and todo and hf.initialise_tensors(model, [t for ts in chosen.values() for t in ts]):
+        methods = dict.fromkeys(todo, hf.INITIALIZE_WEIGHTS)
+    for path in todo:
+        if path not in methods:
+            methods[path] = initialise_module(model, view.modules[path]) if init_missing else "kept"
+            if methods[path] == "kept" and was_meta[path]:
+                methods[path] = "zeros"
+        with torch.no_grad():
+            unwritten = [t for t in chosen[path] if is_float(t.dtype) and bool(torch.isnan(t).any())]
+            if unwritten and was_meta[path]:  # no rule covers them: zeros, reported and warned, never NaN
+                for t in unwritten:
+                    t.nan_to_num_(0.0)
+                methods[path] = "zeros"
+    for path, names in todo.items():
+        if all(n in view.nonpersistent for n in names) and methods[path] not in ("kept", "zeros"):
+            del methods[path]  # buffers the model computed, as a CPU build does: nothing to report
+    return methods

@@ -11,7 +11,9 @@ proves the payloads are live.
 
 Each :class:`Case` says which path to open, with which options, and what must happen:
 ``unsafe`` (an ``UnsafeCheckpointError`` naming ``globals``), ``error`` (a ``CheckpointError``
-whose message matches ``match``) or ``ok`` (opens, every tensor loads).
+whose message matches ``match``), ``plan_error`` (a ``PlanError``), ``scan-safe`` / ``scan-unsafe``
+(``tg.scan``'s verdict) or ``ok`` (opens, every tensor loads). ``mode`` says which entry point
+runs it (``open``, ``load``, ``scan``, ``convert``, ``plan``; see ``run_cases.py``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Case:
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for tg.open
     live: bool = False  # a payload that torch.load(weights_only=False) executes (checked by the control run)
     control: str = ""  # the file the control run loads unsafely, when not ``path``
+    mode: str = "open"  # open | load | scan | convert | plan: what run_cases.py does with it
 
 
 CASES: list[Case] = []
@@ -356,7 +359,7 @@ def _(root: Path, c: Case) -> None:
     (root / c.path).write_bytes(b"")
 
 
-@case("random_bytes", "broken", "random.bin", "error", match=r"not a safetensors file, a torch checkpoint")
+@case("random_bytes", "broken", "random.bin", "error", match=r"not a checkpoint format torchgraft knows")
 def _(root: Path, c: Case) -> None:
     data = bytearray(random.Random(7).randbytes(4096))
     data[0], data[8] = 0x01, 0x00  # neither a pickle, a zip nor a safetensors header
@@ -1330,6 +1333,741 @@ def _(root: Path, c: Case) -> None:
 @case("gguf_unknown_tensor_type", "broken", "gguf_type.gguf", "error", match=r"has unknown type 12345")
 def _(root: Path, c: Case) -> None:
     (root / c.path).write_bytes(raw_gguf([_GGUF_ARCH], [("blk.0.attn_norm.weight", [4], 12345, 0)], b"\0" * 64))
+# Keras (HDF5, .keras zip) and Flax msgpack -----------------------------------------------------------
+
+
+def _keras_h5(path: Path, extra: Callable[[Any], None] | None = None) -> None:
+    """A Keras 3 ``.weights.h5`` layout written with h5py: a Dense layer, an optimizer slot."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset("layers/dense/vars/0", data=np.arange(64 * 32, dtype="float32").reshape(64, 32))
+        f.create_dataset("layers/dense/vars/1", data=np.ones(32, "float32"))
+        f.create_dataset("optimizer/vars/0", data=np.int64(3))
+        if extra is not None:
+            extra(f)
+
+
+@case("keras_legacy_h5_ok", "ok", "ok.h5", "ok")
+def _(root: Path, c: Case) -> None:  # tf.keras 2's save_weights layout, one Dense layer named "layer"
+    import h5py
+    import numpy as np
+
+    with h5py.File(root / c.path, "w") as f:
+        f.attrs["layer_names"] = np.array([b"layer"])
+        g = f.create_group("layer")
+        g.attrs["weight_names"] = np.array([b"layer/kernel:0", b"layer/bias:0"])
+        g.create_dataset("layer/kernel:0", data=np.ones((4, 3), "float32"))
+        g.create_dataset("layer/bias:0", data=np.ones(3, "float32"))
+
+
+@case("keras_h5_truncated", "broken", "truncated.weights.h5", "error", match=r"read as keras-weights-h5")
+def _(root: Path, c: Case) -> None:
+    _keras_h5(root / c.path)
+    data = (root / c.path).read_bytes()
+    (root / c.path).write_bytes(data[: len(data) * 2 // 3])
+
+
+@case("keras_h5_garbage_after_signature", "broken", "garbage.h5", "error", match=r"not a readable HDF5 file")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(b"\x89HDF\r\n\x1a\n" + random.Random(15).randbytes(4096))
+
+
+@case(
+    "keras_h5_huge_unwritten_dataset",
+    "broken",
+    "huge.weights.h5",
+    "error",
+    match=r"declares 4398046511104 bytes but stores only 0",
+)
+def _(root: Path, c: Case) -> None:  # shape (2**40,) float32, never written: reading it would allocate 4 TiB
+    _keras_h5(root / c.path, lambda f: f.create_dataset("layers/dense_1/vars/0", shape=(1 << 40,), dtype="float32"))
+
+
+@case("keras_h5_external_link", "broken", "extlink.weights.h5", "error", match=r"is an HDF5 ExternalLink")
+def _(root: Path, c: Case) -> None:  # a link into another file (here: the corpus manifest's neighbour)
+    import h5py
+
+    _keras_h5(root / "keras_link_target.h5")
+    _keras_h5(root / c.path, lambda f: f.__setitem__("layers/dense_1", h5py.ExternalLink("keras_link_target.h5", "/")))
+
+
+@case("keras_h5_external_storage", "broken", "extstore.weights.h5", "error", match=r"keeps its data in other files")
+def _(root: Path, c: Case) -> None:  # raw storage in /etc/passwd: a read would leak another file
+    _keras_h5(
+        root / c.path,
+        lambda f: f.create_dataset(
+            "layers/dense_1/vars/0", shape=(16,), dtype="uint8", external=[("/etc/passwd", 0, 16)]
+        ),
+    )
+
+
+@case("keras_h5_hard_link_cycle", "broken", "cycle.weights.h5", "error", match=r"nests more than 32 groups deep")
+def _(root: Path, c: Case) -> None:  # a group that contains itself: a naive walk never ends
+    def loop(f: Any) -> None:
+        g = f.create_group("layers/dense_1")
+        g["again"] = g
+
+    _keras_h5(root / c.path, loop)
+
+
+@case("keras_archive_path_traversal", "broken", "traversal.keras", "error", match=r"unsafe path '\.\./\.\./evil'")
+def _(root: Path, c: Case) -> None:
+    _keras_h5(root / "keras_traversal_inner.h5")
+    with zipfile.ZipFile(root / c.path, "w") as zf:
+        zf.writestr("config.json", "{}")
+        zf.write(root / "keras_traversal_inner.h5", "model.weights.h5")
+        zf.writestr("../../evil", "x")
+
+
+def _flax_array(shape: list[int], dtype: str, data: bytes) -> Any:
+    import msgpack
+
+    return msgpack.ExtType(1, msgpack.packb((shape, dtype, data), use_bin_type=True))
+
+
+def _flax_file(path: Path, tree: Any) -> None:
+    import msgpack
+
+    path.write_bytes(msgpack.packb(tree, use_bin_type=True))
+
+
+@case("flax_msgpack_ok", "ok", "ok.msgpack", "ok")
+def _(root: Path, c: Case) -> None:
+    layer = {"kernel": _flax_array([4, 3], "float32", bytes(48)), "bias": _flax_array([3], "float32", bytes(12))}
+    _flax_file(root / c.path, {"params": {"layer": layer}})
+
+
+@case("flax_msgpack_truncated", "broken", "truncated.msgpack", "error", match=r"not a valid msgpack file")
+def _(root: Path, c: Case) -> None:
+    _flax_file(root / c.path, {"params": {"Dense_0": {"kernel": _flax_array([64, 64], "float32", bytes(16384))}}})
+    data = (root / c.path).read_bytes()
+    (root / c.path).write_bytes(data[: len(data) // 2])
+
+
+@case("flax_msgpack_huge_declared_array", "broken", "hugearray.msgpack", "error", match=r"not a valid msgpack file")
+def _(root: Path, c: Case) -> None:  # an array32 of 2**32-1 elements in a 9-byte file: no 32 GiB list may be made
+    (root / c.path).write_bytes(b"\x81\xa1a\xdd\xff\xff\xff\xff")
+
+
+@case("flax_msgpack_huge_declared_map", "broken", "hugemap.msgpack", "error", match=r"not a valid msgpack file")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(b"\xdf\xff\xff\xff\xff\xa1a\x01")
+
+
+@case("flax_msgpack_deep_nesting", "broken", "deep.msgpack", "error", match=r"nested too deeply")
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(b"\x81\xa1a" * 100_000 + b"\xc0")
+
+
+@case("flax_msgpack_shape_lies", "broken", "shape.msgpack", "error", match=r"needs 4398046511104 bytes but holds 4")
+def _(root: Path, c: Case) -> None:  # a 2**40-element shape over 4 bytes of data
+    _flax_file(root / c.path, {"params": {"w": _flax_array([1 << 40], "float32", bytes(4))}})
+
+
+@case("flax_msgpack_unknown_ext", "broken", "ext.msgpack", "error", match=r"unknown msgpack extension type 42")
+def _(root: Path, c: Case) -> None:
+    import msgpack
+
+    _flax_file(root / c.path, {"params": {"w": msgpack.ExtType(42, b"\x00" * 8)}})
+
+
+@case("flax_msgpack_object_dtype", "broken", "object.msgpack", "error", match=r"unsupported dtype 'object'")
+def _(root: Path, c: Case) -> None:  # numpy would need pickle to read an object array
+    _flax_file(root / c.path, {"params": {"w": _flax_array([1], "object", bytes(8))}})
+# Issue 17: second round ------------------------------------------------------------------------------
+# Each class below failed the promise before its fix (see the issue); the cases are generated here.
+
+
+def _dcp_dir(root: Path, name: str) -> Path:
+    """A real DCP checkpoint of ``_sd()`` (one process, no process group)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    d = root / name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(_sd(), storage_writer=dcp.FileSystemWriter(str(d)), no_dist=True)
+    return d
+
+
+def _edit_dcp_metadata(d: Path, edit: Callable[[Any], Any]) -> None:
+    """Unpickle our own ``.metadata`` (trusted: written just above), change it, pickle it again."""
+    md = pickle.loads((d / ".metadata").read_bytes())
+    md = edit(md) or md
+    (d / ".metadata").write_bytes(pickle.dumps(md, protocol=2))
+
+
+def _dcp_case(name: str, match: str, expect: str = "error", mode: str = "open"):
+    return case(name, "broken", name, expect, match=match, mode=mode)
+
+
+def _deep_tuple(depth: int) -> bytes:
+    """EMPTY_TUPLE, then TUPLE1 ``depth`` times: ((((),),),) ... in a few bytes per level."""
+    return b")" + b"\x85" * depth
+
+
+def _shared_tuple(levels: int) -> bytes:
+    """t = (); t = (t, t) ``levels`` times, by DUP: hashing it visits 2**levels elements."""
+    return b")" + b"2\x86" * levels
+
+
+def _dict_keyed_by(key: bytes) -> bytes:
+    """A protocol-2 pickle of ``{key: 1}``."""
+    return b"\x80\x02}" + key + b"K\x01s."
+
+
+# 2: a DCP .metadata that sets attributes on a class (pathlib.PurePath.is_relative_to) ---------------
+
+
+@_dcp_case("dcp_build_sets_class_attribute", r"sets attributes on the class pathlib\.PurePath itself")
+def _(root: Path, c: Case) -> None:  # would switch off the folder check for every later checkpoint
+    d = _dcp_dir(root, c.name)
+    # BUILD(PurePath, (None, {"is_relative_to": OrderedDict})): slot state is set with setattr, on the class
+    patch = b"\x80\x02cpathlib\nPurePath\nN}" + _u("is_relative_to") + b"ccollections\nOrderedDict\ns\x86b."
+    (d / ".metadata").write_bytes(patch)
+
+
+@_dcp_case("dcp_build_sets_class_attribute_via_memo", r"sets attributes on the class pathlib\.PurePosixPath")
+def _(root: Path, c: Case) -> None:  # the class fetched back from the memo, then patched
+    d = _dcp_dir(root, c.name)
+    patch = b"\x80\x02cpathlib\nPurePosixPath\nq\x000h\x00N}" + _u("__truediv__") + b"K\x01s\x86b."
+    (d / ".metadata").write_bytes(patch)
+
+
+@_dcp_case("dcp_build_on_a_dtype", r"sets state on a dtype, not on a DCP metadata object")
+def _(root: Path, c: Case) -> None:
+    d = _dcp_dir(root, c.name)
+    patch = b"\x80\x02ctorch\nfloat32\nN}" + _u("is_floating_point") + b"K\x01s\x86b."
+    (d / ".metadata").write_bytes(patch)
+
+
+@_dcp_case("dcp_build_dunder_slotstate", r"sets state other than plain attributes")
+def _(root: Path, c: Case) -> None:  # __class__ through slot state would turn an allowed object into another class
+    d = _dcp_dir(root, c.name)
+    patch = (
+        b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadataIndex\n" + _u("x") + b"\x85RN}" + _u("__class__")
+        + b"cpathlib\nPurePath\ns\x86b."
+    )  # fmt: skip
+    (d / ".metadata").write_bytes(patch)
+
+
+# 3 and 10: tuples nested too deep to hash, or shared so that hashing never ends ----------------------
+
+_TOO_DEEP = r"nests tuples more than 100 deep"
+_HASH_BOMB = r"builds a tuple whose hash would visit more than 10000000 elements"
+
+
+@case("zip_deep_tuple_key", "broken", "deep_tuple.pt", "error", match=_TOO_DEEP)
+def _(root: Path, c: Case) -> None:  # a 100 KB data.pkl: hashing the key recursed in C until it crashed
+    raw_zip(root / c.path, _dict_keyed_by(_deep_tuple(100_000)))
+
+
+@case("zip_shared_tuple_key", "broken", "shared_tuple.pt", "error", match=_HASH_BOMB)
+def _(root: Path, c: Case) -> None:  # 300 bytes; hashing the key would visit 2**100 elements
+    raw_zip(root / c.path, _dict_keyed_by(_shared_tuple(100)))
+
+
+@case("zip_deep_tuple_after_unresolved_pid", "broken", "deep_tuple_pid.pt", "error", match=_TOO_DEEP)
+def _(root: Path, c: Case) -> None:  # the fast inert pass gives up at the persistent id; the opcode scan goes on
+    pid = b"(" + _u("storage") + b"N" + _u("0") + _u("cpu") + b"K\x01tQ0"  # a non-literal storage type: unresolved
+    raw_zip(root / c.path, b"\x80\x02" + pid + _dict_keyed_by(_deep_tuple(5000))[2:])
+
+
+@case("legacy_deep_tuple_in_sys_info", "broken", "legacy_deep.pth", "error", match=_TOO_DEEP)
+def _(root: Path, c: Case) -> None:  # the third of the five pickles (system info), read before the payload
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    head = pickle.dumps(MAGIC_NUMBER, protocol=2) + pickle.dumps(PROTOCOL_VERSION, protocol=2)
+    (root / c.path).write_bytes(head + _dict_keyed_by(_deep_tuple(100_000)))
+
+
+@case("plain_pickle_shared_tuple", "broken", "shared_tuple.pkl", "error", match=_HASH_BOMB)
+def _(root: Path, c: Case) -> None:
+    (root / c.path).write_bytes(_dict_keyed_by(_shared_tuple(64)))
+
+
+@_dcp_case("dcp_deep_tuple_key", _TOO_DEEP)
+def _(root: Path, c: Case) -> None:
+    d = _dcp_dir(root, c.name)
+    (d / ".metadata").write_bytes(_dict_keyed_by(_deep_tuple(100_000)))
+
+
+@_dcp_case("dcp_shared_tuple_key", _HASH_BOMB)
+def _(root: Path, c: Case) -> None:
+    d = _dcp_dir(root, c.name)
+    (d / ".metadata").write_bytes(_dict_keyed_by(_shared_tuple(100)))
+
+
+@case("scan_shared_tuple_does_not_hang", "broken", "shared_tuple_scan.pt", "scan-safe", mode="scan")
+def _(root: Path, c: Case) -> None:  # scan models the stack, hashes nothing: a verdict, quickly
+    raw_zip(root / c.path, _dict_keyed_by(_shared_tuple(100)))
+
+
+# 4 and 7: sparse, meta and quantized tensors: refused when opened, before the model is touched ---------
+
+
+def _bad_sparse() -> torch.Tensor:
+    i = torch.tensor([[0, 1000000], [0, 2]])  # row 1000000 of a 3 x 4 tensor
+    return torch.sparse_coo_tensor(i, torch.ones(2), (3, 4), check_invariants=False)
+
+
+def _file_case(name: str, path: str, match: str, modes: tuple[str, ...], expect: str = "error"):
+    """One builder, one case per mode (the file is written once, for the first)."""
+
+    def register(build: Callable[[Path, Case], None]) -> Callable[[Path, Case], None]:
+        for i, mode in enumerate(modes):
+            suffix = "" if mode == "open" else f"_{mode}"
+            CASES.append(Case(name + suffix, "broken", path, expect, match=match, mode=mode))
+            _BUILDERS[name + suffix] = build if i == 0 else (lambda root, c: None)
+        return build
+
+    return register
+
+
+@_file_case("zip_sparse_out_of_range", "sparse.pt", r"'layer\.weight' \(sparse_coo layout\)",
+            ("open", "load", "convert"))  # fmt: skip
+def _(root: Path, c: Case) -> None:  # densifying it crashed; tg.load failed half way; convert leaked an error
+    torch.save({"layer.weight": _bad_sparse(), "layer.bias": torch.ones(3)}, root / c.path)
+
+
+@_file_case("legacy_sparse_out_of_range", "sparse_legacy.pth", r"sparse_coo layout", ("open", "load"))
+def _(root: Path, c: Case) -> None:
+    torch.save({"layer.weight": _bad_sparse(), "layer.bias": torch.ones(3)}, root / c.path,
+               _use_new_zipfile_serialization=False)  # fmt: skip
+
+
+@_file_case("zip_meta_tensor", "meta.pt", r"'layer\.weight' \(a meta tensor: the file holds no values",
+            ("open", "load", "convert"))  # fmt: skip
+def _(root: Path, c: Case) -> None:  # _rebuild_meta_tensor_no_storage: a shape without values
+    torch.save({"layer.weight": torch.empty(3, 4, device="meta"), "layer.bias": torch.ones(3)}, root / c.path)
+
+
+@_file_case("zip_quantized_tensor", "quantized.pt", r"'layer\.weight' \(quantized\)", ("open", "load"))
+def _(root: Path, c: Case) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized dtypes are deprecated: that is the point of refusing them
+        q = torch.quantize_per_tensor(torch.ones(3, 4), 0.1, 0, torch.qint8)
+    torch.save({"layer.weight": q, "layer.bias": torch.ones(3)}, root / c.path)
+
+
+@case("zip_metadata_version_not_int", "broken", "meta_version.pt", "ok", mode="load", options={"model": "bn"})
+def _(root: Path, c: Case) -> None:  # BatchNorm's version hook compared 'x' < 2 mid-commit (TypeError)
+    torch.manual_seed(2)
+    sd = collections.OrderedDict((k, torch.randn_like(v.float()).to(v.dtype))
+                                 for k, v in __import__("torch").nn.BatchNorm1d(3).state_dict().items())  # fmt: skip
+    full = collections.OrderedDict({**{f"bn.{k}": v for k, v in sd.items()}, **_sd()})
+    full._metadata = {"bn": {"version": "x"}, "layer": {"version": 1}}  # type: ignore[attr-defined]
+    torch.save(full, root / c.path)
+
+
+# 5 and 8: duplicate or case-colliding members: torch could load another member than the one checked ---
+
+
+def _zip_members(path: Path, members: list[tuple[str, bytes]]) -> None:
+    import warnings
+
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "w") as zf:
+        warnings.simplefilter("ignore")  # "Duplicate name": on purpose
+        for name, data in members:
+            zf.writestr(name, data)
+
+
+def _evil_pickle(root: Path, c: Case) -> bytes:
+    return pickle.dumps({"w": Payload(os.system, f"touch {marker(root, c)}")}, protocol=2)
+
+
+def _checked_and_loaded(root: Path, c: Case, second: str) -> None:
+    ok = _valid_zip(root)
+    with zipfile.ZipFile(__import__("io").BytesIO(ok)) as zf:
+        members = [(i.filename, zf.read(i)) for i in zf.infolist()]
+    root_name = members[0][0].split("/", 1)[0]
+    _zip_members(root / c.path, [*members, (f"{root_name}/{second}", _evil_pickle(root, c))])
+
+
+@_file_case("zip_case_colliding_data_pkl", "case_collide.pt", r"differ only in case", ("open", "scan"))
+def _(root: Path, c: Case) -> None:
+    _checked_and_loaded(root, c, "DATA.PKL")
+
+
+@_file_case("zip_duplicate_data_pkl", "duplicate_pkl.pt", r"holds two records named '[^']*/data\.pkl'",
+            ("open", "scan"))  # fmt: skip
+def _(root: Path, c: Case) -> None:
+    _checked_and_loaded(root, c, "data.pkl")
+
+
+@_file_case("zip_case_colliding_storage", "case_collide_storage.pt", r"differ only in case", ("open",))
+def _(root: Path, c: Case) -> None:  # a storage record and its case twin (64 floats vs 4)
+    ok = _valid_zip(root)
+    with zipfile.ZipFile(__import__("io").BytesIO(ok)) as zf:
+        members = [(i.filename, zf.read(i)) for i in zf.infolist()]
+    root_name = members[0][0].split("/", 1)[0]
+    _zip_members(root / c.path, [*members, (f"{root_name}/DATA/0", b"\0" * 256)])
+
+
+# 6: values not from the file ------------------------------------------------------------------------
+
+
+@case("zip_torch_tensor_uninitialised", "broken", "uninit.pt", "error", match=r"calls torch\.Tensor, which allocates")
+def _(root: Path, c: Case) -> None:  # torch.Tensor(2, 2): whatever the heap held, as weights
+    raw_zip(root / c.path, b"\x80\x02}" + _u("layer.weight") + b"ctorch\nTensor\nK\x02K\x02\x86Rs.")
+
+
+@case("zip_torch_tensor_1gib", "broken", "uninit_big.pt", "error", match=r"calls torch\.FloatTensor, which allocates")
+def _(root: Path, c: Case) -> None:  # 852 bytes asking for 1 GiB
+    raw_zip(root / c.path, b"\x80\x02}" + _u("w") + b"ctorch\nFloatTensor\nJ\x00\x00\x00\x10\x85Rs.")
+
+
+@case("zip_storage_constructor", "broken", "storage_ctor.pt", "error", match=r"calls torch\.FloatStorage")
+def _(root: Path, c: Case) -> None:
+    raw_zip(root / c.path, b"\x80\x02}" + _u("w") + b"ctorch\nFloatStorage\nJ\x00\x00\x00\x10\x85Rs.")
+
+
+@case("legacy_torch_tensor_uninitialised", "broken", "uninit_legacy.pth", "error", match=r"calls torch\.Tensor")
+def _(root: Path, c: Case) -> None:
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    head = b"".join(pickle.dumps(x, protocol=2) for x in (MAGIC_NUMBER, PROTOCOL_VERSION, {"little_endian": True}))
+    payload = b"\x80\x02}" + _u("layer.weight") + b"ctorch\nTensor\nK\x02K\x02\x86Rs."
+    (root / c.path).write_bytes(head + payload + pickle.dumps([], protocol=2))
+
+
+@_dcp_case("dcp_tensor_without_chunks", r"chunks that hold only 0 values: the rest would not come from the file")
+def _(root: Path, c: Case) -> None:
+    d = _dcp_dir(root, c.name)
+    _edit_dcp_metadata(d, lambda md: setattr(md.state_dict_metadata["layer.weight"], "chunks", []))
+
+
+@_dcp_case("dcp_size_larger_than_chunks", r"'layer\.bias' \(size \[6\], 6 values\) chunks that hold only 3 values")
+def _(root: Path, c: Case) -> None:
+    d = _dcp_dir(root, c.name)
+    _edit_dcp_metadata(d, lambda md: setattr(md.state_dict_metadata["layer.bias"], "size", torch.Size([6])))
+
+
+@_dcp_case("dcp_chunks_overlap", r"two chunks that overlap")
+def _(root: Path, c: Case) -> None:
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    d = _dcp_dir(root, c.name)
+
+    def edit(md: Any) -> None:  # [0:2] twice instead of [0:2] + [2:3]: the sum of sizes still matches
+        info = md.state_dict_metadata["layer.bias"]
+        info.size = torch.Size([4])
+        one = info.chunks[0]
+        info.chunks = [ChunkStorageMetadata(torch.Size([o]), torch.Size([2])) for o in (0, 1)]
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        store = md.storage_data[MetadataIndex("layer.bias", one.offsets)]
+        md.storage_data[MetadataIndex("layer.bias", torch.Size([1]))] = store
+
+    _edit_dcp_metadata(d, edit)
+
+
+@_dcp_case("dcp_chunk_shorter_than_values", r"4 bytes in '__0_0\.distcp'")
+def _(root: Path, c: Case) -> None:
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    d = _dcp_dir(root, c.name)
+
+    def edit(md: Any) -> None:
+        md.storage_data[MetadataIndex("layer.weight", torch.Size([0, 0]))].length = 4
+
+    _edit_dcp_metadata(d, edit)
+
+
+# 9: memory blow-ups from tiny inputs ---------------------------------------------------------------
+
+
+@case("zip_bytearray_1_5_gib", "broken", "bytearray.pt", "error", match=r"calls builtins\.bytearray with a size")
+def _(root: Path, c: Case) -> None:  # bytearray(1.5 GiB) from a 1.5 KB file
+    raw_zip(root / c.path, b"\x80\x02}" + _u("w") + b"c__builtin__\nbytearray\nJ\x00\x00\x00\x60\x85Rs.")
+
+
+@_dcp_case("dcp_memo_index_huge", r"holds a NoneType, not DCP Metadata")
+def _(root: Path, c: Case) -> None:  # 9 bytes: the C unpickler would size its memo for 2**27 entries (1 GiB)
+    d = _dcp_dir(root, c.name)
+    (d / ".metadata").write_bytes(b"\x80\x02Nr\x00\x00\x00\x08.")
+
+
+@_dcp_case("dcp_size_4_tib", r"gives the chunk of 'layer\.weight' at \[0, 0\] 4398046511104 bytes of values")
+def _(root: Path, c: Case) -> None:  # torch.empty(4 TiB) when the tensor was read
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    d = _dcp_dir(root, c.name)
+
+    def edit(md: Any) -> None:
+        info = md.state_dict_metadata["layer.weight"]
+        info.size = torch.Size([1 << 20, 1 << 20])
+        info.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([1 << 20, 1 << 20]))]
+
+    _edit_dcp_metadata(d, edit)
+
+
+def _plan_case(name: str, edit: Callable[[dict[str, Any]], None], match: str):
+    def build(root: Path, c: Case) -> None:
+        import torchgraft as tg
+
+        save_file(_sd(), root / f"{name}.safetensors")
+        net = torch.nn.Module()
+        net.layer = torch.nn.Linear(4, 3)
+        d = tg.plan(net, root / f"{name}.safetensors").to_dict()
+        edit(d)
+        (root / f"{name}.json").write_text(json.dumps(d))
+
+    CASES.append(Case(name, "broken", f"{name}.safetensors", "plan_error", match=match, mode="plan",
+                      options={"plan": f"{name}.json"}))  # fmt: skip
+    _BUILDERS[name] = build
+
+
+def _entry(d: dict[str, Any], target: str) -> dict[str, Any]:
+    return next(e for e in d["entries"] if e["target"] == target)
+
+
+_plan_case("plan_entry_shape_huge", lambda d: _entry(d, "layer.weight").update(shape=[10**6, 400]),
+           r"'layer\.weight' \(the model has another shape\)")  # fmt: skip
+_plan_case("plan_entry_rows_10_12", lambda d: _entry(d, "layer.weight").update(shape=[10**12, 4]),
+           r"'layer\.weight' \(the model has another shape\)")  # fmt: skip
+_plan_case("plan_entry_rows_10_15", lambda d: _entry(d, "layer.weight").update(shape=[10**15, 4]),
+           r"'shape' is not a list of at most 64 integers in 0\.\.2\*\*40")  # fmt: skip
+_plan_case("plan_entry_shape_not_int", lambda d: _entry(d, "layer.weight").update(shape=[3.5, 4]),
+           r"'shape' is not a list")  # fmt: skip
+_plan_case("plan_copy_without_source", lambda d: _entry(d, "layer.weight").pop("source"),
+           r"has action 'copy' but no source")  # fmt: skip
+_plan_case("plan_unknown_target", lambda d: _entry(d, "layer.weight").update(target="nowhere.weight"),
+           r"'nowhere\.weight' \(the model has no such entry\)")  # fmt: skip
+_plan_case("plan_empty_fingerprints", lambda d: d.update(model_fingerprint="", source_fingerprint=""),
+           r"'model_fingerprint' is missing or empty")  # fmt: skip
+_plan_case("plan_source_shape_forged", lambda d: _entry(d, "layer.weight").update(source_shape=[300, 4]),
+           r"its source 'layer\.weight' is not in the checkpoint with that shape")  # fmt: skip
+_plan_case("plan_unknown_action", lambda d: _entry(d, "layer.weight").update(action="exec"),
+           r"unknown action 'exec'")  # fmt: skip
+_plan_case("plan_entries_not_a_list", lambda d: d.update(entries={"a": 1}), r"'entries' must be a list")
+
+
+@case("plan_control_ok", "ok", "plan_ok.safetensors", "ok", mode="plan", options={"plan": "plan_ok.json"})
+def _(root: Path, c: Case) -> None:  # the same writer, unedited: proves the cases above fail for their one edit
+    import torchgraft as tg
+
+    save_file(_sd(), root / c.path)
+    net = torch.nn.Module()
+    net.layer = torch.nn.Linear(4, 3)
+    (root / "plan_ok.json").write_text(json.dumps(tg.plan(net, root / c.path).to_dict()))
+
+
+# 8 and 10: scan reads what a loader would read, with open's limits -----------------------------------
+
+
+@case("scan_global_after_64_mib", "broken", "late_global.pkl", "scan-unsafe", globals=["posix.system"], mode="scan")
+def _(root: Path, c: Case) -> None:  # scan read only the first 64 MiB of a plain pickle
+    obj = {"pad": b"\0" * (65 << 20), "x": Payload(os.system, f"touch {marker(root, c)}")}
+    (root / c.path).write_bytes(pickle.dumps(obj, protocol=4))
+
+
+@case("scan_index_shard_without_suffix", "broken", "scan_dir", "scan-unsafe", globals=["posix.system"], mode="scan")
+def _(root: Path, c: Case) -> None:  # the index's shard has no weight suffix; open would still load it
+    d = root / c.path
+    d.mkdir()
+    save_file({"layer.bias": _sd()["layer.bias"]}, d / "model.safetensors")
+    torch.save({"layer.weight": _sd()["layer.weight"], "x": Payload(os.system, f"touch {marker(root, c)}")},
+               d / "weights.dat")  # fmt: skip
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"layer.weight": "weights.dat"}}))
+
+
+@_file_case("zip_pkl_inflates_100_mb", "bomb.pt", r"would inflate from \d+ to 104857\d+ bytes \(a zip bomb\?\)",
+            ("open", "scan"))  # fmt: skip
+def _(root: Path, c: Case) -> None:  # open refused it quickly; scan inflated and scanned 100 MB for 30 s
+    with zipfile.ZipFile(root / c.path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02B" + struct.pack("<I", 100 << 20) + b"\0" * (100 << 20) + b".")
+
+
+@case("scan_fifo", "broken", "scan_pipe.pt", "error", match=r"not a regular file or directory", mode="scan")
+def _(root: Path, c: Case) -> None:
+    os.mkfifo(root / c.path)
+
+
+def _patched_zip(root: Path, path: Path, *, flags: int = 0, method: int | None = None) -> None:
+    """A valid torch zip with every entry's general-purpose flags OR-ed / compression method replaced."""
+    data = bytearray(_valid_zip(root))
+    for sig, flag_at, method_at in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        i = data.find(sig)
+        while i >= 0:
+            data[i + flag_at] |= flags
+            if method is not None:
+                data[i + method_at : i + method_at + 2] = struct.pack("<H", method)
+            i = data.find(sig, i + 4)
+    path.write_bytes(bytes(data))
+
+
+@_file_case("zip_encrypted", "encrypted.pt", r"is encrypted, which torch cannot read", ("open", "scan"))
+def _(root: Path, c: Case) -> None:  # scan raised RuntimeError
+    _patched_zip(root, root / c.path, flags=0x1)
+
+
+@_file_case("zip_deflate64", "deflate64.pt", r"uses compression method 9, which torch cannot read", ("scan",))
+def _(root: Path, c: Case) -> None:  # scan raised NotImplementedError
+    _patched_zip(root, root / c.path, method=9)
+
+
+@case("scan_index_symlink_loop", "broken", "loop_dir/model.safetensors.index.json", "error",
+      match=r"cannot scan it \(RuntimeError|lies outside|does not exist", mode="scan")  # fmt: skip
+def _(root: Path, c: Case) -> None:  # resolve() raised RuntimeError
+    d = root / "loop_dir"
+    d.mkdir()
+    (d / "loop.bin").symlink_to("loop.bin")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "loop.bin"}}))
+
+
+# 11 and 9/10: hf: revisions are names, and the snapshot lies in the repository's cache folder -----------
+
+_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hf_repo(root: Path) -> Path:
+    repo = root / "hfcache" / "models--org--m"
+    if not repo.exists():
+        (repo / "refs").mkdir(parents=True)
+        (repo / "snapshots" / _COMMIT).mkdir(parents=True)
+        (repo / "blobs").mkdir()
+        save_file(_sd(), repo / "snapshots" / _COMMIT / "model.safetensors")
+        (repo / "refs" / "main").write_text(_COMMIT)
+        outside = root / "hf_outside"
+        outside.mkdir()
+        save_file(_sd(), outside / "model.safetensors")
+    return repo
+
+
+def _hf_case(name: str, revision: str, match: str, expect: str = "error"):
+    return case(name, "broken", f"hf:org/m@{revision}" if revision else "hf:org/m", expect, match=match)
+
+
+@_hf_case("hf_control_ok", "", "", expect="ok")
+def _(root: Path, c: Case) -> None:
+    _hf_repo(root)
+
+
+@_hf_case("hf_revision_absolute_path", "/dev/zero", r"the revision '/dev/zero' is not a branch, tag or commit name")
+def _(root: Path, c: Case) -> None:  # huggingface_hub read /dev/zero as the commit hash: +1.6 GiB
+    _hf_repo(root)
+
+
+@_hf_case("hf_revision_dotdot", "../../../hf_outside", r"is not a branch, tag or commit name")
+def _(root: Path, c: Case) -> None:  # loaded a folder outside the cache
+    _hf_repo(root)
+
+
+@_hf_case("hf_revision_is_a_fifo", "pipe", r"the cache's refs/pipe is not a small regular file")
+def _(root: Path, c: Case) -> None:  # reading the ref blocked for ever
+    os.mkfifo(_hf_repo(root) / "refs" / "pipe")
+
+
+@_hf_case("hf_ref_points_outside", "evil", r"the cache's refs/evil holds '\.\./\.\./\.\./hf_outside', not a commit")
+def _(root: Path, c: Case) -> None:
+    (_hf_repo(root) / "refs" / "evil").write_text("../../../hf_outside")
+
+
+@_hf_case("hf_snapshot_symlinked_out", "fedcba9876543210fedcba9876543210fedcba98", r"not a snapshot folder of org/m")
+def _(root: Path, c: Case) -> None:
+    repo = _hf_repo(root)
+    (repo / "snapshots" / "fedcba9876543210fedcba9876543210fedcba98").symlink_to(root / "hf_outside")
+
+
+# 12: every failure is one CheckpointError ----------------------------------------------------------------
+
+
+@_dcp_case("dcp_negative_size", r"gives 'layer\.bias' an invalid size")
+def _(root: Path, c: Case) -> None:
+    d = _dcp_dir(root, c.name)
+    _edit_dcp_metadata(d, lambda md: setattr(md.state_dict_metadata["layer.bias"], "size", (-3,)))
+
+
+@_dcp_case("dcp_dtype_is_a_string", r"gives 'layer\.bias' an invalid dtype 'float32'")
+def _(root: Path, c: Case) -> None:
+    d = _dcp_dir(root, c.name)
+    _edit_dcp_metadata(d, lambda md: setattr(md.state_dict_metadata["layer.bias"].properties, "dtype", "float32"))
+
+
+@_dcp_case("dcp_storage_data_is_a_list", r"holds storage_data as a list, not a mapping")
+def _(root: Path, c: Case) -> None:
+    d = _dcp_dir(root, c.name)
+    _edit_dcp_metadata(d, lambda md: setattr(md, "storage_data", list(md.storage_data.values())))
+
+
+@_dcp_case("dcp_distcp_not_a_pickle", r"reading 'layer\.(weight|bias)' from its chunks failed")
+def _(root: Path, c: Case) -> None:  # DCP's reader raised UnpicklingError
+    d = _dcp_dir(root, c.name)
+    size = (d / "__0_0.distcp").stat().st_size
+    (d / "__0_0.distcp").write_bytes(b"\x07" * size)
+
+
+@_dcp_case("dcp_distcp_deep_tuple", r"a chunk of 'layer\.(weight|bias)' that cannot be read safely: the pickle " + _TOO_DEEP)
+def _(root: Path, c: Case) -> None:  # the chunk's data.pkl went straight to torch's unpickler (a segfault)
+    d = _dcp_dir(root, c.name)
+    files = {}
+
+    def edit(md: Any) -> None:
+        raw = root / f"{c.name}_chunk.pt"
+        raw_zip(raw, _dict_keyed_by(_deep_tuple(100_000)) + b"\0" * 64)
+        blob = raw.read_bytes()
+        raw.unlink()
+        files["__0_0.distcp"] = blob
+        for info in md.storage_data.values():
+            info.offset, info.length = 0, len(blob)
+
+    _edit_dcp_metadata(d, edit)
+    (d / "__0_0.distcp").write_bytes(files["__0_0.distcp"])
+
+
+@_dcp_case("dcp_chunk_range_past_file", r"which holds \d+")
+def _(root: Path, c: Case) -> None:
+    d = _dcp_dir(root, c.name)
+
+    def edit(md: Any) -> None:
+        for info in md.storage_data.values():
+            info.offset += 1 << 30
+
+    _edit_dcp_metadata(d, edit)
+
+
+# 13: allow_globals judged by the object a name resolves to --------------------------------------------
+
+
+@case("allow_globals_io_open_alias", "ok", "namespace.ckpt", "invalid_option",
+      match=r"refusing to allow .*builtins\.open", options={"allow_globals": ["io.open"]})  # fmt: skip
+def _(root: Path, c: Case) -> None:
+    pass  # io.open is builtins.open
+
+
+@case("allow_globals_underscore_io_alias", "ok", "namespace.ckpt", "invalid_option", match=r"refusing to allow",
+      options={"allow_globals": ["_io.open"]})  # fmt: skip
+def _(root: Path, c: Case) -> None:
+    pass
+
+
+# 14: convert cleans what an interrupted convert left ---------------------------------------------------
+
+
+@case("convert_removes_stale_temp", "ok", "convert_src.safetensors", "ok", mode="convert")
+def _(root: Path, c: Case) -> None:  # a SIGKILLed run left its hidden .tmp beside the destination
+    save_file(_sd(), root / c.path)
+    out = root / f"converted-{c.name}"
+    out.mkdir()
+    for name in (".model.safetensors.abcd1234.tmp", ".model-00001-of-00002.safetensors.zz_9ab12.tmp"):
+        (out / name).write_bytes(b"\0" * 1024)
+        os.utime(out / name, (1_000_000_000, 1_000_000_000))
+
+
+# Also: a safetensors header with too many entries is refused before it is parsed ------------------------
+
+
+@st_case("st_too_many_entries", r"the header describes 200001 tensors, more than the 200000")
+def _(root: Path, c: Case) -> None:
+    n = 200_001
+    header = {f"t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(n)}
+    (root / c.path).write_bytes(_st_bytes(header, b"\0" * n))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -84,8 +84,19 @@ def test_case(name, corpus, results):
             assert "allow_globals=[" not in result["message"] and "treat the file as malicious" in result["message"]
         else:
             assert not result["dangerous"] and "allow_globals=[...]" in result["message"]
-    if case.expect == "ok":
+    if case.expect == "ok" and case.mode in ("open", "load", "plan"):
         assert {"layer.weight", "layer.bias"} <= set(result["tensors"]), result
+    if case.expect == "ok" and case.mode in ("load", "plan"):
+        assert result["from_file"], f"{name}: the model does not hold the file's values"
+    if case.expect == "scan-unsafe":
+        assert set(case.globals) <= set(result["globals"]), result
+    if "model_unchanged" in result:
+        assert result["model_unchanged"], f"{name}: the failed load changed the model"
+    if case.mode == "convert":
+        left = result.get("files_left", [])
+        assert not [f for f in left if f.endswith(".tmp")], f"{name}: temporary files left: {left}"
+        assert case.expect == "ok" or left == [], f"{name}: a failed convert left {left}"
+    assert result.get("classes_changed") == [], f"{name}: the case changed classes: {result.get('classes_changed')}"
     assert result["rss_growth_mb"] < MAX_RSS_GROWTH_MB, f"{name}: resident memory grew by {result['rss_growth_mb']} MB"
     assert not (corpus / f"{MARKER_PREFIX}{name}").exists(), f"{name}: the payload ran"
 

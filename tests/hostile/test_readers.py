@@ -242,3 +242,20 @@ def test_valid_zip_with_crafted_records_loads(tmp_path):
     pickler.dump({"w": torch.arange(4.0)})
     raw_zip(tmp_path / "ok.pt", buf.getvalue(), pickler.records)
     assert torch.equal(tg.open(tmp_path / "ok.pt")["w"].load(), torch.arange(4.0))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_bytearrays_as_pickle_writes_them_still_load(tmp_path, protocol):
+    """bytearray() and bytearray(data) are refused by nothing; only bytearray(n) allocates (issue 17.9)."""
+    import pickle
+
+    from torchgraft.sources.pickle_scan import refused_call, scan_pickles, storage_records
+
+    data = pickle.dumps({"a": bytearray(), "b": bytearray(b"xy")}, protocol=protocol)
+    assert storage_records(data) == [] and not scan_pickles(data).problems
+    assert refused_call("builtins.bytearray", (1 << 30,)) and refused_call("builtins.bytearray", None)
+    torch.save({"w": torch.ones(2), "extra": bytearray(b"xy"), "empty": bytearray()}, tmp_path / "b.pt")
+    assert torch.equal(tg.open(tmp_path / "b.pt")["w"].load(), torch.ones(2))
+    with zipfile.ZipFile(tmp_path / "b.pt") as zf:  # torch writes bytearray(_codecs.encode(text, "latin1"))
+        pkl = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+    assert not scan_pickles(pkl).problems

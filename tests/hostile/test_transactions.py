@@ -8,6 +8,7 @@ initialiser that raises after it changed weights, a meta-device model half assig
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import os
@@ -352,3 +353,22 @@ def test_log_records_reach_the_torchgraft_logger(net, caplog):
     caplog.set_level(logging.WARNING, logger="torchgraft")
     tg.load(net, _poisoned(net), check_finite="warn")
     assert [r.name for r in caplog.records if "NaN" in r.message] == ["torchgraft"]
+
+
+def test_in_memory_sparse_or_meta_tensor_is_refused_before_the_model_changes():
+    """A state dict given in memory is not checked at open: staging refuses it, before the commit (issue 17.4/7)."""
+    model = torch.nn.Linear(4, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for bad in (torch.ones(3, 4).to_sparse(), torch.empty(3, 4, device="meta")):
+        with pytest.raises(tg.LoadError, match=r"(?s)the model is unchanged:.*weight: (sparse_coo layout|a meta)"):
+            tg.load(model, {"weight": bad, "bias": torch.ones(3)})
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_in_memory_metadata_with_a_string_version_is_dropped():
+    model = torch.nn.BatchNorm1d(3)
+    sd = collections.OrderedDict((k, v.clone()) for k, v in torch.nn.BatchNorm1d(3).state_dict().items())
+    sd["running_mean"] += 1
+    sd._metadata = {"": {"version": "x"}}  # type: ignore[attr-defined]
+    tg.load(model, sd)
+    assert torch.equal(model.running_mean, sd["running_mean"])

@@ -6,11 +6,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 
-from ..initialize import initialise_module
 from ..keys import split_key
 from ..plan import Plan
 from ..sources import Source
-from ..staging import ModuleGroups, count_nonfinite, is_float, live, retie, slot, stage_entry
+from ..staging import UNWRITTEN, ModuleGroups, count_nonfinite, initialise_entries, is_float, live, retie, slot, stage_entry
 from ..target import TargetView
 from .layouts import place, write
 from .ranks import Ranks, SharedRandom
@@ -102,38 +101,49 @@ def _initial_values(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Full CPU values for every entry that needs initialising, from the model's own initialisers.
 
-    Each module's own tensors are swapped for plain full-size CPU tensors (zeros where the model
-    holds a shard or a meta tensor, a copy otherwise), the initialiser runs as in
-    :func:`torchgraft.load`, and the module gets its own tensors back.
+    Each module's own tensors are swapped for plain full-size CPU tensors (:data:`UNWRITTEN` where
+    the model holds a meta tensor, zeros where it holds a shard, a copy otherwise), the initialisers
+    run as in :func:`torchgraft.load` (:func:`~torchgraft.staging.initialise_entries`), and the
+    modules get their own tensors back.
     """
     values: dict[str, torch.Tensor] = {}
-    methods: dict[str, str] = {}
-    for path, names in groups.to_initialise.items():
-        module = view.modules[path]
-        saved = (dict(module._parameters), dict(module._buffers))
-        was_meta = {name: live(view, name).is_meta for name in names}
-        try:
+    saved: dict[str, tuple[dict, dict]] = {}
+    todo = groups.to_initialise
+    was_meta = {name: live(view, name).is_meta for names in todo.values() for name in names}
+    try:
+        for path in todo:
+            module = view.modules[path]
+            saved[path] = (dict(module._parameters), dict(module._buffers))
             for store in (module._parameters, module._buffers):
                 for key, t in store.items():
                     if t is not None:
-                        store[key] = _full_start(t)
-            methods[path] = initialise_module(model, module) if init_missing else "kept"
+                        store[key] = _full_start(t, fill=UNWRITTEN if init_missing else 0)
+        methods = initialise_entries(
+            model, view, todo, init_missing=init_missing,
+            was_meta={path: any(was_meta[n] for n in names) for path, names in todo.items()},
+        )  # fmt: skip
+        for path, names in todo.items():
+            module = view.modules[path]
             for name in names:
                 value = slot(module, split_key(name)[1])
                 assert value is not None
-                if methods[path] == "kept" and not was_meta[name]:
+                if methods.get(path) == "kept" and not was_meta[name]:
                     continue  # nothing initialised it: the model keeps its values
                 values[name] = value.detach()
-        finally:
+    finally:
+        for path, (params, buffers) in saved.items():
+            module = view.modules[path]
             module._parameters.clear()
-            module._parameters.update(saved[0])
+            module._parameters.update(params)
             module._buffers.clear()
-            module._buffers.update(saved[1])
+            module._buffers.update(buffers)
     return values, methods
 
 
-def _full_start(t: torch.Tensor) -> torch.Tensor:
-    if t.is_meta or isinstance(t, DTensor):
+def _full_start(t: torch.Tensor, *, fill: float) -> torch.Tensor:
+    if t.is_meta:
+        value = torch.full(t.shape, fill if is_float(t.dtype) else 0, dtype=t.dtype)
+    elif isinstance(t, DTensor):
         value = torch.zeros(t.shape, dtype=t.dtype)
     else:
         value = t.detach().to("cpu", copy=True)

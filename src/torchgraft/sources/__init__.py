@@ -12,7 +12,9 @@ from ..errors import CheckpointError
 from .base import DTYPE_SIZES, Source, TensorRef, dtype_name
 from .dcp_reader import looks_like_dcp, open_dcp
 from .directory import open_directory, open_index
+from .flax_reader import looks_like_flax_msgpack, open_flax  # msgpack / h5py are imported when such a file opens
 from .gguf_reader import looks_like_gguf, open_gguf
+from .keras_reader import looks_like_hdf5, looks_like_keras_zip, open_keras
 from .onnx_reader import looks_like_onnx, open_onnx  # onnx, protobuf: imported when such a file is opened
 from .safetensors_reader import looks_like_safetensors, open_safetensors
 from .tf_reader import looks_like_tf_checkpoint, open_tf_checkpoint
@@ -54,6 +56,10 @@ READERS: list[Reader] = [
     Reader("directory", lambda p, head, size: p.is_dir(), open_directory),
     Reader("index", lambda p, head, size: p.name.endswith(".index.json"), open_index),
     Reader("safetensors", lambda p, head, size: looks_like_safetensors(head, size), open_safetensors),
+    # Keras: HDF5 (.h5, .weights.h5), or a zip with model.weights.h5 + config.json (.keras; before "torch-zip")
+    Reader("keras", lambda p, head, size: looks_like_hdf5(head) or looks_like_keras_zip(p, head), open_keras),
+    # Flax msgpack (a msgpack map can start with 0x80..0x8f: before "torch-legacy")
+    Reader("flax", lambda p, head, size: looks_like_flax_msgpack(p, head), open_flax),
     Reader("torch-zip", lambda p, head, size: head[:4] == b"PK\x03\x04", open_torch),
     # pickle protocol 2+ starts with PROTO (0x80); torch's legacy format is a series of pickles
     Reader("torch-legacy", lambda p, head, size: head[:1] == b"\x80", open_torch),
@@ -99,7 +105,9 @@ def open(
     Args:
         path: a file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``, ``.ckpt``), a sharded
             checkpoint's ``*.index.json``, a model directory, a ``torch.distributed.checkpoint``
-            directory (``.metadata`` + ``*.distcp``), a Hugging Face repository
+            directory (``.metadata`` + ``*.distcp``), Keras ``.keras`` / ``.weights.h5`` / legacy ``.h5``
+            and Flax ``.msgpack`` files (kernels converted to torch's layout, see
+            ``Source.conversions``), a Hugging Face repository
             ``"hf:org/name[@revision]"`` (from the local cache, needs ``huggingface_hub``),
             an open :class:`Source` (returned as is) or an in-memory state dict.
         format: force a reader by name (see :data:`READERS`) instead of sniffing the content.
@@ -153,7 +161,8 @@ def open(
             return reader.open(p, **options)
     raise CheckpointError(
         p,
-        f"not a safetensors file, a torch checkpoint or a checkpoint directory (first bytes: {head[:8]!r})",
+        f"not a checkpoint format torchgraft knows (first bytes: {head[:8]!r})",
         hint="supported: .safetensors, torch .bin/.pt/.pth/.ckpt (zip or legacy), *.index.json shards, "
-        "model directories. A TensorFlow .h5 or Flax .msgpack file must be converted first (from_tf=True)",
+        "model directories, torch.distributed.checkpoint folders, GGUF, ONNX, TensorFlow checkpoints "
+        "(PREFIX.index + data), Keras .keras/.weights.h5/.h5 and Flax .msgpack files",
     )

@@ -11,7 +11,7 @@ from ..keys import layout_fingerprint
 if TYPE_CHECKING:  # torch is imported lazily: listing a safetensors file must not pay for it
     import torch
 
-__all__ = ["DTYPE_SIZES", "Source", "TensorRef", "constant_loader", "dtype_name"]
+__all__ = ["DTYPE_SIZES", "Source", "TensorRef", "constant_loader", "dtype_name", "valid_module_metadata"]
 
 #: Bytes per element for every dtype name a reader may report (torch's names, without "torch.").
 DTYPE_SIZES: dict[str, float] = {
@@ -200,8 +200,26 @@ class Source(Mapping[str, TensorRef]):
                 entries[key] = TensorRef(key, tuple(value.shape), dtype_name(value.dtype), constant_loader(value))
             else:
                 skipped[key] = type(value).__name__
-        meta = getattr(state_dict, "_metadata", None)
+        meta = valid_module_metadata(getattr(state_dict, "_metadata", None))
         return cls(entries, path=name, format="state-dict", module_metadata=meta, skipped=skipped)
+
+
+def valid_module_metadata(meta: Any) -> dict[str, dict[str, Any]] | None:
+    """A state dict's ``_metadata`` when it has the shape torch writes (module -> {"version": int, ...}), else ``None``.
+
+    Modules' version hooks compare ``version`` with numbers mid-load; a hostile value must be dropped at open.
+    """
+    if not isinstance(meta, Mapping):
+        return None
+    for module, info in meta.items():
+        if not isinstance(module, str) or not isinstance(info, Mapping):
+            return None
+        if not all(isinstance(k, str) for k in info):
+            return None
+        version = info.get("version")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            return None
+    return {k: dict(v) for k, v in meta.items()}
 
 
 def constant_loader(t: torch.Tensor) -> Callable[[], torch.Tensor]:

@@ -102,6 +102,8 @@ def find_state_dict(
                 path, f"container {container!r} holds no tensors", format=format, hint=f"choose one of {candidates}"
             )
         return chosen, container, candidates
+    if len(obj) == 0:  # a module without parameters or buffers saves an empty state dict: nothing to load
+        return obj, "", candidates
     node: Mapping[str, Any] = obj
     trail: list[str] = []
     visited = {id(obj)}

@@ -50,6 +50,7 @@ class DCPStorageReader(FileSystemReader):
         super().__init__(path)
         self._metadata = metadata
         self.bytes_read = 0
+        self._checked: set[str] = set()
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self._metadata is None:
@@ -59,6 +60,21 @@ class DCPStorageReader(FileSystemReader):
             md.storage_meta = StorageMeta()
         md.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
         return md
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        """DCP's read, after every tensor's chunks passed :func:`~torchgraft.sources.dcp_reader.check_chunks`.
+
+        Both executors read through this reader, so no ``.distcp`` pickle reaches ``torch.load``
+        unchecked, whichever path asked for it.
+        """
+        from .dcp_reader import check_chunks
+
+        metadata = self._metadata if self._metadata is not None else self.read_metadata()
+        for fqn in sorted({item.storage_index.fqn for item in plan.items} - self._checked):
+            if fqn in metadata.state_dict_metadata:
+                check_chunks(Path(os.fspath(self.path)), fqn, metadata)
+            self._checked.add(fqn)
+        return super().read_data(plan, planner)
 
     def _slice_file(self, file: Any, sinfo: Any) -> Any:
         self.bytes_read += int(getattr(sinfo, "length", 0) or 0)

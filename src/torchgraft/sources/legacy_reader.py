@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from .pickle_scan import storage_records
+from .pickle_scan import PickleRefused, storage_records
 
 __all__ = ["NOT_PLAIN", "READ_WORKERS", "element_size", "read_legacy"]
 
@@ -107,83 +107,103 @@ def read_legacy(
         CheckpointError: through ``bad``: declared sizes exceed the file, a record header
             disagrees with the payload, a storage has no record, the file ends early.
     """
-    import torch
-    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
-
     try:
         from torch import _weights_only_unpickler as safe
     except ImportError:  # private module moved: torch.load does the job, one record at a time
         return NOT_PLAIN
     with path.open("rb") as f:
         try:
-            if safe.load(f, encoding="utf-8") != MAGIC_NUMBER:
-                return NOT_PLAIN  # e.g. the tar format of torch < 0.4
-        except Exception:  # noqa: BLE001 - not a pickle at byte 0: let torch.load say what it is
-            return NOT_PLAIN
-        if safe.load(f, encoding="utf-8") != PROTOCOL_VERSION:
-            return NOT_PLAIN
-        sys_info = safe.load(f, encoding="utf-8")
-        if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not (sys.byteorder == "little"):
-            return NOT_PLAIN  # torch swaps the bytes of files from big-endian machines
-        payload_at = f.tell()
-        declared = storage_records(f)  # inert pass: which storages, of what type and size
-        if declared is None:
-            return NOT_PLAIN
-        payload_end = f.tell()
-        keys = safe.load(f, encoding="utf-8")
-        records = _layout(f.fileno(), f.tell(), keys, declared, size, bad)
-        if records is None:
-            return NOT_PLAIN
+            return _read_legacy(f, path, size, bad, workers, zero_copy, safe)
+        except PickleRefused as e:
+            raise bad(str(e)) from None
 
-        mapping = None
-        if zero_copy and any(r.offset % r.itemsize == 0 for r in records.values()):
-            try:
-                mapping = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-            except RuntimeError:  # a file system without mmap: read everything instead
-                mapping = None
-        storages: dict[str, Any] = {}
-        to_read: list[tuple[int, int, int]] = []
 
-        def persistent_load(pid: Any) -> Any:
-            if not (isinstance(pid, tuple) and len(pid) == 6):
-                raise _NotPlain
-            _, storage_type, key, _location, numel, view = pid
-            dtype = getattr(storage_type, "dtype", None)
-            if view is not None or not isinstance(dtype, torch.dtype) or not isinstance(key, str):
-                raise _NotPlain  # storage views and untyped storages: torch.load handles them
-            record = records.get(key)
-            # every reference, not only the first: one key declared with two dtypes or sizes is refused
-            if record is None or record.nbytes != numel * torch._utils._element_size(dtype):
-                raise bad(f"the pickle changed between two reads (storage {key!r})")
-            if record.itemsize != torch._utils._element_size(dtype):
-                raise bad(f"storage {key!r} is declared with two different element types")
-            untyped = storages.get(key)
-            if untyped is None:
-                if mapping is not None and record.offset % record.itemsize == 0:
-                    untyped = mapping[record.offset : record.offset + record.nbytes]
-                else:
-                    # A slice of a storage cannot be resized: a tensor rebuilt larger than its
-                    # storage makes torch raise instead of reallocating the memory that the
-                    # reads below are queued for (they would land in freed heap).
-                    untyped = torch.UntypedStorage(record.nbytes)[0 : record.nbytes]
-                    to_read.extend(_pieces(record, untyped.data_ptr()))
-                storages[key] = untyped
-            return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+def _checked_load(safe: Any, f: Any) -> Any:
+    """``safe.load(f)`` after an inert pass over the same pickle: a deep or shared tuple never reaches it."""
+    at = f.tell()
+    storage_records(f)  # raises PickleRefused; a pickle it cannot follow is torch's to judge
+    f.seek(at)
+    return safe.load(f, encoding="utf-8")
 
-        f.seek(payload_at)
-        unpickler = safe.Unpickler(f, encoding="utf-8")
-        unpickler.persistent_load = persistent_load
+
+def _read_legacy(
+    f: Any, path: Path, size: int, bad: Callable[[str], CheckpointError], workers: int, zero_copy: bool, safe: Any
+) -> Any:
+    """:func:`read_legacy` on the open file (every pickle checked by an inert pass before ``safe`` loads it)."""
+    import torch
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    try:
+        if _checked_load(safe, f) != MAGIC_NUMBER:
+            return NOT_PLAIN  # e.g. the tar format of torch < 0.4
+    except PickleRefused:
+        raise
+    except Exception:  # noqa: BLE001 - not a pickle at byte 0: let torch.load say what it is
+        return NOT_PLAIN
+    if _checked_load(safe, f) != PROTOCOL_VERSION:
+        return NOT_PLAIN
+    sys_info = _checked_load(safe, f)
+    if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not (sys.byteorder == "little"):
+        return NOT_PLAIN  # torch swaps the bytes of files from big-endian machines
+    payload_at = f.tell()
+    declared = storage_records(f)  # inert pass: which storages, of what type and size
+    if declared is None:
+        return NOT_PLAIN
+    payload_end = f.tell()
+    keys = _checked_load(safe, f)
+    records = _layout(f.fileno(), f.tell(), keys, declared, size, bad)
+    if records is None:
+        return NOT_PLAIN
+
+    mapping = None
+    if zero_copy and any(r.offset % r.itemsize == 0 for r in records.values()):
         try:
-            result = unpickler.load()
-        except _NotPlain:
-            return NOT_PLAIN
-        except RuntimeError as e:
-            if "not resizable" in str(e) or "out of bounds for storage" in str(e):
-                raise bad("a tensor reaches past the end of its storage (corrupt or crafted file)") from None
-            raise
-        if f.tell() != payload_end:
-            raise bad("the pickle changed between two reads")
-        _read(f.fileno(), to_read, bad, workers=workers)
+            mapping = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+        except RuntimeError:  # a file system without mmap: read everything instead
+            mapping = None
+    storages: dict[str, Any] = {}
+    to_read: list[tuple[int, int, int]] = []
+
+    def persistent_load(pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 6):
+            raise _NotPlain
+        _, storage_type, key, _location, numel, view = pid
+        dtype = getattr(storage_type, "dtype", None)
+        if view is not None or not isinstance(dtype, torch.dtype) or not isinstance(key, str):
+            raise _NotPlain  # storage views and untyped storages: torch.load handles them
+        record = records.get(key)
+        # every reference, not only the first: one key declared with two dtypes or sizes is refused
+        if record is None or record.nbytes != numel * torch._utils._element_size(dtype):
+            raise bad(f"the pickle changed between two reads (storage {key!r})")
+        if record.itemsize != torch._utils._element_size(dtype):
+            raise bad(f"storage {key!r} is declared with two different element types")
+        untyped = storages.get(key)
+        if untyped is None:
+            if mapping is not None and record.offset % record.itemsize == 0:
+                untyped = mapping[record.offset : record.offset + record.nbytes]
+            else:
+                # A slice of a storage cannot be resized: a tensor rebuilt larger than its
+                # storage makes torch raise instead of reallocating the memory that the
+                # reads below are queued for (they would land in freed heap).
+                untyped = torch.UntypedStorage(record.nbytes)[0 : record.nbytes]
+                to_read.extend(_pieces(record, untyped.data_ptr()))
+            storages[key] = untyped
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+    f.seek(payload_at)
+    unpickler = safe.Unpickler(f, encoding="utf-8")
+    unpickler.persistent_load = persistent_load
+    try:
+        result = unpickler.load()
+    except _NotPlain:
+        return NOT_PLAIN
+    except RuntimeError as e:
+        if "not resizable" in str(e) or "out of bounds for storage" in str(e):
+            raise bad("a tensor reaches past the end of its storage (corrupt or crafted file)") from None
+        raise
+    if f.tell() != payload_end:
+        raise bad("the pickle changed between two reads")
+    _read(f.fileno(), to_read, bad, workers=workers)
     torch._utils._validate_loaded_sparse_tensors()
     return result
 

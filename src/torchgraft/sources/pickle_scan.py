@@ -5,6 +5,11 @@ The scan runs a small stack machine over :func:`pickletools.genops`: literal val
 That is enough to resolve ``STACK_GLOBAL`` and torch's persistent ids
 ``('storage', torch.FloatStorage, key, location, numel)``, which the torch reader
 checks against the file before ``torch.load`` allocates anything.
+
+Both passes (the opcode scan and the faster inert unpickler of :func:`storage_records`) also
+refuse what no unpickler may see (:class:`PickleRefused`): tuples nested or shared so that
+hashing them would crash or never end (:class:`TupleBudget`), and calls of allow-listed
+constructors that allocate memory the file does not hold (:func:`refused_call`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ from ..dangers import DANGERS, UNRESOLVED_STACK_GLOBAL, danger_of, dangerous_glo
 __all__ = [
     "DANGERS",
     "MAX_SCAN_BYTES",
+    "MAX_TUPLE_DEPTH",
+    "MAX_TUPLE_WORK",
+    "PickleRefused",
     "PickleScan",
+    "TupleBudget",
     "StorageRecord",
     "checkpoint_globals",
     "danger_of",
@@ -38,6 +47,88 @@ __all__ = [
 #: At most this many bytes of one file or zip member are scanned (the pickled part of a
 #: legacy torch file comes first; raw storage bytes follow and need no scanning).
 MAX_SCAN_BYTES = 64 * 1024 * 1024
+
+#: Tuples may nest at most this deep: hashing a tuple (as a dict key) recurses in C once per level,
+#: and a pickle 200 KB long can nest them 100,000 deep (a segfault in any unpickler).
+MAX_TUPLE_DEPTH = 100
+#: Hashing one tuple may visit at most this many elements, repeats of a shared tuple counted each
+#: time (a pickle can build ``t = (t, t)`` a hundred times: 2**100 elements to hash).
+MAX_TUPLE_WORK = 10_000_000
+
+
+class PickleRefused(ValueError):
+    """A pickle that no unpickler may see: it would crash, hang or allocate what the file does not hold."""
+
+
+class TupleBudget:
+    """Depth and hashing work of the tuples an unpickler builds, checked as each one is built.
+
+    Each tuple's depth and work (elements its hash would visit) follow from its items', so
+    the check costs one look-up per item. The tuples are kept alive so that their ids stay theirs.
+    """
+
+    __slots__ = ("known",)
+
+    def __init__(self) -> None:
+        self.known: dict[int, tuple[tuple[Any, ...], int, int]] = {}
+
+    def check(self, t: tuple[Any, ...]) -> None:
+        depth, work, known = 1, len(t), self.known
+        for item in t:
+            if type(item) is tuple and item:
+                entry = known.get(id(item))
+                if entry is None:  # not known: flat
+                    work += len(item)
+                    depth = max(depth, 2)
+                else:
+                    work += entry[2]
+                    depth = max(depth, entry[1] + 1)
+        if depth == 1:
+            return  # flat (shapes, strides, storage ids): its default entry is exact, nothing to keep
+        if depth > MAX_TUPLE_DEPTH:
+            raise PickleRefused(
+                f"the pickle nests tuples more than {MAX_TUPLE_DEPTH} deep (crafted: hashing them would crash)"
+            )
+        if work > MAX_TUPLE_WORK:
+            raise PickleRefused(
+                f"the pickle builds a tuple whose hash would visit more than {MAX_TUPLE_WORK} elements "
+                "(shared tuples nested in each other: crafted, hashing it would never end)"
+            )
+        self.known[id(t)] = (t, depth, work)
+
+
+#: Allow-listed globals that allocate memory the file does not hold when a pickle calls them:
+#: legacy tensor constructors (``torch.Tensor(2, 2)``: uninitialised values) and storages
+#: (``torch.FloatStorage(n)``). torch.save never calls them: storages come by persistent id.
+def _allocates(name: str) -> bool:
+    module, _, short = name.rpartition(".")
+    if module in ("torch", "torch.cuda", "torch.sparse", "torch.cuda.sparse", "torch._tensor", "torch.storage"):
+        return short.endswith(("Tensor", "Storage"))
+    return False
+
+
+class _Encoded:
+    """What ``_codecs.encode(text, "latin1")`` returns in a scan: bytes as long as text of the pickle (protocol 2)."""
+
+    __slots__ = ()
+
+
+_ENCODED = _Encoded()
+
+
+def _encoded(value: object) -> bool:
+    return value is _ENCODED or getattr(type(value), "inert_name", "") == "_codecs.encode"
+
+
+def refused_call(name: str, args: object) -> str | None:
+    """Why a pickle may not call the global ``name`` with ``args``, or ``None`` when it may."""
+    if _allocates(name):
+        return f"the pickle calls {name}, which allocates uninitialised memory (values not from the file)"
+    if name == "builtins.bytearray" and not (
+        isinstance(args, tuple) and (not args or isinstance(args[0], (bytes, bytearray, str)) or _encoded(args[0]))
+    ):  # bytearray() and bytearray(data) are what pickle writes; bytearray(n) allocates n bytes
+        return "the pickle calls builtins.bytearray with a size, which allocates memory the file does not hold"
+    return None
 
 _LITERAL_OPS = {
     "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4",
@@ -135,12 +226,14 @@ class PickleScan:
         resolved: every persistent id in the ``pickles`` complete pickles was a literal tuple, so
             ``storages`` is complete for them (false too when no pickle ended cleanly).
         pickles: how many complete pickles were read (a legacy torch file holds five).
+        problems: why no unpickler may see these bytes (see :class:`PickleRefused`), if anything.
     """
 
     globals: list[str] = field(default_factory=list)
     storages: list[StorageRecord] = field(default_factory=list)
     resolved: bool = True
     pickles: int = 0
+    problems: list[str] = field(default_factory=list)
 
 
 def _global_name(module: str, name: str) -> str:
@@ -182,6 +275,7 @@ class _Machine:
         self.stack: list[object] = []
         self.memo: dict[int, object] = {}
         self.ok = True
+        self.tuples = TupleBudget()
 
     def pop(self) -> object:
         if not self.stack or self.stack[-1] is _MARK_ON_STACK:
@@ -208,6 +302,9 @@ class _Machine:
             return
         try:
             self._step(name, op, arg)
+        except PickleRefused as e:
+            self.scan.problems.append(str(e))
+            self.ok = False
         except (IndexError, KeyError, TypeError):
             self.ok = False
             if name == "STACK_GLOBAL":
@@ -234,10 +331,19 @@ class _Machine:
             push(_Global(g))
         elif name == "TUPLE":
             push(tuple(self.pop_to_mark()))
+            self.tuples.check(self.stack[-1])  # type: ignore[arg-type]
         elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
             n = int(name[-1])
             items = [self.pop() for _ in range(n)][::-1]
             push(tuple(items))
+            self.tuples.check(self.stack[-1])  # type: ignore[arg-type]
+        elif name in ("REDUCE", "NEWOBJ"):
+            args, func = self.pop(), self.pop()
+            if isinstance(func, _Global):
+                why = refused_call(func.name, args if isinstance(args, tuple) else None)
+                if why:
+                    raise PickleRefused(why)
+            push(_ENCODED if isinstance(func, _Global) and func.name == "_codecs.encode" else _OPAQUE)
         elif name in _MEMO_PUT:
             self.memo[int(arg)] = self.stack[-1]  # type: ignore[arg-type]
         elif name == "MEMOIZE":
@@ -271,18 +377,21 @@ class _Machine:
                 push(_OPAQUE)
 
 
-def scan_pickles(data: bytes, *, max_pickles: int = 8) -> PickleScan:
+def scan_pickles(data: bytes | BinaryIO, *, max_pickles: int = 8) -> PickleScan:
     """Scan up to ``max_pickles`` consecutive pickles in ``data`` (legacy torch files hold five).
 
-    Never executes anything and never allocates more than ``data`` itself. Stops quietly at
+    ``data`` is bytes or a seekable binary file, read as a stream (nothing is skipped, whatever
+    its size). Never executes anything and never allocates more than ``data`` itself. Stops quietly at
     the first byte sequence that is not a pickle (raw storage bytes follow in legacy files).
     """
     scan = PickleScan()
     found: dict[str, None] = {}
-    stream = io.BytesIO(data)
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     for _ in range(max_pickles):
-        if stream.tell() >= len(data):
+        at = stream.tell()
+        if not stream.read(1):
             break
+        stream.seek(at)
         machine = _Machine(scan, found)
         finished = False
         try:
@@ -308,6 +417,56 @@ class _Unresolved(Exception):
     pass
 
 
+def _tuple_mark(self: Any) -> None:
+    t = tuple(self.pop_mark())
+    self.append(t)
+    if tuple in map(type, t):  # only tuples holding tuples can nest or share: the rest costs one C-level scan
+        self.tuples.check(t)
+
+
+def _tuple1(self: Any) -> None:
+    t = (self.stack[-1],)
+    self.stack[-1] = t
+    if type(t[0]) is tuple:
+        self.tuples.check(t)
+
+
+def _tuple2(self: Any) -> None:
+    t = (self.stack[-2], self.stack[-1])
+    self.stack[-2:] = [t]
+    if type(t[0]) is tuple or type(t[1]) is tuple:
+        self.tuples.check(t)
+
+
+def _tuple3(self: Any) -> None:
+    t = (self.stack[-3], self.stack[-2], self.stack[-1])
+    self.stack[-3:] = [t]
+    if tuple in map(type, t):
+        self.tuples.check(t)
+
+
+def bounded_dispatch(dispatch: dict[int, Any]) -> dict[int, Any]:
+    """A pure-Python unpickler's ``dispatch`` table whose tuple opcodes check ``self.tuples``
+    (a :class:`TupleBudget`) as each tuple is built, before anything can hash it."""
+    out = dict(dispatch)
+    for code, load in ((pickle.TUPLE, _tuple_mark), (pickle.TUPLE1, _tuple1), (pickle.TUPLE2, _tuple2),
+                       (pickle.TUPLE3, _tuple3)):  # fmt: skip
+        out[code[0]] = load
+    return out
+
+
+class _InertCall(_Inert):
+    """A stand-in that refuses the calls no unpickler may make (see :func:`refused_call`)."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args: object, **kwargs: object) -> _Inert:  # noqa: PYI034
+        why = refused_call(cls.inert_name, args)
+        if why:
+            raise PickleRefused(why)
+        return object.__new__(cls)
+
+
 def _refuse() -> None:
     raise _Unresolved
 
@@ -321,15 +480,18 @@ class _InertUnpickler(pickle._Unpickler):
     allocate the length it declares, so it is refused.
     """
 
-    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
+    dispatch: ClassVar[dict[int, Any]] = bounded_dispatch(pickle._Unpickler.dispatch)
     dispatch[pickle.BYTEARRAY8[0]] = lambda self: _refuse()
 
     def __init__(self, file: BinaryIO) -> None:
         super().__init__(file, encoding="utf-8")
         self.records: list[StorageRecord] = []
+        self.tuples = TupleBudget()
 
     def find_class(self, module: str, name: str) -> type[_Inert]:
-        return type("InertGlobal", (_Inert,), {"__slots__": (), "inert_name": _global_name(module, name)})
+        full = _global_name(module, name)
+        base = _InertCall if refused_call(full, None) else _Inert  # only these check their calls
+        return type("InertGlobal", (base,), {"__slots__": (), "inert_name": full})
 
     def persistent_load(self, pid: object) -> _Inert:
         record = _storage_record(pid)
@@ -346,7 +508,8 @@ def storage_records(data: bytes | BinaryIO) -> list[StorageRecord] | None:
 
     The pickle is run by Python's unpickler with every global replaced by an inert stand-in
     class (:class:`_Inert`), so nothing is imported or called, and memory stays bounded by
-    ``data`` (see :class:`_InertUnpickler`). Returns ``None`` when
+    ``data`` (see :class:`_InertUnpickler`). Tuples nested too deep or too shared to hash, and
+    calls that allocate what the file does not hold, raise :class:`PickleRefused`. Returns ``None`` when
     the pickle is not one (or is damaged), or when a persistent id is not a literal storage
     tuple: use :func:`scan_pickles` (opcode by opcode) instead.
     """
@@ -356,12 +519,14 @@ def storage_records(data: bytes | BinaryIO) -> list[StorageRecord] | None:
     reader = _InertUnpickler(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     try:
         reader.load()
+    except PickleRefused:
+        raise
     except Exception:  # noqa: BLE001 - not a plain torch pickle: the caller falls back to the opcode scan
         return None
     return reader.records
 
 
-def pickle_globals(data: bytes, *, max_pickles: int = 8) -> list[str]:
+def pickle_globals(data: bytes | BinaryIO, *, max_pickles: int = 8) -> list[str]:
     """Every ``module.name`` referenced by GLOBAL / STACK_GLOBAL / INST opcodes.
 
     Reads up to ``max_pickles`` consecutive pickles (legacy torch files hold several).

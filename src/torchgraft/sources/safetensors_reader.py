@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import json
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,21 @@ def torch_shape(dtype: str, shape: list[int] | tuple[int, ...]) -> tuple[int, ..
 
 #: The safetensors library refuses headers larger than this; so do we, before allocating.
 MAX_HEADER_BYTES = 100_000_000
+#: At most this many tensors in one file, counted before the header is parsed (the largest
+#: single files of real models hold a few thousand; a sharded 405B model ~3,000 per shard).
+MAX_ENTRIES = 200_000
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Build many small objects without the cyclic collector rescanning them all again and again (quadratic)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -94,8 +112,15 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
         raise bad(f"cannot read the file ({e.strerror or e})", hint="check that the path is a readable file") from None
     if len(raw) != n:
         raise bad(f"the header claims {n} bytes but only {len(raw)} could be read (the file changed while reading?)")
+    entries = raw.count(b'"data_offsets"')  # an upper bound on the entries, before any object is built
+    if entries > MAX_ENTRIES:
+        raise bad(
+            f"the header describes {entries} tensors, more than the {MAX_ENTRIES} torchgraft reads from one file",
+            hint="split the checkpoint into shards (tg.convert(..., max_shard_size=...))",
+        )
     try:
-        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+        with _no_gc():
+            header = json.loads(raw, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as e:
         raise bad(f"the header names {_r(e.args[0])} twice") from None
     except RecursionError:
@@ -108,7 +133,13 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise bad("'__metadata__' must map strings to strings")
-    data_len = size - 8 - n
+    with _no_gc():
+        _check_entries(header, size - 8 - n, bad)
+    return header, metadata, 8 + n
+
+
+def _check_entries(header: dict[str, Any], data_len: int, bad: Any) -> None:
+    """Every entry's dtype, shape and offsets, and the entries tiling the data block exactly."""
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
@@ -162,7 +193,6 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
         raise bad(
             f"the entries cover {covered} of the {data_len} bytes in the data block (trailing bytes: damaged or appended to?)"
         )
-    return header, metadata, 8 + n
 
 
 class _DuplicateKey(ValueError):
@@ -211,16 +241,17 @@ def open_safetensors(path: Path, **_: Any) -> Source:
     """Open one ``.safetensors`` file lazily (zero-copy: tensors are memory-mapped)."""
     header, metadata, _ = read_header(path)
     handle = _LazySafeOpen(path)
-    entries = {
-        name: TensorRef(
-            name,
-            torch_shape(info["dtype"], info["shape"]),
-            SAFETENSORS_DTYPES[info["dtype"]],
-            _getter(handle, name),
-            file=str(path),
-        )
-        for name, info in header.items()
-    }
+    with _no_gc():
+        entries = {
+            name: TensorRef(
+                name,
+                torch_shape(info["dtype"], info["shape"]),
+                SAFETENSORS_DTYPES[info["dtype"]],
+                _getter(handle, name),
+                file=str(path),
+            )
+            for name, info in header.items()
+        }
     return Source(entries, path=str(path), format=FORMAT, metadata=metadata, closer=handle.close)
 
 

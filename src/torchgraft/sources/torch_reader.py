@@ -25,18 +25,26 @@ from typing import Any
 from ..dangers import dangerous_globals
 from ..errors import CheckpointError, UnsafeCheckpointError
 from ..messages import first_line
-from .base import Source, TensorRef, constant_loader, dtype_name
+from .base import Source, TensorRef, constant_loader, dtype_name, valid_module_metadata
 from .containers import MAX_DEPTH, find_state_dict
 from .legacy_reader import NOT_PLAIN, element_size, read_legacy
 from .pickle_scan import (
     MAX_SCAN_BYTES,
+    PickleRefused,
     checkpoint_globals,
     refused_globals,
     scan_pickles,
     storage_records,
 )
 
-__all__ = ["MAX_INFLATED_BYTES", "open_torch", "resolve_allow_globals", "safe_torch_load", "torch_format"]
+__all__ = [
+    "MAX_INFLATED_BYTES",
+    "check_zip_directory",
+    "open_torch",
+    "resolve_allow_globals",
+    "safe_torch_load",
+    "torch_format",
+]
 
 _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -110,13 +118,33 @@ def resolve_allow_globals(allow_globals: Iterable[str | Any] | None) -> list[tup
     for g in allow_globals or ():
         obj = _resolve_global(g) if isinstance(g, str) else g
         names = {g, _global_name(obj)} if isinstance(g, str) else {_global_name(obj)}
-        bad = dangerous_globals(sorted(names))
+        bad = dangerous_globals(sorted(names)) or _dangerous_alias(obj)
         if bad:
             raise ValueError(
                 f"allow_globals: refusing to allow {', '.join(bad)}: it runs code when a pickle calls it. "
                 "A checkpoint that needs it is not a weights file; do not load it"
             )
         out.append((_global_name(obj), obj))
+    return out
+
+
+def _dangerous_alias(obj: Any) -> list[str]:
+    """The dangerous names that resolve to ``obj`` itself (``io.open`` is ``builtins.open``): judged by object."""
+    import sys
+
+    from .pickle_scan import DANGERS
+
+    out = []
+    for name in DANGERS:
+        module, _, attr = name.rpartition(".")
+        if not module:  # a whole module ("os"): its functions carry its name in __module__, checked above
+            continue
+        try:
+            mod = sys.modules.get(module) or importlib.import_module(module)
+            if getattr(mod, attr, None) is obj:
+                out.append(name)
+        except Exception:  # noqa: BLE001, S112 - a module this Python lacks cannot be what obj is
+            continue
     return out
 
 
@@ -134,30 +162,48 @@ def _allowed(extra: list[tuple[str, Any]]) -> Iterator[None]:
 # checks before torch.load ---------------------------------------------------------------------
 
 
+def check_zip_directory(zf: zipfile.ZipFile, size: int, bad) -> list[zipfile.ZipInfo]:
+    """The members of a torch zip, refused when a reader could be fooled or flooded by them.
+
+    Every name is unique, also ignoring case (torch and ``zipfile`` could otherwise resolve
+    ``data.pkl`` to two different members, one checked and one loaded); every record lies inside
+    the file; nothing is encrypted; compressed records inflate by a bounded factor. Shared by
+    ``open`` and ``scan``.
+    """
+    infos = zf.infolist()
+    seen: dict[str, str] = {}
+    for info in infos:
+        folded = info.filename.casefold()
+        if folded in seen:
+            if seen[folded] == info.filename:
+                raise bad(f"the archive holds two records named {info.filename!r}")
+            raise bad(
+                f"the archive holds records named {seen[folded]!r} and {info.filename!r}, which differ only in case "
+                "(a reader could pick either: crafted file)"
+            )
+        seen[folded] = info.filename
+        if info.header_offset + info.compress_size > size:
+            raise bad(f"record {info.filename!r} reaches past the end of the file (truncated?)")
+        if info.flag_bits & 0x1:
+            raise bad(f"record {info.filename!r} is encrypted, which torch cannot read")
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.file_size != info.compress_size:
+                raise bad(f"record {info.filename!r} is stored uncompressed but its two sizes disagree")
+        elif info.compress_type != zipfile.ZIP_DEFLATED:
+            raise bad(f"record {info.filename!r} uses compression method {info.compress_type}, which torch cannot read")
+        elif info.file_size > min(MAX_INFLATED_BYTES, max(1 << 20, _MAX_INFLATE_RATIO * info.compress_size)):
+            raise bad(
+                f"record {info.filename!r} would inflate from {info.compress_size} to {info.file_size} bytes "
+                "(a zip bomb?); torch writes records uncompressed"
+            )
+    return infos
+
+
 def _check_zip(path: Path, size: int, bad) -> bool:
     """Validate a torch zip before torch reads it; return whether it may be memory-mapped."""
     try:
         with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            seen: set[str] = set()
-            for info in infos:
-                if info.filename in seen:
-                    raise bad(f"the archive holds two records named {info.filename!r}")
-                seen.add(info.filename)
-                if info.header_offset + info.compress_size > size:
-                    raise bad(f"record {info.filename!r} reaches past the end of the file (truncated?)")
-                if info.compress_type == zipfile.ZIP_STORED:
-                    if info.file_size != info.compress_size:
-                        raise bad(f"record {info.filename!r} is stored uncompressed but its two sizes disagree")
-                elif info.compress_type != zipfile.ZIP_DEFLATED:
-                    raise bad(
-                        f"record {info.filename!r} uses compression method {info.compress_type}, which torch cannot read"
-                    )
-                elif info.file_size > min(MAX_INFLATED_BYTES, max(1 << 20, _MAX_INFLATE_RATIO * info.compress_size)):
-                    raise bad(
-                        f"record {info.filename!r} would inflate from {info.compress_size} to {info.file_size} bytes "
-                        "(a zip bomb?); torch writes records uncompressed"
-                    )
+            infos = check_zip_directory(zf, size, bad)
             if not infos:
                 raise bad("the zip archive is empty")
             root = infos[0].filename.split("/", 1)[0] + "/"
@@ -174,9 +220,14 @@ def _check_zip(path: Path, size: int, bad) -> bool:
         raise
     except Exception as e:  # noqa: BLE001 - BadZipFile, zlib.error, EOFError, struct.error, ...
         raise bad(f"the zip archive is truncated or damaged ({type(e).__name__}: {first_line(str(e))})") from None
-    records = storage_records(data)  # 4x faster; the opcode scan below handles what it gives up on
+    try:
+        records = storage_records(data)  # 4x faster; the opcode scan below handles what it gives up on
+    except PickleRefused as e:
+        raise bad(str(e)) from None
     if records is None:
         scan = scan_pickles(data, max_pickles=1)
+        if scan.problems:
+            raise bad(scan.problems[0])
         if not scan.resolved:
             return False  # torch checks record sizes itself when it reads them into memory
         records = scan.storages
@@ -207,6 +258,8 @@ def _check_legacy(path: Path, size: int, bad) -> None:
     except OSError as e:
         raise bad(f"cannot read the file ({e.strerror or e})") from None
     scan = scan_pickles(data, max_pickles=5)  # magic number, protocol, sys info, payload, storage keys
+    if scan.problems:
+        raise bad(scan.problems[0])
     declared = 0
     for record in {r.key: r for r in reversed(scan.storages)}.values():  # torch sizes a storage by its first reference
         declared += record.numel * (element_size(record.type) or 0)
@@ -336,14 +389,25 @@ def open_torch(
     state_dict, chosen, candidates = find_state_dict(obj, container=container, path=str(path), format=fmt)
     entries: dict[str, TensorRef] = {}
     skipped: dict[str, str] = {}
+    unusable: list[str] = []
     for key, value in _flatten(state_dict, skipped):
         if isinstance(value, torch.Tensor):
+            why = unusable_tensor(value)
+            if why:
+                unusable.append(f"{key!r} ({why})")
             entries[key] = TensorRef(key, tuple(value.shape), dtype_name(value.dtype), constant_loader(value))
         else:
             skipped[key] = type(value).__name__
-    meta = getattr(state_dict, "_metadata", None)
-    if not isinstance(meta, Mapping) or not all(isinstance(v, Mapping) for v in meta.values()):
-        meta = None  # a hostile _metadata must not break the version hooks later
+    if unusable:
+        raise CheckpointError(
+            path,
+            f"{len(unusable)} tensor(s) cannot be loaded as weights: {', '.join(unusable[:5])}"
+            + (" ..." if len(unusable) > 5 else ""),
+            format=fmt,
+            hint="only dense tensors with their values in the file load; re-save them with .to_dense() "
+            "(sparse), .dequantize() (quantized) or with their values (meta tensors hold none)",
+        )
+    meta = valid_module_metadata(getattr(state_dict, "_metadata", None))
     return Source(
         entries,
         path=str(path),
@@ -353,3 +417,23 @@ def open_torch(
         containers=candidates,
         skipped=skipped,
     )
+
+
+def unusable_tensor(t: Any) -> str:
+    """Why a loaded tensor cannot be a weight (``""`` when it can): its values are not plain bytes from the file.
+
+    Sparse tensors are not checked by torch when loaded (out-of-range indices crash later),
+    meta tensors hold no values, quantized and nested ones cannot be copied into a dense parameter.
+    """
+    import torch
+
+    if t.is_meta:
+        return "a meta tensor: the file holds no values for it"
+    if t.layout != torch.strided:
+        return f"{str(t.layout).removeprefix('torch.')} layout"
+    if t.is_quantized:
+        return "quantized"
+    if getattr(t, "is_nested", False):
+        return "nested"
+    return ""
+
