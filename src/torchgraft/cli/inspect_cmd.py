@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         f"size: {fmt_bytes(info['bytes'])}{selected}"
     )
     if dtypes:
-        out.print(f"values by dtype: {dtypes}")
+        out.print(f"dtypes: {dtypes}")
     if len(src.files) > 1:
         out.print(f"files: {len(src.files)} shards")
     if src.containers and len(src.containers) > 1:
