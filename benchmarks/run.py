@@ -1,7 +1,10 @@
 """Side-by-side load benchmarks: torchgraft against the alternatives, measured in one run.
 
-    make bench                                   # all sizes and formats (generates checkpoints once)
-    .venv/bin/python benchmarks/run.py --sizes bert-base --repeats 3
+    make bench                                   # bert-base and bert-large, safetensors and torch zip (< 10 min, 2 cores)
+    .venv/bin/python benchmarks/run.py --large   # also the 1.3B size (4.8 GiB per format; generated once)
+    .venv/bin/python benchmarks/run.py --sizes bert-base --formats torch-legacy,torch-legacy-aligned \
+        --contenders raw-read,read-fresh,floor,torchgraft
+    .venv/bin/python benchmarks/run.py --contenders all   # every contender below
 
 Formats: safetensors, torch zip, legacy torch pickle (torch.load cannot memory-map it: its
 floor is torch.load + assign), and a legacy file whose float records happen to start 4-byte
@@ -9,7 +12,8 @@ aligned (torchgraft maps those instead of reading them; the plain one is misalig
 (default ``~/.cache/torchgraft-bench``), outside the repository. Every measurement runs in a
 fresh process (imports are done before the clock starts); contenders alternate within each
 repeat, and the table shows medians, ratios to the bare floor, peak anonymous (private) memory
-growth and peak RSS growth (which also counts page-cache pages mapped from the file).
+growth and peak RSS growth (which also counts page-cache pages mapped from the file). Each
+measurement prints a progress line with the time left (estimated from the runs so far).
 
 Contenders:
   raw-read        read the file's bytes into one reused buffer (the I/O floor, page cache warm)
@@ -18,9 +22,9 @@ Contenders:
   torch           torch.load / safetensors.load_file, then load_state_dict into a model built on CPU
   floor           model on meta + memory map + load_state_dict(assign=True)  (the zero-copy floor)
   from_pretrained transformers' BertModel.from_pretrained(dir)
-  torchgraft      model on meta + tg.load(model, path)  (default: also scans every value for NaN/Inf)
-  tg-nocheck      the same with check_finite=False (the pure zero-copy path)
-  tg-copy         tg.load(check_finite=False) into a model already built on CPU (copy in place) -- compare with "torch"
+  torchgraft      model on meta + tg.load(model, path)  (the default: zero-copy, no value read)
+  tg-check        the same with check_finite="warn" (reads every value once for NaN/Inf)
+  tg-copy         tg.load into a model already built on CPU (copy in place) -- compare with "torch"
   tg-bf16         model on meta + tg.load(..., dtype=bfloat16)  (streaming cast)
   plan            tg.plan only (names and shapes)
 """
@@ -28,6 +32,7 @@ Contenders:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -43,7 +48,9 @@ SIZES = {
     "bert-large": (1024, 24, 4096, 16),
     "bert-1.3b": (2048, 24, 8192, 16),
 }
+DEFAULT_SIZES = ("bert-base", "bert-large")  # --large adds bert-1.3b
 FORMATS = ("safetensors", "torch-zip", "torch-legacy", "torch-legacy-aligned")
+DEFAULT_FORMATS = ("safetensors", "torch-zip")
 CONTENDERS = (
     "raw-read",
     "read-fresh",
@@ -51,11 +58,13 @@ CONTENDERS = (
     "floor",
     "from_pretrained",
     "torchgraft",
-    "tg-nocheck",
+    "tg-check",
     "tg-copy",
     "tg-bf16",
     "plan",
 )
+#: The default: the default load side by side with what it is compared against (README's table).
+DEFAULT_CONTENDERS = ("floor", "from_pretrained", "torchgraft", "tg-check")
 
 
 def bench_dir() -> Path:
@@ -212,12 +221,12 @@ def worker(contender: str, size: str, fmt: str) -> dict:
         with torch.device("meta"):
             model = BertModel(config)
         tg.load(model, path)
-    elif contender == "tg-nocheck":
+    elif contender == "tg-check":
         with torch.device("meta"):
             model = BertModel(config)
-        tg.load(model, path, check_finite=False)
+        tg.load(model, path, check_finite="warn")
     elif contender == "tg-copy":
-        tg.load(prebuilt, path, check_finite=False)
+        tg.load(prebuilt, path)
     elif contender == "tg-bf16":
         with torch.device("meta"):
             model = BertModel(config)
@@ -282,9 +291,14 @@ def _in_process(contender: str, size: str, fmt: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default=",".join(SIZES))
-    ap.add_argument("--formats", default=",".join(FORMATS))
-    ap.add_argument("--contenders", default=",".join(CONTENDERS))
+    ap.add_argument(
+        "--sizes", default=None, help=f"comma-separated, of {', '.join(SIZES)} (default: bert-base,bert-large)"
+    )
+    ap.add_argument("--large", action="store_true", help="add bert-1.3b to the default sizes (4.8 GiB per format)")
+    ap.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma-separated, of {', '.join(FORMATS)}")
+    ap.add_argument(
+        "--contenders", default=",".join(DEFAULT_CONTENDERS), help=f"comma-separated, or 'all': {', '.join(CONTENDERS)}"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="also write the raw results here")
@@ -295,7 +309,9 @@ def main() -> None:
         "one untimed call of each first) instead of a fresh process per measurement",
     )
     args = ap.parse_args()
-    sizes, formats, contenders = args.sizes.split(","), args.formats.split(","), args.contenders.split(",")
+    sizes = args.sizes.split(",") if args.sizes else [*DEFAULT_SIZES, *(["bert-1.3b"] if args.large else [])]
+    formats = args.formats.split(",")
+    contenders = list(CONTENDERS) if args.contenders == "all" else args.contenders.split(",")
     if args.worker:
         print(json.dumps(worker(args.worker, sizes[0], formats[0])))
         return
@@ -305,16 +321,21 @@ def main() -> None:
     console = Console(width=170)
     results: dict[tuple[str, str, str], list[dict]] = {}
     run_one = _in_process if args.in_process else measure
+    total = len(sizes) * len(formats) * len(contenders) * (args.repeats + (1 if args.in_process else 0))
+    progress = _Progress(console, total)
     for size in sizes:
         for fmt in formats:
-            console.print(f"[dim]checkpoint {size} {fmt}: {generate(size, fmt)}[/dim]")
-            measure("raw-read", size, fmt)  # warm the page cache
+            with progress.paused():  # generating a checkpoint (once) is not part of the estimate
+                console.print(f"[dim]checkpoint {size} {fmt}: {generate(size, fmt)}[/dim]")
+                measure("raw-read", size, fmt)  # warm the page cache
             if args.in_process:
                 for c in contenders:
-                    run_one(c, size, fmt)  # imports and first-call costs out of the way
-            for _ in range(args.repeats):
+                    progress.done(f"{size} {fmt} {c} (warm-up)", run_one(c, size, fmt))
+            for repeat in range(args.repeats):
                 for c in contenders:  # alternate contenders within each repeat
-                    results.setdefault((size, fmt, c), []).append(run_one(c, size, fmt))
+                    result = run_one(c, size, fmt)
+                    results.setdefault((size, fmt, c), []).append(result)
+                    progress.done(f"{size} {fmt} {c} (run {repeat + 1}/{args.repeats})", result)
     mode = "in one warm process" if args.in_process else "fresh process each"
     table = Table(
         title=f"torchgraft benchmarks ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, torch {_torch_version()}, {mode})"
@@ -357,6 +378,36 @@ def main() -> None:
     console.print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"|".join(k): v for k, v in results.items()}, indent=1))
+
+
+class _Progress:
+    """One line per measurement: what ran, its time, and the time left (from the mean so far)."""
+
+    def __init__(self, console, total: int) -> None:
+        self.console, self.total, self.count, self.started = console, total, 0, time.perf_counter()
+        self.excluded = 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t0
+
+    def done(self, what: str, result: dict) -> None:
+        self.count += 1
+        elapsed = time.perf_counter() - self.started
+        left = (elapsed - self.excluded) / self.count * (self.total - self.count)
+        took = f"error: {result['error'][:60]}" if "error" in result else f"{result['seconds']:.3f} s"
+        self.console.print(
+            f"[dim][{self.count}/{self.total}] {what}: {took}   elapsed {_clock(elapsed)}, about {_clock(left)} left[/dim]"
+        )
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{secs:02d}"
 
 
 def _torch_version() -> str:

@@ -70,10 +70,10 @@ def test_inspect_json_counts_minilm_without_importing_torch(minilm_dir):
 
 
 def test_inspect_tree_collapses_repeated_layers_and_filters(minilm_dir):
-    r = run_cli("inspect", minilm_dir, "--depth", "2")
+    r = run_cli("inspect", minilm_dir, "--depth", "3")
     assert r.returncode == 0, r.stderr
-    assert "tensors: 104   parameters: 22,713,728" in r.stdout
-    assert "{0..5}  (1,774,464 params each)" in r.stdout
+    assert "tensors: 104   values: 22,713,728 (parameters and buffers)" in r.stdout
+    assert "{0..5}  (1,774,464 values each, 10,646,784 in all)" in r.stdout
     assert "encoder.layer.0" not in r.stdout and "\x1b[" not in r.stdout  # collapsed; no colour codes when piped
 
     r = run_cli("inspect", minilm_dir, "--filter", "encoder.layer.5.attention.*", "--json")

@@ -103,7 +103,7 @@ def load(
     plan: Plan | None = None,
     init_missing: bool = True,
     adapt: AdaptSpec | None = None,
-    check_finite: Literal["warn", "error", False] | None = "warn",
+    check_finite: Literal["warn", "error", False] | None = False,
     allow_globals: Iterable[str | Any] | None = None,
     align: bool = False,
 ) -> LoadReport:
@@ -128,10 +128,11 @@ def load(
             ``{glob: adapter}`` (see :func:`torchgraft.plan`); every adaptation is in
             ``report.adapted``. Part of planning, so ignored when ``plan=`` is given.
         check_finite: look for NaN / Inf in every floating-point tensor as it will be stored
-            (after adapting and casting, so a cast that overflows counts too). ``"warn"``
-            (default): list them in ``report.nonfinite`` and warn; ``"error"``: raise
-            :class:`~torchgraft.LoadError` naming them, the model unchanged; ``False``: skip
-            the check (it reads every loaded tensor once more).
+            (after adapting and casting, so a cast that overflows counts too). ``False``
+            (default): no check, so a zero-copy load reads no tensor bytes; ``"warn"``: list
+            them in ``report.nonfinite`` and warn; ``"error"``: raise
+            :class:`~torchgraft.LoadError` naming them, the model unchanged. The check reads
+            every loaded value once (about 0.4 s for 4.8 GiB on 2 cores).
         allow_globals: when ``source`` is a path: classes a trusted pickle may hold
             (``["argparse.Namespace"]``), as for :func:`torchgraft.open`.
         align: pair differently named entries by structure (see :func:`torchgraft.plan`);

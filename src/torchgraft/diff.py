@@ -413,9 +413,13 @@ def _renderable(d: CheckpointDiff):
 
     parts: list[Any] = [Text(f"A: {d.a}\nB: {d.b}", style="bold")]
     s = d.summary()
-    line = (
-        f"common: {s['common']}   only in A: {s['only_a']}   only in B: {s['only_b']}   "
-        f"shape changes: {s['shape_changed']}   dtype changes: {s['dtype_changed']}   suggested renames: {s['renames']}"
+    paired_a = {r.a for r in d.renames}
+    paired_b = {r.b for r in d.renames}
+    alone_a = [k for k in d.only_a if k not in paired_a]
+    alone_b = [k for k in d.only_b if k not in paired_b]
+    line = (  # the same counts as the tables below: names a suggested rename explains are counted there
+        f"common: {s['common']}   only in A: {len(alone_a)}   only in B: {len(alone_b)}   "
+        f"suggested renames: {s['renames']}   shape changes: {s['shape_changed']}   dtype changes: {s['dtype_changed']}"
     )
     if d.values is not None:
         line += f"\nvalues changed: {s['values_changed']} of {s['values_compared']} compared"
@@ -428,8 +432,9 @@ def _renderable(d: CheckpointDiff):
                 style="green",
             )
         )
-    paired_a = {r.a for r in d.renames}
-    paired_b = {r.b for r in d.renames}
+    def more(t: Any, total: int, columns: int) -> None:
+        if total > _MAX_ROWS:
+            t.add_row(f"... and {total - _MAX_ROWS} more (--json / to_dict() lists all)", *[""] * (columns - 1))
 
     def keys_table(title: str, keys: list[str]) -> None:
         if keys:
@@ -438,14 +443,8 @@ def _renderable(d: CheckpointDiff):
             t.add_row(_keys_text(keys))
             parts.append(t)
 
-    keys_table(
-        f"only in A ({len([k for k in d.only_a if k not in paired_a])}, renames aside)",
-        [k for k in d.only_a if k not in paired_a],
-    )
-    keys_table(
-        f"only in B ({len([k for k in d.only_b if k not in paired_b])}, renames aside)",
-        [k for k in d.only_b if k not in paired_b],
-    )
+    keys_table(f"only in A ({len(alone_a)}, renames aside)", alone_a)
+    keys_table(f"only in B ({len(alone_b)}, renames aside)", alone_b)
     if d.prefix:
         parts.append(
             Text(
@@ -456,27 +455,34 @@ def _renderable(d: CheckpointDiff):
     other = [r for r in d.renames if r.kind != "prefix"]
     shown_prefix = [r for r in d.renames if r.kind == "prefix" and r.shape_a != r.shape_b]  # the rest is one line
     if other or shown_prefix:
-        t = Table(title="suggested renames", title_justify="left")
+        in_line = len(d.renames) - len(other) - len(shown_prefix)
+        title = f"suggested renames ({len(other) + len(shown_prefix)}" + (
+            f"; the other {in_line} are the prefix line above)" if in_line else ")"
+        )
+        t = Table(title=title, title_justify="left")
         t.add_column("A name\n-> B name", overflow="fold", ratio=3)
         t.add_column("shape", overflow="fold", ratio=1)
         t.add_column("why (score)", overflow="fold", ratio=2)
         for r in (other + shown_prefix)[:_MAX_ROWS]:
             shape = str(list(r.shape_a)) if r.shape_a == r.shape_b else f"{list(r.shape_a)} -> {list(r.shape_b)}"
             t.add_row(f"{r.a}\n-> {r.b}", shape, f"{r.reason} ({r.score:.2f})")
+        more(t, len(other) + len(shown_prefix), 3)
         parts.append(t)
     if d.shape_changed:
-        t = Table(title="shape changes", title_justify="left")
+        t = Table(title=f"shape changes ({len(d.shape_changed)})", title_justify="left")
         for col in ("name", "A", "B"):
             t.add_column(col, overflow="fold")
         for row in d.shape_changed[:_MAX_ROWS]:
             t.add_row(row["name"], str(row["a"]), str(row["b"]))
+        more(t, len(d.shape_changed), 3)
         parts.append(t)
     if d.dtype_changed:
-        t = Table(title="dtype changes", title_justify="left")
+        t = Table(title=f"dtype changes ({len(d.dtype_changed)})", title_justify="left")
         for col in ("name", "A", "B"):
             t.add_column(col, overflow="fold")
         for row in d.dtype_changed[:_MAX_ROWS]:
             t.add_row(row["name"], row["a"], row["b"])
+        more(t, len(d.dtype_changed), 3)
         parts.append(t)
     if d.values is not None:
         changed = sorted(
@@ -489,6 +495,7 @@ def _renderable(d: CheckpointDiff):
             for v in changed[:_MAX_ROWS]:
                 name = v["name"] if v["name"] == v["b"] else f"{v['name']} -> {v['b']}"
                 t.add_row(name, _fmt(v["max_abs"], "NaN/Inf"), _fmt(v["rel"], "n/a (A is zero, or NaN/Inf)"))
+            more(t, len(changed), 3)
             parts.append(t)
         if d.layers:
             top = max((row["rel"] or 0.0 for row in d.layers), default=0.0)
@@ -498,7 +505,7 @@ def _renderable(d: CheckpointDiff):
                 ("tensors", "right"),
                 ("changed", "right"),
                 ("relative change", "right"),
-                ("", "left"),
+                ("bar (largest = 30)", "left"),
             ):
                 t.add_column(col, justify=just)
             for row in d.layers:

@@ -165,6 +165,15 @@ def local_path(path: str | os.PathLike[str]) -> Path:
 def _download(spec: HubSpec, path: str) -> Path:  # pragma: no cover - needs a network
     import huggingface_hub
 
+    reason = _unreachable()  # without a network huggingface_hub retries for ~25 s: fail at once instead
+    if reason:
+        raise CheckpointError(
+            path,
+            f"{spec} is not in the Hugging Face cache ({_cache_dir()}) and the hub cannot be reached ({reason})",
+            format="hf",
+            hint="set HF_HUB_OFFLINE=1 to use the cache only, set HF_HOME to the cache that holds the repository, "
+            "or download it where a network exists (hf download org/name)",
+        )
     try:
         files = huggingface_hub.list_repo_files(spec.repo_id, revision=spec.revision)
         patterns = _SAFETENSORS_PATTERNS if any(f.endswith(".safetensors") for f in files) else _TORCH_PATTERNS
@@ -177,6 +186,29 @@ def _download(spec: HubSpec, path: str) -> Path:  # pragma: no cover - needs a n
             hint="check the repository id and revision, log in for gated repositories (hf auth login), "
             "or pass a local directory",
         ) from None
+
+
+def _unreachable(timeout: float = 1.5) -> str | None:
+    """Why the hub's endpoint cannot be reached within ``timeout`` seconds (DNS and TCP), or ``None`` when it can."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"{host}: {e.strerror or e}")
+
+    worker = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+    worker.start()
+    worker.join(timeout)
+    return result[0] if result else f"{host}: no answer in {timeout:g} s"
 
 
 def _offline() -> bool:

@@ -182,6 +182,7 @@ class Plan:
         lines += [f"unexpected: {k}" for k in self.unexpected]
         lines += [
             f"shape mismatch: {e.target} expects {list(e.shape)}, checkpoint {e.source!r} has {list(e.source_shape or ())}"
+            f" (adapt='auto' or adapt={{{e.target!r}: adapter}} adapts it)"
             for e in self.mismatched
         ]
         lines += [
@@ -318,6 +319,13 @@ class Plan:
             )
 
     # Rendering -----------------------------------------------------------
+    def __repr__(self) -> str:
+        """Short, for a REPL: the counts and the first problems (``print(plan)`` shows the full table)."""
+        counts = ", ".join(f"{v} {k}" for k, v in self.summary().items() if v)
+        problems = self.problems()
+        shown = "; ".join(problems[:3]) + (f"; ... {len(problems) - 3} more" if len(problems) > 3 else "")
+        return f"<Plan {self.source} -> {self.model}: {counts or 'empty'}{'; ' + shown if shown else ''}>"
+
     def __str__(self) -> str:
         from .report import render_plan
 

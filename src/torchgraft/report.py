@@ -376,6 +376,24 @@ class LoadReport:
     def __rich__(self):
         return self._renderable()
 
+    def __repr__(self) -> str:
+        """Short, for a REPL: the counts and the first problems (``print(report)`` shows the full table)."""
+        groups = {
+            "loaded": self.loaded,
+            "adapted": self.adapted,
+            "missing": self.missing,
+            "mismatched": self.mismatched,
+            "unexpected": self.unexpected,
+            "tied": self.tied,
+            "renamed": self.renamed,
+            "nonfinite": self.nonfinite,
+        }
+        counts = ", ".join(f"{len(v)} {k}" for k, v in groups.items() if v)
+        problems = [f"missing: {k}" for k in self.missing] + [f"unexpected: {k}" for k in self.unexpected]
+        problems += [f"shape mismatch: {m['key']}" for m in self.mismatched]
+        shown = "; ".join(problems[:3]) + (f"; ... {len(problems) - 3} more" if len(problems) > 3 else "")
+        return f"<LoadReport {self.source} -> {self.model}: {counts or 'nothing'}{'; ' + shown if shown else ''}>"
+
     def __str__(self) -> str:
         return render_text(self._renderable())
 

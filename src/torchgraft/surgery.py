@@ -1,6 +1,6 @@
 """Model surgery: swap a model's first conv or its classifier for one with other sizes.
 
-The seed does it by hand (``model.features[0][0] = nn.Conv2d(1, 32, ...)``); these helpers find
+By hand that is ``model.features[0][0] = nn.Conv2d(1, 32, ...)``; these helpers find
 the module from known conventions, build its replacement with the same settings, device and
 dtype, keep the model's bookkeeping in step (Hugging Face ``config.num_channels`` /
 ``config.num_labels``, ``model.num_labels``, timm ``num_classes``), and say what they changed.

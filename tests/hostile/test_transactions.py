@@ -249,7 +249,7 @@ def _poisoned(net: Net) -> dict[str, torch.Tensor]:
 
 
 def test_nonfinite_values_are_reported_and_warned(net, caplog):
-    report = tg.load(net, _poisoned(net))
+    report = tg.load(net, _poisoned(net), check_finite="warn")
     assert report.nonfinite == {"middle.weight": {"nan": 2, "inf": 0}, "last.bias": {"nan": 0, "inf": 1}}
     assert report.to_dict()["nonfinite"] == report.nonfinite
     assert "NaN / Inf values" in str(report)
@@ -276,13 +276,21 @@ def test_overflowing_cast_counts_as_inf(net):
     sd = checkpoint_for(net)
     sd["first.weight"][0, 0] = 1e6  # finite in float32, +Inf in float16
     net.first.half()
-    report = tg.load(net, sd)
+    report = tg.load(net, sd, check_finite="warn")
     assert report.nonfinite == {"first.weight": {"nan": 0, "inf": 1}}
-    assert tg.load(net, sd, dtype=torch.float16).nonfinite["first.weight"] == {"nan": 0, "inf": 1}
+    assert tg.load(net, sd, dtype=torch.float16, check_finite="warn").nonfinite["first.weight"] == {"nan": 0, "inf": 1}
 
 
 def test_check_finite_false_skips_the_check(net):
     assert tg.load(net, _poisoned(net), check_finite=False).nonfinite == {}
+
+
+def test_check_finite_is_off_by_default(net, caplog):
+    """The default path is the fast one (issue 16.2): no scan, no warning, the values loaded as they are."""
+    report = tg.load(net, _poisoned(net))
+    assert report.nonfinite == {}
+    assert not any("NaN" in r.message for r in caplog.records)
+    assert torch.isnan(net.middle.weight[0, 0])
 
 
 def test_finite_checkpoint_reports_nothing(net):
@@ -293,7 +301,7 @@ def test_finite_checkpoint_reports_nothing(net):
 def test_nonfinite_in_narrow_and_wide_dtypes(dtype):
     model = nn.Linear(3, 2).to(dtype)
     sd = {"weight": torch.zeros(2, 3).to(dtype), "bias": torch.tensor([float("nan"), 0.0]).to(dtype)}
-    assert tg.load(model, sd).nonfinite == {"bias": {"nan": 1, "inf": 0}}
+    assert tg.load(model, sd, check_finite="warn").nonfinite == {"bias": {"nan": 1, "inf": 0}}
 
 
 def test_check_finite_rejects_unknown_values(net):
@@ -343,7 +351,7 @@ def test_allow_globals_mistakes_are_refused_before_reading(net, lightning_ckpt, 
 
 def test_log_records_reach_the_torchgraft_logger(net, caplog):
     caplog.set_level(logging.WARNING, logger="torchgraft")
-    tg.load(net, _poisoned(net))
+    tg.load(net, _poisoned(net), check_finite="warn")
     assert [r.name for r in caplog.records if "NaN" in r.message] == ["torchgraft"]
 
 

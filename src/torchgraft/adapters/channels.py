@@ -13,7 +13,7 @@ from .checks import check_float, positive_int, work_dtype
 __all__ = ["LUMINANCE", "ChannelMethod", "input_channels"]
 
 
-#: ITU-R BT.601 luma weights for R, G, B: the seed's ``0.299 R + 0.587 G + 0.114 B``.
+#: ITU-R BT.601 luma weights for R, G, B: ``0.299 R + 0.587 G + 0.114 B``.
 LUMINANCE: tuple[float, float, float] = (0.299, 0.587, 0.114)
 
 ChannelMethod = Literal["sum", "mean", "luminance", "repeat"]
@@ -36,7 +36,7 @@ def input_channels(
       through the new conv equals the RGB conv on that image repeated to 3 channels.
       Needs ``M <= N`` and ``N % M == 0``.
     * ``"mean"``: the same groups, averaged (``sum / k``).
-    * ``"luminance"``: 3 -> 1 only, ``0.299 R + 0.587 G + 0.114 B`` (the seed's formula).
+    * ``"luminance"``: 3 -> 1 only, ``0.299 R + 0.587 G + 0.114 B`` (ITU-R BT.601 luma).
     * ``"repeat"``: tile the channels and scale by ``N / M`` (timm, for ``M != N``): channel ``m``
       takes ``weight[:, m % N] * N / M``. Exact when ``M`` is a multiple of ``N``: the new conv on
       ``x`` tiled ``M / N`` times equals the old conv on ``x``.

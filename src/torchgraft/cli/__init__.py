@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ..errors import AdapterError, CheckpointError, LoadError, PlanError
+from ..errors import AdapterError, CheckpointError, LoadError, PlanError, UnsafeCheckpointError
 from . import convert_cmd, demo_cmd, diff_cmd, graft_cmd, inspect_cmd, scan_cmd
 from .common import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, Command, UsageError
 
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=_version(), help="print the version and exit")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -65,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.configure(p)
         p.set_defaults(_run=cmd.run)
     return parser
+
+
+def _version() -> str:
+    """``torchgraft 0.1.0 (torch 2.13.0, Python 3.12.3)``, without importing torch."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .. import __version__
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"torchgraft {__version__} (torch {torch_version}, Python {platform.python_version()})"
 
 
 def _one_line(e: BaseException) -> str:
@@ -102,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"torchgraft: error: {_one_line(e)}", file=sys.stderr)
+        if isinstance(e, UnsafeCheckpointError) and e.globals and not e.dangerous:
+            flags = " ".join(f"--allow-globals {name}" for name in e.globals)
+            print(f"  on the command line, if you trust the file: {flags}", file=sys.stderr)
         return EXIT_USAGE
     except ImportError as e:  # an optional extra that is not installed
         if args.debug:

@@ -19,6 +19,7 @@ __all__ = [
     "EXIT_USAGE",
     "Command",
     "UsageError",
+    "add_allow_globals",
     "add_json",
     "console",
     "fmt_bytes",
@@ -95,7 +96,7 @@ def progress(
         return
     from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    amount = DownloadColumn() if unit_bytes else MofNCompleteColumn()
+    amount = DownloadColumn(binary_units=True) if unit_bytes else MofNCompleteColumn()  # MiB, like every size printed
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -124,3 +125,14 @@ def status(args: argparse.Namespace, message: str) -> Iterator[None]:
 
 def add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables (no progress output)")
+
+
+def add_allow_globals(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-globals",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME",
+        help="a plain data class a pickle you trust may hold (argparse.Namespace); repeatable. "
+        "Globals that run code are never accepted",
+    )

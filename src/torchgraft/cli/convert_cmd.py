@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import EXIT_OK, Command, UsageError, add_json, console, fmt_bytes, print_json, progress
+from .common import EXIT_OK, Command, UsageError, add_allow_globals, add_json, console, fmt_bytes, print_json, progress
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -32,6 +32,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--container", default=None, help="where the state dict sits in a training checkpoint (e.g. state_dict_ema)"
     )
+    add_allow_globals(p)
     add_json(p)
 
 
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
             dedupe_tied=args.dedupe_tied,
             container=args.container,
+            allow_globals=args.allow_globals or None,
             progress=bar,
         )
     if args.json:

@@ -27,7 +27,7 @@ from .common import UsageError
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["ModelSpecError", "build_model", "config_dir", "looks_like_model_spec", "parse_kv"]
+__all__ = ["ModelSpecError", "build_model", "config_dir", "example_specs", "looks_like_model_spec", "parse_kv"]
 
 logger = logging.getLogger("torchgraft")
 
@@ -79,6 +79,21 @@ def config_dir(config: str | os.PathLike[str]) -> Path:
     return path
 
 
+def example_specs() -> str:
+    """Example ``--model`` specs that work here: only packages that are installed are named."""
+    import importlib.util
+
+    examples = []
+    if importlib.util.find_spec("torchvision") is not None:
+        examples.append("--model torchvision.models:mobilenet_v2")
+    else:  # torchgraft's own copy of torchvision's layout: always importable
+        examples.append("--model torchgraft.demo.mobilenet_v2:mobilenet_v2")
+    if importlib.util.find_spec("transformers") is not None:
+        examples.append("--model transformers:BertModel --config DIR")
+    examples.append("--model mymodule:make_model (a file mymodule.py in the current folder)")
+    return " or ".join(examples)
+
+
 def build_model(
     spec: str,
     *,
@@ -108,7 +123,7 @@ def build_model(
     if not _SPEC.match(spec):
         raise ModelSpecError(
             f"model spec {spec!r} is not package.module:factory or transformers:ClassName "
-            "(for example --model torchvision.models:mobilenet_v2 or --model transformers:BertModel --config DIR)"
+            f"(for example {example_specs()})"
         )
     kwargs = dict(args or {})
     module_name, _, attr = spec.partition(":")

@@ -1,1 +1,1 @@
-"""The seed's scenarios on real checkpoints, and the small things they need (no downloads)."""
+"""The demo scenarios on real checkpoints, and where those checkpoints are installed (no downloads)."""

@@ -2,7 +2,7 @@
 
 torchvision itself does not import on CPU-only torch builds here, so this is a faithful
 re-implementation of ``torchvision.models.mobilenet_v2`` (same parameter names, shapes, forward
-and initialisation), plus ``in_channels`` for the seed's 1-channel variant.
+and initialisation), plus ``in_channels`` for a 1-channel (grey-scale) variant.
 
 Example:
     >>> model = mobilenet_v2(num_classes=2, in_channels=1)

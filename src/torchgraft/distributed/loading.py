@@ -90,7 +90,7 @@ def load(
     adapt: AdaptSpec | None = None,
     align: bool = False,
     init_missing: bool = True,
-    check_finite: Literal["warn", "error", False] | None = "warn",
+    check_finite: Literal["warn", "error", False] | None = False,
     allow_globals: Iterable[str | Any] | None = None,
     device: torch.device | str | None = None,
     seed: int | None = None,
