@@ -156,3 +156,47 @@ def test_non_persistent_buffer_nothing_can_compute_is_never_silent_zeros(caplog)
         report = tg.load(model, src)
     assert report.initialised == {"": "zeros"} and not model.pos.any()
     assert "left as zeros in (root)" in caplog.text
+
+
+# --- a checkpoint that does not belong to the model (issue 13.13) ---------------------------------------
+
+
+def test_a_checkpoint_of_another_network_gets_one_loud_verdict(caplog):
+    from torchgraft.demo.assets import AssetMissing, minilm_dir
+    from torchgraft.demo.mobilenet_v2 import mobilenet_v2
+
+    try:
+        path = minilm_dir()
+    except AssetMissing as e:
+        pytest.skip(str(e))
+    with pytest.raises(tg.LoadError) as e:
+        tg.load(mobilenet_v2(), path, strict=True)
+    text = str(e.value)
+    assert text.startswith("The checkpoint ") and "does not belong to MobileNetV2" in text.splitlines()[0]
+    assert "only 0 of the model's 262 entries and 0 of the checkpoint's 104 entries fit" in text
+    assert "another architecture or task" in text
+    # grouped like the report (not 366 lines), and no option is offered as a fix for another network
+    assert len(e.value.problems) <= 4 and e.value.problems[0].startswith("missing (262): ")
+    assert not any(p.startswith("fix:") for p in e.value.problems)
+    model = mobilenet_v2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.WARNING, logger="torchgraft"):
+        report = tg.load(model, path)
+    assert caplog.records[0].getMessage() == report.verdict and "does not belong" in report.verdict
+    assert report.to_dict()["verdict"] == report.verdict
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "running" in k)
+
+
+def test_the_same_network_under_other_names_is_told_to_align():
+    src = {f"blk_{k}": v for k, v in TinyNet().state_dict().items()}  # every name changed, every shape the same
+    plan = tg.plan(TinyNet(), src)
+    assert "does not belong to TinyNet" in plan.verdict and "Pass align=True" in plan.verdict
+    assert any(f.startswith("align=True") for f in plan.fixes())
+    assert tg.plan(TinyNet(), src, align=True).verdict == ""  # aligned, it fits
+
+
+def test_a_checkpoint_that_mostly_fits_has_no_verdict():
+    src = {k: v for k, v in TinyNet().state_dict().items() if not k.startswith("head.")}
+    plan = tg.plan(TinyNet(), src)
+    assert plan.missing == ["head.weight", "head.bias"] and plan.verdict == ""
+    assert tg.Plan.from_dict(plan.to_dict()).verdict == ""

@@ -162,7 +162,9 @@ def test_strict_lists_every_problem_and_changes_nothing():
         r"shape mismatch: head.weight expects \[4, 8\], checkpoint 'head.weight' has \[7, 8\]",
     ) as info:
         tg.load(model, src, strict=True)
-    assert len(info.value.problems) == 4  # conv.weight, stray, head.weight, head.bias
+    problems = [p for p in info.value.problems if not p.startswith("fix: ")]
+    assert len(problems) == 4  # conv.weight, stray, head.weight, head.bias
+    assert "fix: adapt='auto' (or adapt={name: adapter}) adapts the shape mismatches" in info.value.problems
     assert_unchanged(model, before)
 
 

@@ -139,9 +139,10 @@ def test_count_nonfinite_float8():
 
 def test_error_builders_name_the_checkpoint_and_every_tensor():
     src = Source.from_state_dict({}, name="ckpt.pt")
+    plan = tg.plan(nn.Linear(2, 2), src)
     with pytest.raises(tg.LoadError, match=r"ckpt.pt \(state-dict\) does not fit Net \(strict=True\)") as e:
-        raise strict_error(src, "Net", ["missing: head.weight"])
-    assert "missing: head.weight" in str(e.value)
+        raise strict_error(src, "Net", plan)
+    assert "missing: weight [2, 2]" in str(e.value) and "fix: ignore_missing=" in str(e.value)
     with pytest.raises(tg.LoadError, match=r"holds NaN or Inf values \(check_finite='error'\)") as e:
         raise nonfinite_error(src, {"w": {"nan": 2, "inf": 1}})
     assert "w: 2 NaN, 1 Inf" in str(e.value)

@@ -173,8 +173,8 @@ def load(
             plan = build_plan(model, view, src, options)
         else:
             plan.check_fits(view, src)
-        if strict and (problems := plan.problems()):
-            raise strict_error(src, type(model).__name__, problems)
+        if strict and plan.problems():
+            raise strict_error(src, type(model).__name__, plan)
 
         groups = ModuleGroups.of(view, plan)
         materialise_on = torch.device(device) if device is not None else torch.device("cpu")

@@ -15,6 +15,7 @@ __all__ = [
     "collapse_groups",
     "collapse_keys",
     "format_ranges",
+    "grouped_keys",
     "layout_fingerprint",
     "natural_key",
     "prefix_gains",
@@ -225,3 +226,15 @@ def resolve_prefix(
     preferred = (declared or "") + "."
     (mode, prefix), _n = max(gains.items(), key=lambda kv: (kv[1], kv[0][1] == preferred, -len(kv[0][1])))
     return Prefix(mode, prefix)  # type: ignore[arg-type]
+
+
+def grouped_keys(keys: list[str], limit: int = 8) -> str:
+    """Keys as collapsed groups on one line, at most ``limit`` groups (``"a.{0..5}.w, b, ... (3 more groups)"``).
+
+    Example:
+        >>> grouped_keys(["l.0.w", "l.1.w", "head"])
+        'l.{0..1}.w, head'
+    """
+    groups = collapse_keys(keys)
+    more = f", ... ({len(groups) - limit} more groups)" if len(groups) > limit else ""
+    return ", ".join(groups[:limit]) + more

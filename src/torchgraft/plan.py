@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["PLAN_VERSION", "Entry", "Plan", "build_plan", "plan"]
 
 PLAN_VERSION = 1
+#: The verdict's words for a checkpoint of another network (see :attr:`Plan.verdict`).
+FOREIGN = "Most likely a checkpoint of another architecture or task"
 Action = Literal["copy", "adapt", "init", "tied", "default"]
 
 
@@ -117,6 +119,7 @@ class Plan:
     source_fingerprint: str = ""
     notes: list[str] = field(default_factory=list)
     ambiguous: list[dict[str, Any]] = field(default_factory=list)
+    verdict: str = ""
 
     # Views ---------------------------------------------------------------
     def _where(self, pred) -> list[str]:
@@ -193,6 +196,56 @@ class Plan:
             lines += [f"note: {n}" for n in self.notes]
         return lines
 
+    def grouped_problems(self, *, limit: int = 8) -> list[str]:
+        """:meth:`problems` grouped like the report (repeated layers collapsed), one kind a line, then the notes.
+
+        Example:
+            >>> plan.grouped_problems()
+            ['missing (314): features.{0..18}.0.weight, ...', 'unused checkpoint entries (104): ...']
+        """
+        from .keys import grouped_keys
+
+        def grouped(keys: list[str]) -> str:
+            return grouped_keys(keys, limit)
+
+        lines = []
+        if self.missing:
+            lines.append(f"missing ({len(self.missing)}): {grouped(self.missing)}")
+        if self.mismatched:
+            shown = [f"{e.target} {list(e.shape)} <- {e.source} {list(e.source_shape or ())}" for e in self.mismatched]
+            more = f", ... ({len(shown) - 6} more)" if len(shown) > 6 else ""
+            lines.append(f"shape mismatch ({len(shown)}): {', '.join(shown[:6])}{more}")
+        if self.unexpected:
+            lines.append(f"unused checkpoint entries ({len(self.unexpected)}): {grouped(self.unexpected)}")
+        if self.ambiguous:
+            lines.append(
+                f"ambiguous ({len(self.ambiguous)}): "
+                + "; ".join(f"{', '.join(a['targets'])} from {' or '.join(a['candidates'])}" for a in self.ambiguous[:4])
+            )
+        if lines:
+            lines += [f"note: {n}" for n in self.notes]
+        return lines
+
+    def fixes(self) -> list[str]:
+        """What to pass to :func:`torchgraft.load` so that the problems go away or are accepted.
+
+        None for a checkpoint of another network (:data:`FOREIGN` in the verdict): no option makes it fit.
+        """
+        if FOREIGN in self.verdict:
+            return []
+        out = []
+        if self.mismatched:
+            out.append("adapt='auto' (or adapt={name: adapter}) adapts the shape mismatches")
+        if self.missing and self.unexpected:
+            out.append("align=True pairs differently named entries by structure; rules={'old.{}': 'new.{}'} renames them")
+        if self.missing:
+            out.append("ignore_missing=[regex] accepts missing entries you expect (a new head)")
+        if self.unexpected:
+            out.append("ignore_unexpected=[regex] accepts unused checkpoint entries (a pretraining head)")
+        if self.ambiguous:
+            out.append("rules= decides the ambiguous pairs")
+        return out
+
     def summary(self) -> dict[str, int]:
         counts = Counter(e.action for e in self.entries.values())
         return {
@@ -229,6 +282,7 @@ class Plan:
             "metadata_map": self.metadata_map,
             "notes": self.notes,
             "ambiguous": self.ambiguous,
+            "verdict": self.verdict,
         }
 
     @classmethod
@@ -261,6 +315,7 @@ class Plan:
             source_fingerprint=d.get("source_fingerprint", ""),
             notes=list(d.get("notes", [])),
             ambiguous=[dict(a) for a in d.get("ambiguous", [])],
+            verdict=d.get("verdict", ""),
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -412,7 +467,7 @@ def _check_plan_dict(d: Mapping[str, Any]) -> None:
             raise _bad_plan(where, "has an adapter without a name or with args that are not a mapping")
         if e["action"] == "adapt" and adapter is None:
             raise _bad_plan(where, "has action 'adapt' but no adapter")
-    for key in ("model", "source", "source_format", "container", "model_fingerprint", "source_fingerprint"):
+    for key in ("model", "source", "source_format", "container", "model_fingerprint", "source_fingerprint", "verdict"):
         if not isinstance(d.get(key, ""), str):
             raise _bad_plan(f"{key!r}", "must be a string")
     for key in ("model_fingerprint", "source_fingerprint"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ from .align import align, source_order_trusted
 from .errors import PlanError
 from .integrations import hf
 from .keys import Prefix, collapse_keys, resolve_prefix, split_key
-from .plan import Entry, Plan
+from .plan import FOREIGN, Entry, Plan
 from .rules import RenameResult, RuleSpec, apply_rules, compile_rules, suffix_matcher
 from .sources import Source
 from .sources import open as open_source
@@ -380,6 +380,7 @@ def build_plan(model: nn.Module, view: TargetView, src: Source, options: PlanOpt
     unexpected = _unexpected(draft, ignore)
     if draft.prefix.mode == "add":
         draft.metadata_map.setdefault(draft.prefix.prefix[:-1], "")
+    verdict = _verdict(draft, src, unexpected, model, aligned=options.align)
     return Plan(
         entries=draft.entries,
         unexpected=unexpected,
@@ -396,7 +397,47 @@ def build_plan(model: nn.Module, view: TargetView, src: Source, options: PlanOpt
         source_fingerprint=src.fingerprint(),
         notes=draft.notes,
         ambiguous=draft.ambiguous,
+        verdict=verdict,
     )
+
+
+def _verdict(draft: _Draft, src: Source, unexpected: list[str], model: nn.Module, *, aligned: bool) -> str:
+    """One paragraph when the checkpoint does not belong to the model (most of neither side fits), else ``""``.
+
+    The most likely reason, from names and shapes alone: a prefix guessed from a few names; the
+    same shapes under other names (another naming scheme: ``align=True``); or another network.
+    """
+    counted = [e for e in draft.entries.values() if not e.ignored and e.action not in ("tied", "default")]
+    fit = [e for e in counted if e.action in ("copy", "adapt")]
+    n_model, n_ckpt = len(counted), len(fit) + len(unexpected)
+    if not n_model or not n_ckpt or 2 * len(fit) >= n_model or 2 * len(fit) >= n_ckpt:
+        return ""
+    head = (
+        f"The checkpoint {src.describe()} does not belong to {type(model).__name__}: only {len(fit)} of the model's "
+        f"{n_model} entries and {len(fit)} of the checkpoint's {n_ckpt} entries fit."
+    )
+    declared = hf.base_model_prefix(model)
+    missing_shapes = Counter(tuple(e.shape) for e in counted if e.action == "init")
+    unused_shapes = Counter(tuple(src[k].shape) for k in unexpected if k in src)
+    same_shapes = sum((missing_shapes & unused_shapes).values())
+    if draft.prefix.mode and draft.prefix.prefix.rstrip(".") != declared:
+        verb = "removing" if draft.prefix.mode == "strip" else "adding"
+        why = (
+            f"Most likely a coincidence: those names matched only after {verb} the prefix {draft.prefix.prefix!r}, "
+            "guessed from a few names. Check that this is the model's checkpoint; to load them anyway, "
+            f"pass prefix={draft.prefix.prefix.rstrip('.')!r}."
+        )
+    elif not aligned and 2 * same_shapes >= sum(missing_shapes.values()):
+        why = (
+            f"Most likely the same network under another naming scheme: {same_shapes} of the missing entries have "
+            "a same-shaped unused entry in the checkpoint. Pass align=True (or rules=) to pair them."
+        )
+    else:
+        why = (
+            f"{FOREIGN}: few of the model's shapes occur in it. "
+            "Check the model and the file; adapt= and rules= help only with a checkpoint of this network."
+        )
+    return f"{head} {why}"
 
 
 # ---------------------------------------------------------------------------

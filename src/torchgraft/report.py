@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .keys import collapse_groups, collapse_keys, split_key
+from .keys import collapse_groups, collapse_keys, grouped_keys, split_key
 from .messages import describe_adapter  # re-exported: report.describe_adapter keeps working
 
 if TYPE_CHECKING:
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 __all__ = ["LoadReport", "alignment_renderable", "render_plan", "render_text"]
 
 _MAX_LINES = 12
+#: Groups of keys a warning names before it says how many more there are.
+_MAX_GROUPS = 16
 
 
 def _keys_cell(keys: Sequence[str], limit: int = _MAX_LINES) -> str:
@@ -142,6 +144,7 @@ class LoadReport:
     nonfinite: dict[str, dict[str, int]] = field(default_factory=dict)
     aligned: dict[str, dict[str, Any]] = field(default_factory=dict)
     ambiguous: list[dict[str, Any]] = field(default_factory=list)
+    verdict: str = ""
 
     @classmethod
     def from_plan(
@@ -186,6 +189,7 @@ class LoadReport:
             notes=list(plan.notes),
             aligned=plan.aligned,
             ambiguous=list(plan.ambiguous),
+            verdict=plan.verdict,
         )
 
     @property
@@ -217,6 +221,7 @@ class LoadReport:
             "nonfinite": self.nonfinite,
             "aligned": self.aligned,
             "ambiguous": self.ambiguous,
+            "verdict": self.verdict,
         }
 
     # Words ---------------------------------------------------------------
@@ -224,7 +229,7 @@ class LoadReport:
         m = self.model
         return (
             f"Some weights of the checkpoint at {self.source} were not used when initialising {m}: "
-            f"{', '.join(collapse_keys(self.unexpected))}.\n"
+            f"{grouped_keys(self.unexpected, _MAX_GROUPS)}.\n"
             f"- This IS expected if you are initialising {m} from a checkpoint trained on another task or with another "
             "architecture (e.g. a BertForSequenceClassification from a BertForPreTraining checkpoint).\n"
             f"- This IS NOT expected if the checkpoint comes from a model you expect to be exactly identical to {m}."
@@ -246,13 +251,13 @@ class LoadReport:
         if initialised := [k for k in self.missing if k not in not_init]:
             lines.append(
                 f"Some weights of {self.model} were not in the checkpoint at {self.source} and are newly initialised: "
-                f"{', '.join(collapse_keys(initialised))}.\n"
+                f"{grouped_keys(initialised, _MAX_GROUPS)}.\n"
                 "You should probably TRAIN this model on a downstream task before using it for predictions and inference."
             )
         for how, keys in self.not_initialised.items():
             lines.append(
                 f"Some weights of {self.model} were not in the checkpoint at {self.source} and were NOT initialised "
-                f"(init_missing=False, or no initialiser for their module): {', '.join(collapse_keys(keys))}.\n"
+                f"(init_missing=False, or no initialiser for their module): {grouped_keys(keys, _MAX_GROUPS)}.\n"
                 f"They hold {NOT_INITIALISED[how]}: give them values before using the model."
             )
         return "\n".join(lines)
@@ -281,6 +286,8 @@ class LoadReport:
 
     def log(self, logger: logging.Logger) -> None:
         """Warn about unused, missing, mismatched and re-initialised weights; one info line when all fit."""
+        if self.verdict:  # first and loudest: the rest of the warnings follow from it
+            logger.warning(self.verdict)
         if self.unexpected:
             logger.warning(self.unused_message())
         for note in self.notes if not self.ok else ():

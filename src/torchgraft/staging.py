@@ -161,9 +161,23 @@ def count_nonfinite(tensor: torch.Tensor) -> dict[str, int] | None:
     return counts if counts["nan"] or counts["inf"] else None
 
 
-def strict_error(source: Source, model_name: str, problems: list[str]) -> LoadError:
-    """``strict=True`` and the checkpoint does not fit: every problem listed."""
-    return LoadError(f"Checkpoint {source.describe()} does not fit {model_name} (strict=True):", problems)
+#: Up to this many problems are listed one key a line; more are grouped like the report table.
+STRICT_LINES = 12
+
+
+def strict_error(source: Source, model_name: str, plan: Plan) -> LoadError:
+    """``strict=True`` and the checkpoint does not fit: every problem listed, then what fixes it.
+
+    A checkpoint that does not belong to the model at all says so first (``plan.verdict``); long
+    lists are grouped with repeated layers collapsed, like the report.
+    """
+    problems = plan.problems()
+    if len(problems) > STRICT_LINES:
+        problems = plan.grouped_problems()
+    title = f"Checkpoint {source.describe()} does not fit {model_name} (strict=True):"
+    if plan.verdict:
+        title = f"{plan.verdict}\n{title}"
+    return LoadError(title, [*problems, *(f"fix: {f}" for f in plan.fixes())])
 
 
 def nonfinite_error(source: Source, nonfinite: Mapping[str, Mapping[str, int]]) -> LoadError:

@@ -25,6 +25,7 @@ from .common import (
     progress,
     status,
 )
+from ..keys import grouped_keys
 from .diff_cmd import add_model_options
 from .model_spec import TRANSFORMERS, build_model, parse_kv
 
@@ -252,35 +253,6 @@ def _command(*words: str) -> str:
     return "torchgraft " + " ".join(shlex.quote(w) for w in words)
 
 
-def _grouped(keys: list[str], limit: int = 8) -> str:
-    from ..keys import collapse_keys
-
-    lines = collapse_keys(keys)
-    more = f", ... ({len(lines) - limit} more groups)" if len(lines) > limit else ""
-    return ", ".join(lines[:limit]) + more
-
-
-def _problem_lines(plan: Any) -> list[str]:
-    """The plan's problems grouped like the report (repeated layers collapsed), one group a line."""
-    lines = []
-    if plan.missing:
-        lines.append(f"missing ({len(plan.missing)}): {_grouped(plan.missing)}")
-    if plan.mismatched:
-        shown = [
-            f"{e.target} {list(e.shape)} <- {e.source} {list(e.source_shape or ())}" for e in plan.mismatched[:6]
-        ]
-        more = f", ... ({len(plan.mismatched) - 6} more)" if len(plan.mismatched) > 6 else ""
-        lines.append(f"shape mismatch ({len(plan.mismatched)}): {', '.join(shown)}{more}")
-    if plan.unexpected:
-        lines.append(f"unused checkpoint entries ({len(plan.unexpected)}): {_grouped(plan.unexpected)}")
-    if plan.ambiguous:
-        lines.append(
-            f"ambiguous ({len(plan.ambiguous)}): "
-            + "; ".join(f"{', '.join(a['targets'])} from {' or '.join(a['candidates'])}" for a in plan.ambiguous[:4])
-        )
-    return lines
-
-
 def _fix_lines(plan: Any) -> list[str]:
     """What to pass on the command line so the problems go away or are accepted."""
     fixes = []
@@ -300,7 +272,7 @@ def _fix_lines(plan: Any) -> list[str]:
 
 def _strict_failure(plan: Any, action: str) -> str:
     lines = [f"--strict: the checkpoint does not fit the model ({len(plan.problems())} problems); {action}"]
-    lines += _problem_lines(plan)
+    lines += plan.grouped_problems()
     fixes = _fix_lines(plan)
     if fixes:
         lines.append("to fix, pass:")
@@ -351,14 +323,14 @@ def _stale_plan_error(
         if changed:
             parts.append(f"shapes changed: {', '.join(changed[:6])}" + (" ..." if len(changed) > 6 else ""))
         if gone:
-            parts.append(f"names no longer in the model: {_grouped(gone, 4)}")
+            parts.append(f"names no longer in the model: {grouped_keys(gone, 4)}")
         if new:
-            parts.append(f"names new in the model: {_grouped(new, 4)}")
+            parts.append(f"names new in the model: {grouped_keys(new, 4)}")
         reasons.append(f"the model differs from the one the plan was made for ({plan.model}): " + "; ".join(parts))
     if plan.source_fingerprint and plan.source_fingerprint != src.fingerprint():
         names = set(src.keys())
         gone = sorted({e.source for e in plan.entries.values() if e.source and e.source not in names})
-        detail = f": entries no longer there: {_grouped(gone, 4)}" if gone else " (names, shapes or dtypes)"
+        detail = f": entries no longer there: {grouped_keys(gone, 4)}" if gone else " (names, shapes or dtypes)"
         reasons.append(f"the checkpoint differs from the one the plan was made for ({plan.source}){detail}")
     if not reasons:
         return None

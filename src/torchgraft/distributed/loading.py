@@ -171,8 +171,8 @@ def load(
     the_plan, rng, opened = _shared_plan(ranks, model, opener, plan, options)
     src, view = _same_everywhere(ranks, model, opener, opened)
     try:
-        if strict and (problems := the_plan.problems()):
-            raise strict_error(src, the_plan.model, problems)
+        if strict and the_plan.problems():
+            raise strict_error(src, the_plan.model, the_plan)
         where = torch.device(device) if device is not None else default_device(model)
         groups = ModuleGroups.of(view, the_plan)
         staged, whole, bytes_read = _read(ranks, the_plan, view, src, where)
