@@ -156,3 +156,112 @@ def test_non_persistent_buffer_nothing_can_compute_is_never_silent_zeros(caplog)
         report = tg.load(model, src)
     assert report.initialised == {"": "zeros"} and not model.pos.any()
     assert "left as zeros in (root)" in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# Against torch's load_state_dict (issue 13, items 1-4 and 7): model built on CPU (copy) and on meta (assign)
+
+
+def _built(cls, meta: bool, *args):
+    if meta:
+        with torch.device("meta"):
+            return cls(*args)
+    return cls(*args)
+
+
+def _save(tmp_path, state_dict, fmt: str):
+    """The state dict as a torch zip, legacy or safetensors file."""
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        f = tmp_path / "ckpt.safetensors"
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, f)
+        return f
+    f = tmp_path / "ckpt.pt"
+    torch.save(state_dict, f, _use_new_zipfile_serialization=fmt == "zip")
+    return f
+
+
+def _torch_load(f):
+    if str(f).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(f)
+    return torch.load(f, weights_only=True)
+
+
+class _Hooked(nn.Module):
+    """Load hooks on the root, on a container without tensors of its own, and one with the module bound."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        self.log: list[tuple] = []
+        self.register_load_state_dict_pre_hook(self._pre)
+        self.register_load_state_dict_post_hook(self._post)
+        self.inner.register_load_state_dict_pre_hook(self._pre)
+        self.inner[1]._register_load_state_dict_pre_hook(self._pre_with_module, with_module=True)
+        self.inner[2].register_load_state_dict_post_hook(self._post)
+
+    def _pre(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        self.log.append(("pre", type(module).__name__, prefix, sorted(state_dict), local_metadata.get("version")))
+
+    def _pre_with_module(self, module, state_dict, prefix, *args):
+        self.log.append(("pre-own", type(module).__name__, prefix, sorted(state_dict)))
+
+    def _post(self, module, incompatible):
+        loaded = module.inner[2].weight if module is self else module.weight
+        self.log.append(
+            ("post", sorted(incompatible.missing_keys), sorted(incompatible.unexpected_keys), loaded.sum().item())
+        )
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "safetensors"])
+@pytest.mark.parametrize("meta", [False, True], ids=["cpu", "meta"])
+def test_load_hooks_run_like_torch(tmp_path, meta, fmt):
+    torch.manual_seed(0)
+    sd = _Hooked().state_dict()
+    del sd["inner.0.bias"]  # a missing entry, for the post-hooks' incompatible keys
+    f = _save(tmp_path, sd, fmt)
+    oracle = _Hooked()
+    oracle.load_state_dict(_torch_load(f), strict=False, assign=meta)
+    model = _built(_Hooked, meta)
+    report = tg.load(model, f)
+    assert len(oracle.log) == 5 and model.log == oracle.log  # 3 pre-hooks, 2 post-hooks
+    assert report.missing == ["inner.0.bias"]
+
+
+class _PostFails(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.lstm = nn.LSTM(3, 3)
+        self.register_load_state_dict_post_hook(self._post)
+
+    def _post(self, module, incompatible):
+        raise RuntimeError("post-hook refused")
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+def test_a_failing_post_hook_leaves_the_model_unchanged(dtype):
+    model = _PostFails()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="post-hook refused"):
+        tg.load(model, _PostFails().state_dict(), dtype=dtype)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+
+
+def test_stock_copies_no_hook_can_observe_are_not_backed_up(monkeypatch):
+    """Only what runs before the last hook in torch's order is copied aside; the rest is copied last, as before."""
+    from torchgraft import apply
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3))
+    model[1].register_load_state_dict_pre_hook(lambda *args: None)
+    cloned = []
+    original = apply._Undo.values
+    monkeypatch.setattr(apply._Undo, "values", lambda self, t: (cloned.append(t), original(self, t)))
+    src = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)).state_dict()
+    tg.load(model, src, strict=True)
+    assert {id(t) for t in cloned} == {id(t) for t in [*model[0].parameters(), *model[1].parameters()]}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in src.items())

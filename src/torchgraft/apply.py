@@ -6,18 +6,21 @@ shapes, scan for NaN/Inf, and refuse a load that would leave meta tensors. Any e
 
 Commit:
   1. materialise and initialise the modules that miss weights (fast init);
-  2. hand each module its entries through its own ``_load_from_state_dict`` with the
-     checkpoint's metadata (version hooks such as BatchNorm's run as in ``load_state_dict``):
-     first the modules that assign (meta device, dtype change) or run loading code of their
-     own, remembering what they change; any error there undoes everything;
-  3. then the in-place copies into torch's own layers, which only copy checked bytes and
-     cannot fail, so nothing is copied aside for them (memory: model + staged tensors);
-     Ctrl-C waits until this phase is done; tied weights are restored.
+  2. run torch's own ``load_state_dict`` recursion over one state dict of staged tensors in
+     model names, with the checkpoint's metadata: every module's ``_load_from_state_dict``,
+     pre-hooks and post-hooks run as under ``load_state_dict`` (the root and modules without
+     tensors included, each seeing its whole subtree), remembering what each module that
+     assigns or runs code of its own may change; any error there undoes everything;
+  3. then the in-place copies into torch's own layers that no hook can observe (all of them
+     in a model without load hooks), which only copy checked bytes and cannot fail, so nothing
+     is copied aside for them (memory: model + staged tensors); Ctrl-C waits until this phase
+     is done; tied weights are restored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import signal
@@ -28,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from .errors import LoadError
 from .keys import split_key
@@ -59,29 +63,63 @@ logger = logging.getLogger("torchgraft")
 
 
 class _Undo:
-    """Remembers what the commit changes so that a failure puts everything back."""
+    """Remembers what the commit changes so that a failure puts everything back.
+
+    Slots are restored through the module's own ``__setattr__`` (an RNN's cached
+    ``_flat_weights`` follows), lazy parameters become uninitialised again, and
+    ``set_extra_state`` runs again with what ``get_extra_state`` returned before.
+    """
 
     def __init__(self) -> None:
-        self._slots: dict[int, tuple[nn.Module, dict[str, Any], dict[str, Any]]] = {}
+        self._slots: dict[int, tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, tuple[Any, ...]]]] = {}
         self._values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._extra: dict[int, tuple[nn.Module, Any]] = {}
 
     def slots(self, module: nn.Module) -> None:
         if id(module) not in self._slots:
-            self._slots[id(module)] = (module, dict(module._parameters), dict(module._buffers))
+            lazy = {
+                k: (type(t), t.requires_grad, t.device, t.dtype)
+                for k, t in [*module._parameters.items(), *module._buffers.items()]
+                if t is not None and is_lazy(t)
+            }
+            self._slots[id(module)] = (module, dict(module._parameters), dict(module._buffers), lazy)
 
     def values(self, tensor: torch.Tensor | None) -> None:
-        if tensor is not None and not tensor.is_meta and id(tensor) not in self._values:
+        if tensor is not None and not tensor.is_meta and not is_lazy(tensor) and id(tensor) not in self._values:
             self._values[id(tensor)] = (tensor, tensor.detach().clone())
 
+    def extra_state(self, module: nn.Module) -> None:
+        if id(module) not in self._extra:
+            self._extra[id(module)] = (module, copy.deepcopy(module.get_extra_state()))
+
     def rollback(self) -> None:
+        for module, state in self._extra.values():
+            module.set_extra_state(state)
         with torch.no_grad():
             for tensor, saved in self._values.values():
                 tensor.copy_(saved)
-        for module, params, buffers in self._slots.values():
+        for module, params, buffers, lazy in self._slots.values():
+            for key, (cls, requires_grad, device, dtype) in lazy.items():  # materialize() changed them in place
+                fresh = cls(requires_grad=requires_grad, device=device, dtype=dtype)
+                (params if key in params else buffers)[key] = fresh
             module._parameters.clear()
             module._parameters.update(params)
             module._buffers.clear()
             module._buffers.update(buffers)
+            for key, value in [*params.items(), *buffers.items()]:
+                set_slot(module, key, value)
+
+
+def set_slot(module: nn.Module, key: str, value: torch.Tensor | None) -> None:
+    """Put ``value`` in the module's parameter or buffer ``key`` through its own ``__setattr__``.
+
+    Modules that cache their tensors (an RNN's ``_flat_weights``) see the change.
+    """
+    if value is None:
+        store = module._parameters if key in module._parameters else module._buffers
+        store[key] = None
+    else:
+        setattr(module, key, value)
 
 
 def _final_dtype(current: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
@@ -188,7 +226,7 @@ def load(
         try:
             with torch.no_grad():
                 init_methods = _initialise(model, view, groups, undo, materialise_on, dtype, init_missing)
-                _commit(model, view, plan, groups, src, staged, assign_modules, undo)
+                _commit(model, view, plan, src, staged, assign_modules, undo)
         except BaseException:
             undo.rollback()
             raise
@@ -286,9 +324,9 @@ def _initialise(
         module = view.modules[path]
         if dtype is not None:
             for store in (module._parameters, module._buffers):
-                for key, t in store.items():
+                for key, t in list(store.items()):
                     if t is not None and is_float(t.dtype) and t.dtype != dtype:
-                        store[key] = _like(t, t.to(dtype))
+                        set_slot(module, key, _like(t, t.to(dtype)))
     return methods
 
 
@@ -304,10 +342,10 @@ def _materialise(module: nn.Module, device: torch.device, *, fill: float = 0) ->
     Floating-point tensors are filled with ``fill`` (NaN marks what no initialiser wrote), the others with zeros.
     """
     for store in (module._parameters, module._buffers):
-        for key, t in store.items():
-            if t is not None and t.is_meta:
+        for key, t in list(store.items()):
+            if t is not None and t.is_meta and not is_lazy(t):
                 value = torch.full(t.shape, fill if is_float(t.dtype) else 0, dtype=t.dtype, device=device)
-                store[key] = _like(t, value)
+                set_slot(module, key, _like(t, value))
 
 
 def _stock_loader(module: nn.Module) -> bool:
@@ -318,41 +356,178 @@ def _stock_loader(module: nn.Module) -> bool:
     return type(module)._load_from_state_dict in stock and not module._load_state_dict_pre_hooks
 
 
+def _own_extra_state(module: nn.Module) -> bool:
+    return type(module).get_extra_state is not nn.Module.get_extra_state
+
+
+class _Walk:
+    """torch's ``load_state_dict`` recursion (``load(module, local_state_dict, prefix)``) over one state dict.
+
+    Every module gets its whole subtree's entries, its checkpoint metadata and its hooks, in
+    torch's order (pre-hooks inside ``_load_from_state_dict``, post-hooks after the children,
+    with the shared missing / unexpected lists). Before any code of a module runs, what it may
+    change is remembered in ``undo``. Stock in-place copies that no code of the model's own can
+    observe (they come after the last hook or custom loader in torch's order) are deferred to
+    :meth:`finish`, which only copies checked bytes.
+    """
+
+    def __init__(
+        self, model: nn.Module, metadata: dict[str, dict[str, Any]], assign_modules: set[str], undo: _Undo
+    ) -> None:
+        self.model, self.metadata, self.assign_modules, self.undo = model, metadata, assign_modules, undo
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+        self.errors: list[str] = []
+        self.deferred: list[tuple[nn.Module, dict[str, Any], str, dict[str, Any]]] = []
+        events = list(self._events(model, ""))
+        observed = [i for i, (kind, m) in enumerate(events) if _observes(kind, m)]
+        self._last_observer = observed[-1] if observed else -1
+        self._step = 0
+
+    @staticmethod
+    def _events(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        yield "load", module
+        for name, child in module._modules.items():
+            if child is not None:
+                yield from _Walk._events(child, f"{prefix}{name}.")
+        yield "post", module
+
+    def run(self, state_dict: dict[str, Any]) -> None:
+        self._load(self.model, state_dict, "")
+
+    def _load(self, module: nn.Module, local: dict[str, Any], prefix: str) -> None:
+        path = prefix[:-1]
+        metadata = dict(self.metadata.get(path, {}))
+        metadata["assign_to_params_buffers"] = path in self.assign_modules
+        step, self._step = self._step, self._step + 1
+        if step > self._last_observer and _stock_loader(module) and path not in self.assign_modules:
+            self.deferred.append((module, local, prefix, metadata))
+        else:
+            self._remember(module, local, prefix, metadata["assign_to_params_buffers"])
+            module._load_from_state_dict(local, prefix, metadata, True, self.missing, self.unexpected, self.errors)
+        for name, child in module._modules.items():
+            if child is not None:
+                child_prefix = f"{prefix}{name}."
+                self._load(child, {k: v for k, v in local.items() if k.startswith(child_prefix)}, child_prefix)
+        self._step += 1
+        if module._load_state_dict_post_hooks:
+            from torch.nn.modules.module import _IncompatibleKeys
+
+            incompatible = _IncompatibleKeys(self.missing, self.unexpected)
+            for hook in module._load_state_dict_post_hooks.values():
+                if hook(module, incompatible) is not None:
+                    raise LoadError(
+                        f"A load_state_dict post-hook of {type(module).__name__} at {path or 'the root'!r} "
+                        "returned a value; it must change the incompatible keys in place "
+                        "(torch refuses the same); the model is unchanged:",
+                        [repr(hook)],
+                    )
+
+    def _remember(self, module: nn.Module, local: dict[str, Any], prefix: str, assign: bool) -> None:
+        self.undo.slots(module)
+        stock = _stock_loader(module)
+        if not assign or not stock:
+            for attr, t in [*module._parameters.items(), *module._buffers.items()]:
+                if not stock or prefix + attr in local:
+                    self.undo.values(t)
+        if _own_extra_state(module) and (not stock or prefix + "_extra_state" in local):
+            self.undo.extra_state(module)
+
+    def finish(self) -> None:
+        """The deferred stock copies (they only copy bytes that were checked while staging)."""
+        for module, local, prefix, metadata in self.deferred:
+            module._load_from_state_dict(local, prefix, metadata, True, self.missing, self.unexpected, self.errors)
+
+
+def _observes(kind: str, module: nn.Module) -> bool:
+    """True when this step of torch's recursion runs code of the model's own (a hook or a custom loader)."""
+    if kind == "post":
+        return bool(module._load_state_dict_post_hooks)
+    return not _stock_loader(module)
+
+
 def _commit(
     model: nn.Module,
     view: TargetView,
     plan: Plan,
-    groups: ModuleGroups,
     src: Source,
     staged: dict[str, torch.Tensor],
     assign_modules: set[str],
     undo: _Undo,
-) -> None:
-    """Hand every module its entries; ties restored at the end.
+) -> _Walk:
+    """Run torch's ``load_state_dict`` recursion over one state dict of staged tensors (model names).
 
-    Modules that assign, or whose loading runs code of their own (a custom
-    ``_load_from_state_dict`` or a pre-hook), go first, with what they change remembered.
-    In-place copies into stock torch modules go last: shapes and values were checked while
-    staging, so they cannot fail, and nothing needs to be copied aside for them (memory stays
-    at the model plus the staged tensors).
+    Every module's ``_load_from_state_dict`` and load hooks run as under ``load_state_dict``, the
+    root and modules without tensors of their own included, each with its whole subtree's entries.
+    Modules that assign (meta device, dtype change) or run code of their own have what they change
+    remembered; any error there, or in ``error_msgs``, undoes everything. In-place copies into
+    stock torch modules that no hook can observe go last: shapes and values were checked while
+    staging, so they cannot fail, and nothing is copied aside for them (memory stays at the model
+    plus the staged tensors); Ctrl-C waits until they are done. Tied weights are restored.
     """
-    # modules with only BatchNorm-style "default" entries are there too: their hook fills them
-    by_module = {path: {name: staged[name] for name in names} for path, names in groups.loads.items()}
-    first = [p for p in by_module if p in assign_modules or not _stock_loader(view.modules[p])]
-    last = [p for p in by_module if p not in set(first)]
-    errors: list[str] = []
-    for path in first:
-        _load_module(view, plan, src, path, by_module[path], path in assign_modules, undo, True, errors)
-    if errors:
-        raise LoadError(f"Loading into {type(model).__name__} failed; the model is unchanged:", errors)
+    state = _state_dict(view, staged, assign_modules, undo)
+    walk = _Walk(model, _module_metadata(view, plan, src), assign_modules, undo)
+    walk.run(state)
+    if walk.errors:
+        raise LoadError(f"Loading into {type(model).__name__} failed; the model is unchanged:", walk.errors)
     with _interrupts_deferred():  # the last phase only copies bytes: let Ctrl-C wait until it is done
-        for path in last:
-            _load_module(view, plan, src, path, by_module[path], False, undo, False, errors)
+        walk.finish()
         retie(view, plan, before_change=undo.slots)
-    if errors:  # unreachable for stock modules with checked tensors; said plainly if it ever happens
+    if walk.errors:  # unreachable for stock modules with checked tensors; said plainly if it ever happens
         raise LoadError(
-            f"Loading into {type(model).__name__} failed part way; some tensors were already copied:", errors
+            f"Loading into {type(model).__name__} failed part way; some tensors were already copied:", walk.errors
         )
+    return walk
+
+
+def _state_dict(
+    view: TargetView, staged: dict[str, torch.Tensor], assign_modules: set[str], undo: _Undo
+) -> dict[str, Any]:
+    """The one state dict torch's recursion reads, in model names; non-persistent buffers are set here.
+
+    Tied names carry the loaded tensor, as the model's own ``state_dict()`` would, where their
+    module takes it the same way (both assign or both copy); :func:`retie` restores the tie after.
+    """
+    state: dict[str, Any] = {}
+    for name, tensor in staged.items():
+        if name in view.nonpersistent:  # invisible to _load_from_state_dict: set directly
+            module = view.module_of(name)
+            undo.slots(module)
+            module._buffers[split_key(name)[1]] = tensor
+        else:
+            state[name] = tensor
+    for names in tie_groups(view).values():
+        first = next((n for n in names if n in state), None)
+        if first is not None:
+            assigns = split_key(first)[0] in assign_modules
+            for n in names:
+                if (split_key(n)[0] in assign_modules) == assigns:
+                    state.setdefault(n, state[first])
+    return state
+
+
+def _module_metadata(view: TargetView, plan: Plan, src: Source) -> dict[str, dict[str, Any]]:
+    """Model module path -> the checkpoint's ``_metadata`` for it (its version), modules without tensors included.
+
+    A module without entries of its own takes its checkpoint name from a descendant's mapping
+    (``block.proj`` <- ``block.proj`` gives ``block`` <- ``block``).
+    """
+    names: dict[str, str] = dict(plan.metadata_map)
+    for model_path, src_path in plan.metadata_map.items():
+        m, s = model_path, src_path
+        while m:
+            m_parent, m_last = split_key(m)
+            s_parent, s_last = split_key(s) if s else ("", "")
+            if m_last != s_last:
+                break
+            names.setdefault(m_parent, s_parent)
+            m, s = m_parent, s_parent
+    out: dict[str, dict[str, Any]] = {}
+    for path in view.modules:
+        src_path = names.get(path, path if path in src.module_metadata else None)
+        if src_path is not None and src_path in src.module_metadata:
+            out[path] = dict(src.module_metadata[src_path])
+    return out
 
 
 @contextlib.contextmanager
@@ -369,32 +544,6 @@ def _interrupts_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
         if received:
             raise KeyboardInterrupt
-
-
-def _load_module(
-    view: TargetView,
-    plan: Plan,
-    src: Source,
-    path: str,
-    local: dict[str, torch.Tensor],
-    assign: bool,
-    undo: _Undo,
-    remember_values: bool,
-    errors: list[str],
-) -> None:
-    module = view.modules[path]
-    undo.slots(module)
-    if remember_values and not assign:
-        for name in local:
-            undo.values(slot(module, split_key(name)[1]))
-    prefix = f"{path}." if path else ""
-    src_module = plan.metadata_map.get(path)
-    metadata = dict(src.module_metadata.get(src_module, {})) if src_module is not None else {}
-    metadata["assign_to_params_buffers"] = assign
-    # non-persistent buffers are invisible to _load_from_state_dict: set them directly
-    for name in [n for n in local if n in view.nonpersistent]:
-        module._buffers[split_key(name)[1]] = local.pop(name)
-    module._load_from_state_dict(local, prefix, metadata, False, [], [], errors)
 
 
 def _check_complete(
