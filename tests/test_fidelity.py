@@ -265,3 +265,55 @@ def test_stock_copies_no_hook_can_observe_are_not_backed_up(monkeypatch):
     tg.load(model, src, strict=True)
     assert {id(t) for t in cloned} == {id(t) for t in [*model[0].parameters(), *model[1].parameters()]}
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in src.items())
+
+
+class _Extra(nn.Module):
+    """Non-tensor extra state (a dict), saved by torch.save and given back to set_extra_state."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.state = {"step": 0}
+
+    def get_extra_state(self):
+        return dict(self.state)
+
+    def set_extra_state(self, state):
+        self.state = dict(state)
+
+
+class _ExtraHolder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _Extra()
+        self.head = nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+@pytest.mark.parametrize("meta", [False, True], ids=["cpu", "meta"])
+def test_extra_state_goes_to_set_extra_state_like_torch(tmp_path, meta, fmt):
+    saved = _ExtraHolder()
+    saved.block.state = {"step": 7, "name": "x"}
+    f = _save(tmp_path, saved.state_dict(), fmt)
+    oracle = _ExtraHolder()
+    oracle.load_state_dict(_torch_load(f), assign=meta)
+    model = _built(_ExtraHolder, meta)
+    report = tg.load(model, f, strict=True)
+    assert model.block.state == oracle.block.state == {"step": 7, "name": "x"}
+    assert torch.equal(model.block.lin.weight, oracle.block.lin.weight)
+    assert "extra state given to set_extra_state: block._extra_state" in report.notes
+    assert tg.open(f).extra_state == {"block._extra_state": {"step": 7, "name": "x"}}
+
+
+def test_extra_state_set_before_a_failure_is_undone():
+    class Failing(nn.Linear):
+        def _load_from_state_dict(self, *args):
+            raise RuntimeError("refused after the extra state was set")
+
+    model = _ExtraHolder()
+    model.head = Failing(2, 2)
+    saved = _ExtraHolder()
+    saved.block.state = {"step": 7}
+    with pytest.raises(RuntimeError, match="refused after the extra state"):
+        tg.load(model, saved.state_dict())
+    assert model.block.state == {"step": 0}

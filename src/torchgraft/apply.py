@@ -42,6 +42,7 @@ from .report import LoadReport
 from .rules import RuleSpec
 from .sources import Source
 from .sources import open as open_source
+from .sources.base import EXTRA_STATE
 from .staging import (
     UNWRITTEN,
     ModuleGroups,
@@ -221,12 +222,13 @@ def load(
             raise nonfinite_error(src, nonfinite)
 
         _check_complete(model, view, plan, groups, staged)
+        extra_state, extra_unused, extra_missing = _extra_states(view, plan, src)
         undo = _Undo()
         init_methods: dict[str, str] = {}
         try:
             with torch.no_grad():
                 init_methods = _initialise(model, view, groups, undo, materialise_on, dtype, init_missing)
-                _commit(model, view, plan, src, staged, assign_modules, undo)
+                _commit(model, view, plan, src, staged, extra_state, assign_modules, undo)
         except BaseException:
             undo.rollback()
             raise
@@ -242,8 +244,20 @@ def load(
         seconds=time.perf_counter() - started,
     )
     report.nonfinite = nonfinite
+    report.notes += _extra_state_notes(extra_state, extra_unused, extra_missing)
     report.log(logger)
     return report
+
+
+def _extra_state_notes(loaded: dict[str, Any], unused: list[str], missing: list[str]) -> list[str]:
+    notes = []
+    if loaded:
+        notes.append(f"extra state given to set_extra_state: {', '.join(loaded)}")
+    if unused:
+        notes.append(f"extra state in the checkpoint that no module of the model takes (not used): {', '.join(unused)}")
+    if missing:
+        notes.append(f"no extra state in the checkpoint for (set_extra_state not called): {', '.join(missing)}")
+    return notes
 
 
 def _stage(
@@ -353,11 +367,35 @@ def _stock_loader(module: nn.Module) -> bool:
     from torch.nn.modules.batchnorm import _NormBase
 
     stock = (nn.Module._load_from_state_dict, _NormBase._load_from_state_dict)
-    return type(module)._load_from_state_dict in stock and not module._load_state_dict_pre_hooks
+    return (
+        type(module)._load_from_state_dict in stock
+        and not module._load_state_dict_pre_hooks
+        and not _takes_extra_state(module)
+    )
 
 
-def _own_extra_state(module: nn.Module) -> bool:
-    return type(module).get_extra_state is not nn.Module.get_extra_state
+def _takes_extra_state(module: nn.Module) -> bool:
+    """True when torch's loading hands the module its ``_extra_state`` (``set_extra_state`` is its own)."""
+    return type(module).set_extra_state is not nn.Module.set_extra_state
+
+
+def _extra_states(view: TargetView, plan: Plan, src: Source) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The checkpoint's ``_extra_state`` values in model names; the unused checkpoint keys; the model's missing ones.
+
+    Names follow the plan's base-model prefix (they are not tensors, so rules do not see them).
+    """
+    wanted = {f"{p}.{EXTRA_STATE}" if p else EXTRA_STATE for p, m in view.modules.items() if _takes_extra_state(m)}
+    mode, pfx = plan.prefix.get("mode", ""), plan.prefix.get("prefix", "")
+    found: dict[str, Any] = {}
+    unused: list[str] = []
+    for key, value in src.extra_state.items():
+        names = [key, pfx + key] if mode == "add" else [key, key.removeprefix(pfx)] if mode == "strip" else [key]
+        target = next((n for n in names if n in wanted), None)
+        if target is None:
+            unused.append(key)
+        else:
+            found[target] = value
+    return found, unused, [n for n in wanted if n not in found]
 
 
 class _Walk:
@@ -430,7 +468,7 @@ class _Walk:
             for attr, t in [*module._parameters.items(), *module._buffers.items()]:
                 if not stock or prefix + attr in local:
                     self.undo.values(t)
-        if _own_extra_state(module) and (not stock or prefix + "_extra_state" in local):
+        if prefix + EXTRA_STATE in local and type(module).get_extra_state is not nn.Module.get_extra_state:
             self.undo.extra_state(module)
 
     def finish(self) -> None:
@@ -452,6 +490,7 @@ def _commit(
     plan: Plan,
     src: Source,
     staged: dict[str, torch.Tensor],
+    extra_state: dict[str, Any],
     assign_modules: set[str],
     undo: _Undo,
 ) -> _Walk:
@@ -466,6 +505,7 @@ def _commit(
     plus the staged tensors); Ctrl-C waits until they are done. Tied weights are restored.
     """
     state = _state_dict(view, staged, assign_modules, undo)
+    state.update(extra_state)
     walk = _Walk(model, _module_metadata(view, plan, src), assign_modules, undo)
     walk.run(state)
     if walk.errors:

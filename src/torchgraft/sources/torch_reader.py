@@ -25,7 +25,7 @@ from typing import Any
 from ..dangers import dangerous_globals
 from ..errors import CheckpointError, UnsafeCheckpointError
 from ..messages import first_line
-from .base import Source, TensorRef, constant_loader, dtype_name
+from .base import Source, TensorRef, constant_loader, dtype_name, is_extra_state
 from .containers import MAX_DEPTH, find_state_dict
 from .legacy_reader import NOT_PLAIN, element_size, read_legacy
 from .pickle_scan import (
@@ -315,7 +315,7 @@ def _flatten(
     seen = {id(sd)} if seen is None else seen
     for k, v in sd.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and not hasattr(v, "shape"):
+        if isinstance(v, Mapping) and not hasattr(v, "shape") and not is_extra_state(key):
             if id(v) in seen or depth + 1 > MAX_DEPTH:
                 skipped[key] = f"{type(v).__name__} (nested too deep, cyclic or repeated)"
             else:
@@ -336,11 +336,14 @@ def open_torch(
     state_dict, chosen, candidates = find_state_dict(obj, container=container, path=str(path), format=fmt)
     entries: dict[str, TensorRef] = {}
     skipped: dict[str, str] = {}
+    extra: dict[str, Any] = {}
     for key, value in _flatten(state_dict, skipped):
         if isinstance(value, torch.Tensor):
             entries[key] = TensorRef(key, tuple(value.shape), dtype_name(value.dtype), constant_loader(value))
         else:
             skipped[key] = type(value).__name__
+            if is_extra_state(key):  # get_extra_state's value: set_extra_state takes it on load
+                extra[key] = value
     meta = getattr(state_dict, "_metadata", None)
     if not isinstance(meta, Mapping) or not all(isinstance(v, Mapping) for v in meta.values()):
         meta = None  # a hostile _metadata must not break the version hooks later
@@ -352,4 +355,5 @@ def open_torch(
         container=chosen,
         containers=candidates,
         skipped=skipped,
+        extra_state=extra,
     )
