@@ -317,3 +317,96 @@ def test_extra_state_set_before_a_failure_is_undone():
     with pytest.raises(RuntimeError, match="refused after the extra state"):
         tg.load(model, saved.state_dict())
     assert model.block.state == {"step": 0}
+
+
+class _Renamed(nn.Module):
+    """Version 2 renamed the child ``fc`` to ``proj``; its own loading code converts version-1 checkpoints."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 3)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        if (local_metadata.get("version") or 1) < 2:
+            for k in [k for k in state_dict if k.startswith(prefix + "fc.")]:
+                state_dict[prefix + "proj." + k[len(prefix) + 3 :]] = state_dict.pop(k)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+
+class _RenamedHolder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _Renamed()
+        self.head = nn.Linear(3, 2)
+
+
+def _version_1_file(tmp_path, fmt, extra=()):
+    from collections import OrderedDict
+
+    torch.manual_seed(1)
+    new = _RenamedHolder().state_dict()
+    sd = OrderedDict((k.replace("block.proj.", "block.fc."), v) for k, v in new.items())
+    sd.update((k, torch.ones(1)) for k in extra)
+    sd._metadata = {"": {"version": 1}, "block": {"version": 1}, "block.fc": {"version": 1}, "head": {"version": 1}}
+    f = tmp_path / "old.pt"
+    torch.save(sd, f, _use_new_zipfile_serialization=fmt == "zip")
+    return f, new
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+@pytest.mark.parametrize("meta", [False, True], ids=["cpu", "meta"])
+def test_a_module_that_renames_keys_by_version_gets_its_subtree_like_torch(tmp_path, meta, fmt):
+    f, new = _version_1_file(tmp_path, fmt)
+    oracle = _RenamedHolder()
+    result = oracle.load_state_dict(torch.load(f, weights_only=True), strict=True, assign=meta)
+    model = _built(_RenamedHolder, meta)
+    report = tg.load(model, f, strict=True)
+    assert (report.missing, report.unexpected) == (result.missing_keys, result.unexpected_keys) == ([], [])
+    assert all(torch.equal(model.state_dict()[k], oracle.state_dict()[k]) for k in new)
+    assert torch.equal(model.block.proj.weight, new["block.proj.weight"])
+    assert "block.proj.weight" in report.loaded and report.initialised == {}
+    planned = tg.plan(_RenamedHolder(), f)  # the plan says who gets the old names
+    assert planned.handed == {"block.fc.weight": "block.fc.weight", "block.fc.bias": "block.fc.bias"}
+    assert "handed to the loading code of _Renamed at 'block'" in str(planned)
+
+
+def test_what_a_module_s_own_code_leaves_unused_is_reported_unexpected(tmp_path):
+    f, _ = _version_1_file(tmp_path, "zip", extra=["block.stale"])
+    result = _RenamedHolder().load_state_dict(torch.load(f, weights_only=True), strict=False)
+    report = tg.load(_RenamedHolder(), f)
+    assert report.unexpected == result.unexpected_keys == ["block.stale"]
+    with pytest.raises(tg.LoadError, match=r"unexpected: block\.stale \(left unused by the module's own"):
+        tg.load(_RenamedHolder(), f, strict=True)
+
+
+def _old_spectral_norm_file(tmp_path, fmt):
+    """A checkpoint of torch's spectral_norm before version 1: ``weight`` saved, no ``weight_v``."""
+    torch.manual_seed(2)
+    saved = nn.utils.spectral_norm(nn.Linear(4, 3))
+    saved(torch.randn(2, 4))  # one power iteration, so u, v and weight are consistent
+    sd = saved.state_dict()
+    sd["weight"] = saved.weight.detach().clone()
+    del sd["weight_v"]
+    sd._metadata = {"": {"version": 1}}  # no "spectral_norm" version: the old layout
+    if fmt == "safetensors":
+        return _save(tmp_path, dict(sd), fmt)
+    f = tmp_path / "sn.pt"
+    torch.save(sd, f, _use_new_zipfile_serialization=fmt == "zip")
+    return f
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "safetensors"])
+@pytest.mark.parametrize("meta", [False, True], ids=["cpu", "meta"])
+def test_old_spectral_norm_checkpoint_converted_by_torch_s_hook(tmp_path, meta, fmt):
+    f = _old_spectral_norm_file(tmp_path, fmt)
+    oracle = nn.utils.spectral_norm(nn.Linear(4, 3))
+    result = oracle.load_state_dict(_torch_load(f), assign=meta)
+    model = nn.utils.spectral_norm(_built(nn.Linear, meta, 4, 3))
+    report = tg.load(model, f)
+    assert (report.missing, report.unexpected) == (result.missing_keys, result.unexpected_keys) == ([], [])
+    ref = oracle.state_dict()
+    assert ref.keys() == model.state_dict().keys()
+    assert all(torch.equal(model.state_dict()[k], ref[k]) for k in ref)
+

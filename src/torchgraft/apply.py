@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -34,7 +36,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from .errors import LoadError
-from .keys import split_key
+from .keys import collapse_keys, split_key
 from .plan import Plan
 from .planner import IgnorePatterns, PlanOptions, build_plan
 from .policy import AdaptSpec
@@ -56,7 +58,7 @@ from .staging import (
     strict_error,
     tie_groups,
 )
-from .target import TargetView
+from .target import TargetView, runs_own_loading_code
 
 __all__ = ["load"]
 
@@ -211,7 +213,8 @@ def load(
             plan = build_plan(model, view, src, options)
         else:
             plan.check_fits(view, src)
-        if strict and (problems := plan.problems()):
+        own = _OwnCode.of(view, plan)
+        if strict and (problems := own.problems(plan)):
             raise strict_error(src, type(model).__name__, problems)
 
         groups = ModuleGroups.of(view, plan)
@@ -223,12 +226,17 @@ def load(
 
         _check_complete(model, view, plan, groups, staged)
         extra_state, extra_unused, extra_missing = _extra_states(view, plan, src)
+        handed = {name: src[orig].load() for orig, name in plan.handed.items()}
         undo = _Undo()
         init_methods: dict[str, str] = {}
         try:
             with torch.no_grad():
                 init_methods = _initialise(model, view, groups, undo, materialise_on, dtype, init_missing)
-                _commit(model, view, plan, src, staged, extra_state, assign_modules, undo)
+                walk = _commit(
+                    model, view, plan, src, {**staged, **handed}, extra_state, assign_modules, undo,
+                    check=own.strict_check(src, type(model).__name__) if strict and own.active else None,
+                )  # fmt: skip
+            plan, filled = own.settle(plan, walk)
         except BaseException:
             undo.rollback()
             raise
@@ -239,7 +247,7 @@ def load(
         plan,
         model=model,
         source=src,
-        initialised=init_methods,
+        initialised={p: how for p, how in init_methods.items() if not set(groups.to_initialise[p]) <= filled},
         dtype=None if dtype is None else str(dtype).removeprefix("torch."),
         seconds=time.perf_counter() - started,
     )
@@ -247,6 +255,68 @@ def load(
     report.notes += _extra_state_notes(extra_state, extra_unused, extra_missing)
     report.log(logger)
     return report
+
+
+@dataclass(frozen=True)
+class _OwnCode:
+    """Modules with loading code of their own and the plan's entries under them, which their code may fill.
+
+    Such a module gets its whole subtree's entries (``plan.handed``: checkpoint keys it may rename or
+    convert); whether its ``init`` entries were filled and its handed keys used is what torch's
+    recursion reports (its missing / unexpected lists), not what the plan could see.
+    """
+
+    candidates: frozenset[str]  # init entries (not mismatched) under such a module
+    active: bool = False  # the plan hands checkpoint keys to such modules
+
+    @classmethod
+    def of(cls, view: TargetView, plan: Plan) -> _OwnCode:
+        owners = [p for p, m in view.modules.items() if runs_own_loading_code(m)]
+        if not owners or not plan.handed:
+            return cls(frozenset())
+        under = tuple(f"{p}." for p in owners if p)
+        every = "" in owners
+        return cls(
+            frozenset(
+                n
+                for n, e in plan.entries.items()
+                if e.action == "init" and not e.mismatched and (every or n.startswith(under))
+            ),
+            active=True,
+        )
+
+    def problems(self, plan: Plan) -> list[str]:
+        """``strict=True`` before loading: the plan's problems, less what the modules' own code may still settle."""
+        problems = [p for p in plan.problems() if not any(p.startswith(f"missing: {n} ") for n in self.candidates)]
+        return problems if any(not p.startswith("note: ") for p in problems) else []
+
+    def strict_check(self, src: Source, model_name: str) -> Callable[[_Walk], None]:
+        def check(walk: _Walk) -> None:
+            missing = set(walk.missing)
+            problems = [f"missing: {n} (after the module's own loading code)" for n in sorted(self.candidates & missing)]
+            problems += [f"unexpected: {k} (left unused by the module's own loading code)" for k in walk.unexpected]
+            if problems:
+                raise strict_error(src, model_name, problems)
+
+        return check
+
+    def settle(self, plan: Plan, walk: _Walk) -> tuple[Plan, set[str]]:
+        """The plan as it happened: entries the modules' code filled are loaded; handed keys it left, unexpected."""
+        if not self.active:
+            return plan, set()
+        missing, unexpected = set(walk.missing), set(walk.unexpected)
+        filled = {n for n in self.candidates if n not in missing}
+        left = [orig for orig, name in plan.handed.items() if name in unexpected]
+        entries = dict(plan.entries)
+        for n in filled:
+            entries[n] = dataclasses.replace(
+                entries[n], action="copy", note="filled by its module's own loading code from the handed entries"
+            )
+        used = [orig for orig in plan.handed if orig not in left]
+        notes = list(plan.notes)
+        if used:
+            notes.append(f"used by modules' own loading code: {', '.join(collapse_keys(used))}")
+        return dataclasses.replace(plan, entries=entries, unexpected=[*plan.unexpected, *left], notes=notes), filled
 
 
 def _extra_state_notes(loaded: dict[str, Any], unused: list[str], missing: list[str]) -> list[str]:
@@ -364,14 +434,7 @@ def _materialise(module: nn.Module, device: torch.device, *, fill: float = 0) ->
 
 def _stock_loader(module: nn.Module) -> bool:
     """True when loading into ``module`` runs only torch's own code, which cannot fail on checked tensors."""
-    from torch.nn.modules.batchnorm import _NormBase
-
-    stock = (nn.Module._load_from_state_dict, _NormBase._load_from_state_dict)
-    return (
-        type(module)._load_from_state_dict in stock
-        and not module._load_state_dict_pre_hooks
-        and not _takes_extra_state(module)
-    )
+    return not runs_own_loading_code(module) and not _takes_extra_state(module)
 
 
 def _takes_extra_state(module: nn.Module) -> bool:
@@ -410,7 +473,13 @@ class _Walk:
     """
 
     def __init__(
-        self, model: nn.Module, metadata: dict[str, dict[str, Any]], assign_modules: set[str], undo: _Undo
+        self,
+        model: nn.Module,
+        metadata: dict[str, dict[str, Any]],
+        assign_modules: set[str],
+        undo: _Undo,
+        *,
+        defer: bool = True,
     ) -> None:
         self.model, self.metadata, self.assign_modules, self.undo = model, metadata, assign_modules, undo
         self.missing: list[str] = []
@@ -419,7 +488,7 @@ class _Walk:
         self.deferred: list[tuple[nn.Module, dict[str, Any], str, dict[str, Any]]] = []
         events = list(self._events(model, ""))
         observed = [i for i, (kind, m) in enumerate(events) if _observes(kind, m)]
-        self._last_observer = observed[-1] if observed else -1
+        self._last_observer = (observed[-1] if observed else -1) if defer else len(events)
         self._step = 0
 
     @staticmethod
@@ -493,6 +562,8 @@ def _commit(
     extra_state: dict[str, Any],
     assign_modules: set[str],
     undo: _Undo,
+    *,
+    check: Callable[[_Walk], None] | None = None,
 ) -> _Walk:
     """Run torch's ``load_state_dict`` recursion over one state dict of staged tensors (model names).
 
@@ -503,11 +574,14 @@ def _commit(
     stock torch modules that no hook can observe go last: shapes and values were checked while
     staging, so they cannot fail, and nothing is copied aside for them (memory stays at the model
     plus the staged tensors); Ctrl-C waits until they are done. Tied weights are restored.
+    ``check(walk)`` runs before anything is left that cannot be undone (then nothing is deferred).
     """
     state = _state_dict(view, staged, assign_modules, undo)
     state.update(extra_state)
-    walk = _Walk(model, _module_metadata(view, plan, src), assign_modules, undo)
+    walk = _Walk(model, _module_metadata(view, plan, src), assign_modules, undo, defer=check is None)
     walk.run(state)
+    if check is not None:
+        check(walk)
     if walk.errors:
         raise LoadError(f"Loading into {type(model).__name__} failed; the model is unchanged:", walk.errors)
     with _interrupts_deferred():  # the last phase only copies bytes: let Ctrl-C wait until it is done

@@ -9,7 +9,10 @@
 * ``default``: filled by the module's own loading hook (BatchNorm's ``num_batches_tracked``
   in checkpoints saved before it existed).
 
-Source entries that nothing uses are ``unexpected``, in the checkpoint's own names. A
+Source entries that nothing uses are ``unexpected``, in the checkpoint's own names, except those
+under a module with loading code of its own (a custom ``_load_from_state_dict`` or a load
+pre-hook), which are ``handed`` to it as ``load_state_dict`` would (it may rename or convert
+them); what it leaves unused is reported unexpected after the load. A
 :class:`Plan` round-trips through JSON (:meth:`Plan.save` / :meth:`Plan.load`) and carries
 fingerprints of the model and checkpoint layouts, so a stale plan is refused
 (:meth:`Plan.check_fits`).
@@ -117,6 +120,7 @@ class Plan:
     source_fingerprint: str = ""
     notes: list[str] = field(default_factory=list)
     ambiguous: list[dict[str, Any]] = field(default_factory=list)
+    handed: dict[str, str] = field(default_factory=dict)
 
     # Views ---------------------------------------------------------------
     def _where(self, pred) -> list[str]:
@@ -228,6 +232,7 @@ class Plan:
             "metadata_map": self.metadata_map,
             "notes": self.notes,
             "ambiguous": self.ambiguous,
+            "handed": self.handed,
         }
 
     @classmethod
@@ -252,6 +257,7 @@ class Plan:
             source_fingerprint=d.get("source_fingerprint", ""),
             notes=list(d.get("notes", [])),
             ambiguous=[dict(a) for a in d.get("ambiguous", [])],
+            handed=dict(d.get("handed", {})),
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:

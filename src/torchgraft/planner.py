@@ -28,7 +28,7 @@ from .plan import Entry, Plan
 from .rules import RenameResult, RuleSpec, apply_rules, compile_rules, suffix_matcher
 from .sources import Source
 from .sources import open as open_source
-from .target import TargetView
+from .target import TargetView, runs_own_loading_code
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `import torchgraft` stays light
     from torch import nn
@@ -354,6 +354,40 @@ def _unexpected(draft: _Draft, ignore: _IgnoreRules) -> list[str]:
     return unexpected
 
 
+def _hand_over(draft: _Draft, view: TargetView, unexpected: list[str]) -> dict[str, str]:
+    """Unused checkpoint keys under a module with loading code of its own go to it, as ``load_state_dict`` gives them.
+
+    Such a module may rename or convert them by version (old child names, old ``spectral_norm``
+    files); what it leaves unused is reported after the load, from torch's own unexpected list.
+    Takes them out of ``unexpected``; returns checkpoint key -> its name on the model's side.
+    """
+    owners = sorted((p for p, m in view.modules.items() if runs_own_loading_code(m)), key=len, reverse=True)
+    if not owners:
+        return {}
+    pfx = draft.prefix
+    handed: dict[str, str] = {}
+    by_owner: dict[str, list[str]] = defaultdict(list)
+    for orig in unexpected:
+        name = draft.live.get(orig, orig)
+        if pfx.mode == "add":
+            name = pfx.prefix + name
+        elif pfx.mode == "strip":
+            name = name.removeprefix(pfx.prefix)
+        owner = next((p for p in owners if not p or name.startswith(p + ".")), None)
+        if owner is not None:
+            handed[orig] = name
+            by_owner[owner].append(orig)
+    unexpected[:] = [k for k in unexpected if k not in handed]
+    for owner, keys in by_owner.items():
+        module = view.modules[owner]
+        draft.notes.append(
+            f"{len(keys)} checkpoint entries handed to the loading code of {type(module).__name__} "
+            f"at {owner or '(root)'!r} ({', '.join(collapse_keys(keys)[:3])}), as load_state_dict does: "
+            "what it leaves unused is reported after the load"
+        )
+    return handed
+
+
 def build_plan(model: nn.Module, view: TargetView, src: Source, options: PlanOptions | None = None) -> Plan:
     """:func:`plan` for callers that already hold the model's :class:`TargetView` and an open source.
 
@@ -378,6 +412,7 @@ def build_plan(model: nn.Module, view: TargetView, src: Source, options: PlanOpt
 
         draft.notes += apply_policy(draft.entries, options.adapt, model=model, view=view, source=src)
     unexpected = _unexpected(draft, ignore)
+    handed = _hand_over(draft, view, unexpected)
     if draft.prefix.mode == "add":
         draft.metadata_map.setdefault(draft.prefix.prefix[:-1], "")
     return Plan(
@@ -396,6 +431,7 @@ def build_plan(model: nn.Module, view: TargetView, src: Source, options: PlanOpt
         source_fingerprint=src.fingerprint(),
         notes=draft.notes,
         ambiguous=draft.ambiguous,
+        handed=handed,
     )
 
 

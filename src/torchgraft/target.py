@@ -16,7 +16,18 @@ if TYPE_CHECKING:  # torch is imported where it is used, so `import torchgraft` 
     import torch
     from torch import nn
 
-__all__ = ["TargetInfo", "TargetView"]
+__all__ = ["TargetInfo", "TargetView", "runs_own_loading_code"]
+
+
+def runs_own_loading_code(module: nn.Module) -> bool:
+    """True when ``load_state_dict`` runs code of the module's own on it: a custom ``_load_from_state_dict``
+    (not torch's, nor BatchNorm's version hook) or a load pre-hook (lazy modules, old ``spectral_norm``)."""
+    from torch import nn
+    from torch.nn.modules.batchnorm import _NormBase
+
+    stock = (nn.Module._load_from_state_dict, _NormBase._load_from_state_dict)
+    return type(module)._load_from_state_dict not in stock or bool(module._load_state_dict_pre_hooks)
+
 
 
 @dataclass(frozen=True)
