@@ -410,3 +410,55 @@ def test_old_spectral_norm_checkpoint_converted_by_torch_s_hook(tmp_path, meta, 
     assert ref.keys() == model.state_dict().keys()
     assert all(torch.equal(model.state_dict()[k], ref[k]) for k in ref)
 
+
+class _LazyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 5)
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("fmt", ["zip", "safetensors"])
+@pytest.mark.parametrize("meta", [False, True], ids=["cpu", "meta"])
+def test_lazy_module_materialised_in_the_checkpoint_s_shape_like_torch(tmp_path, meta, fmt):
+    torch.manual_seed(3)
+    saved = _LazyNet()
+    saved(torch.randn(2, 4))  # runs the lazy head: (3, 5)
+    f = _save(tmp_path, saved.state_dict(), fmt)
+    oracle = _LazyNet()
+    result = oracle.load_state_dict(_torch_load(f), assign=meta)
+    model = _built(_LazyNet, meta)
+    report = tg.load(model, f, strict=True)
+    assert (report.missing, report.unexpected) == (result.missing_keys, result.unexpected_keys) == ([], [])
+    assert model.head.weight.shape == (3, 5)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in oracle.state_dict().items())
+    x = torch.randn(2, 4)
+    assert torch.equal(model(x), oracle(x))
+
+
+def test_a_failed_load_leaves_a_lazy_module_lazy():
+    saved = _LazyNet()
+    saved(torch.randn(2, 4))
+    model = _LazyNet()
+    with pytest.raises(tg.LoadError, match="NaN"):
+        tg.load(model, {**saved.state_dict(), "body.bias": torch.full((5,), float("nan"))}, check_finite="error")
+    assert model.head.has_uninitialized_params()
+    model.head.register_load_state_dict_post_hook(lambda module, keys: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        tg.load(model, saved.state_dict())
+    assert model.head.has_uninitialized_params() and isinstance(model.head, nn.LazyLinear)
+    model(torch.randn(2, 4))  # still infers its shape on the first run
+    assert model.head.weight.shape == (3, 5)
+
+
+def test_lazy_module_the_checkpoint_does_not_fill_stays_lazy_like_torch():
+    sd = {k: v for k, v in _LazyNet().state_dict().items() if k.startswith("body.")}
+    oracle = _LazyNet()
+    result = oracle.load_state_dict(sd, strict=False)
+    model = _LazyNet()
+    report = tg.load(model, sd)
+    assert report.missing == result.missing_keys == ["head.weight", "head.bias"]
+    assert model.head.has_uninitialized_params() and report.initialised == {}

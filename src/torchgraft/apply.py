@@ -353,7 +353,8 @@ def _stage(
             continue
         assert e.source is not None
         current = live[name]
-        tensor = stage_entry(name, e, src[e.source].load(), shape=tuple(current.shape), source=src)
+        shape = e.shape if is_lazy(current) else tuple(current.shape)
+        tensor = stage_entry(name, e, src[e.source].load(), shape=shape, source=src)
         if groups.module[name] in assign_modules:
             target_dtype = _final_dtype(current.dtype, dtype)
             target_device = materialise_on if current.is_meta else current.device

@@ -13,6 +13,7 @@ and :func:`torchgraft.distributed.load` take them as keyword arguments of the sa
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections import defaultdict
@@ -256,6 +257,8 @@ def _match(draft: _Draft, view: TargetView, src: Source) -> None:
             continue
         ref = src[src_name]
         draft.metadata_map.setdefault(split_key(name)[0], split_key(src_name)[0])
+        if info.lazy:  # a lazy module never run: materialised in the checkpoint's shape, as torch's lazy hook does
+            info = dataclasses.replace(info, shape=ref.shape)
         e = Entry(name, "copy", info.shape, info.dtype, src_name, ref.shape, ref.dtype)
         why = list(draft.renames.reasons.get(src_name, []))
         if draft.live[src_name] != name:

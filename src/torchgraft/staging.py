@@ -83,7 +83,10 @@ class ModuleGroups:
             if e.action == "default":
                 loads.setdefault(module[name], [])
         todo: dict[str, list[str]] = defaultdict(list)
+        lazy = {n for n, info in view.entries.items() if info.lazy}  # no shape to initialise: left lazy, as torch does
         for name, e in plan.entries.items():
+            if name in lazy:
+                continue
             if e.action == "init" or (
                 e.action == "tied" and plan.entries.get(view.tied.get(name, ""), e).action == "init"
             ):
