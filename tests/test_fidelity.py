@@ -462,3 +462,63 @@ def test_lazy_module_the_checkpoint_does_not_fill_stays_lazy_like_torch():
     report = tg.load(model, sd)
     assert report.missing == result.missing_keys == ["head.weight", "head.bias"]
     assert model.head.has_uninitialized_params() and report.initialised == {}
+
+
+class _Recurrent(nn.Module):
+    """RNNs cache their weights (``_flat_weights``); a module after them fails on demand."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, num_layers=2)
+        self.gru = nn.GRU(3, 4)
+        self.rnn = nn.RNN(3, 4)
+        self.last = nn.Linear(4, 2)
+        if fail:
+            self.last.register_load_state_dict_post_hook(self._refuse)
+
+    @staticmethod
+    def _refuse(module, incompatible):
+        raise RuntimeError("refused after the RNNs were loaded")
+
+    def forward(self, x):
+        return [m(x)[0] for m in (self.lstm, self.gru, self.rnn)]
+
+
+def _flat_weights_follow_parameters(model: _Recurrent) -> bool:
+    return all(
+        all(w is getattr(m, n) for w, n in zip(m._flat_weights, m._flat_weights_names, strict=True))
+        for m in (model.lstm, model.gru, model.rnn)
+    )
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+@pytest.mark.parametrize("drop", [False, True], ids=["all-loaded", "gru-initialised"])
+def test_rnns_work_exactly_as_before_after_a_failed_load(dtype, drop):
+    torch.manual_seed(4)
+    model = _Recurrent(fail=True)
+    x = torch.randn(2, 1, 3)
+    before = [y.clone() for y in model(x)]
+    sd = _Recurrent().state_dict()
+    if drop:  # the GRU is initialised (and cast) before the failure
+        sd = {k: v for k, v in sd.items() if not k.startswith("gru.")}
+    with pytest.raises(RuntimeError, match="refused after the RNNs"):
+        tg.load(model, sd, dtype=dtype)
+    assert _flat_weights_follow_parameters(model)
+    after = model(x)
+    assert all(torch.equal(a, b) and a.dtype == torch.float32 for a, b in zip(after, before, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+@pytest.mark.parametrize("meta", [False, True], ids=["cpu", "meta"])
+def test_rnns_run_on_what_was_loaded_like_torch(meta, dtype):
+    torch.manual_seed(5)
+    sd = {k: v for k, v in _Recurrent().state_dict().items() if not k.startswith("gru.")}
+    oracle = _Recurrent()
+    cast = {k: v.to(dtype or v.dtype) for k, v in sd.items()}
+    oracle.load_state_dict(cast, strict=False, assign=meta or dtype is not None)
+    model = _built(_Recurrent, meta)
+    tg.load(model, sd, dtype=dtype)
+    assert _flat_weights_follow_parameters(model)
+    x = torch.randn(2, 1, 3, dtype=dtype or torch.float32)
+    assert torch.equal(model.lstm(x)[0], oracle.lstm(x)[0]) and torch.equal(model.rnn(x)[0], oracle.rnn(x)[0])
+    assert model.gru(x)[0].dtype == x.dtype  # the initialised GRU was cast too, its cached weights with it
