@@ -381,6 +381,17 @@ def test_what_a_module_s_own_code_leaves_unused_is_reported_unexpected(tmp_path)
         tg.load(_RenamedHolder(), f, strict=True)
 
 
+def test_the_distributed_executor_reports_handed_entries_unexpected(tmp_path):
+    """torchgraft.distributed runs no module's own loading code: what the plan hands to it is said unused."""
+    import torchgraft.distributed as tgd
+
+    f, _ = _version_1_file(tmp_path, "zip")
+    report = tgd.load(_RenamedHolder(), f)
+    assert report.unexpected == ["block.fc.weight", "block.fc.bias"]
+    with pytest.raises(tg.LoadError, match=r"unexpected: block\.fc\.weight"):
+        tgd.load(_RenamedHolder(), f, strict=True)
+
+
 def _old_spectral_norm_file(tmp_path, fmt):
     """A checkpoint of torch's spectral_norm before version 1: ``weight`` saved, no ``weight_v``."""
     torch.manual_seed(2)

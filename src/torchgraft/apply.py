@@ -185,9 +185,10 @@ def load(
 
     Raises:
         CheckpointError: the checkpoint cannot be read (the model is unchanged).
-        LoadError: ``strict=True`` and the checkpoint does not fit, a module's loading hook
-            failed, meta tensors would be left, or ``check_finite="error"`` found NaN / Inf
-            (the model is unchanged).
+        LoadError: ``strict=True`` and the checkpoint does not fit (checked after their own
+            code ran for modules with loading code of their own, as ``load_state_dict`` does), a
+            module's loading hook failed, meta tensors would be left, or ``check_finite="error"``
+            found NaN / Inf (the model is unchanged).
         PlanError: ``plan`` was made for another model or checkpoint layout, or ``adapt`` is malformed.
         AdapterError: an ``adapt`` adapter cannot produce the model's shape (the model is unchanged).
 
@@ -236,7 +237,7 @@ def load(
                     model, view, plan, src, {**staged, **handed}, extra_state, assign_modules, undo,
                     check=own.strict_check(src, type(model).__name__) if strict and own.active else None,
                 )  # fmt: skip
-            plan, filled = own.settle(plan, walk)
+            settled, filled = own.settle(plan, walk)
         except BaseException:
             undo.rollback()
             raise
@@ -244,7 +245,7 @@ def load(
         if src is not source:  # opened here from a path: release it (tensors assigned from its maps stay valid)
             src.close()
     report = LoadReport.from_plan(
-        plan,
+        settled,  # the plan as it happened: what modules' own loading code filled or left unused
         model=model,
         source=src,
         initialised={p: how for p, how in init_methods.items() if not set(groups.to_initialise[p]) <= filled},
@@ -293,7 +294,8 @@ class _OwnCode:
     def strict_check(self, src: Source, model_name: str) -> Callable[[_Walk], None]:
         def check(walk: _Walk) -> None:
             missing = set(walk.missing)
-            problems = [f"missing: {n} (after the module's own loading code)" for n in sorted(self.candidates & missing)]
+            left = sorted(self.candidates & missing)
+            problems = [f"missing: {n} (after the module's own loading code)" for n in left]
             problems += [f"unexpected: {k} (left unused by the module's own loading code)" for k in walk.unexpected]
             if problems:
                 raise strict_error(src, model_name, problems)

@@ -368,6 +368,7 @@ def _hand_over(draft: _Draft, view: TargetView, unexpected: list[str]) -> dict[s
     if not owners:
         return {}
     pfx = draft.prefix
+    taken = set(view.entries) | set(view.nonpersistent)
     handed: dict[str, str] = {}
     by_owner: dict[str, list[str]] = defaultdict(list)
     for orig in unexpected:
@@ -376,6 +377,8 @@ def _hand_over(draft: _Draft, view: TargetView, unexpected: list[str]) -> dict[s
             name = pfx.prefix + name
         elif pfx.mode == "strip":
             name = name.removeprefix(pfx.prefix)
+        if name in taken:  # another key fills that entry: this one stays unexpected
+            continue
         owner = next((p for p in owners if not p or name.startswith(p + ".")), None)
         if owner is not None:
             handed[orig] = name
