@@ -370,6 +370,7 @@ def test_a_module_that_renames_keys_by_version_gets_its_subtree_like_torch(tmp_p
     planned = tg.plan(_RenamedHolder(), f)  # the plan says who gets the old names
     assert planned.handed == {"block.fc.weight": "block.fc.weight", "block.fc.bias": "block.fc.bias"}
     assert "handed to the loading code of _Renamed at 'block'" in str(planned)
+    assert "it may fill block.proj.{bias,weight}" in " ".join(planned.notes)
 
 
 def test_what_a_module_s_own_code_leaves_unused_is_reported_unexpected(tmp_path):

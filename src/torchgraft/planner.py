@@ -386,10 +386,12 @@ def _hand_over(draft: _Draft, view: TargetView, unexpected: list[str]) -> dict[s
     unexpected[:] = [k for k in unexpected if k not in handed]
     for owner, keys in by_owner.items():
         module = view.modules[owner]
+        fills = [n for n, e in draft.entries.items() if e.action == "init" and (not owner or n.startswith(owner + "."))]
+        may_fill = f"; it may fill {', '.join(collapse_keys(fills)[:3])}" if fills else ""
         draft.notes.append(
             f"{len(keys)} checkpoint entries handed to the loading code of {type(module).__name__} "
-            f"at {owner or '(root)'!r} ({', '.join(collapse_keys(keys)[:3])}), as load_state_dict does: "
-            "what it leaves unused is reported after the load"
+            f"at {owner or '(root)'!r} ({', '.join(collapse_keys(keys)[:3])}), as load_state_dict does{may_fill}: "
+            "what it fills and leaves unused is reported after the load"
         )
     return handed
 
