@@ -27,6 +27,7 @@ import os
 import signal
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -515,10 +516,14 @@ class _Walk:
         else:
             self._remember(module, local, prefix, metadata["assign_to_params_buffers"])
             module._load_from_state_dict(local, prefix, metadata, True, self.missing, self.unexpected, self.errors)
+        by_child: dict[str, dict[str, Any]] = defaultdict(dict)  # torch filters with startswith per child: same dicts
+        for k, v in local.items():
+            head, dot, _ = k[len(prefix) :].partition(".")
+            if dot and k.startswith(prefix):
+                by_child[head][k] = v
         for name, child in module._modules.items():
             if child is not None:
-                child_prefix = f"{prefix}{name}."
-                self._load(child, {k: v for k, v in local.items() if k.startswith(child_prefix)}, child_prefix)
+                self._load(child, by_child.get(name, {}), f"{prefix}{name}.")
         self._step += 1
         if module._load_state_dict_post_hooks:
             from torch.nn.modules.module import _IncompatibleKeys
