@@ -305,6 +305,17 @@ def test_extra_state_goes_to_set_extra_state_like_torch(tmp_path, meta, fmt):
     assert tg.open(f).extra_state == {"block._extra_state": {"step": 7, "name": "x"}}
 
 
+def test_strict_refuses_missing_extra_state_like_torch():
+    sd = {k: v for k, v in _ExtraHolder().state_dict().items() if k != "block._extra_state"}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"block\._extra_state\""):
+        _ExtraHolder().load_state_dict(sd, strict=True)
+    model = _ExtraHolder()
+    with pytest.raises(tg.LoadError, match=r"missing: block\._extra_state \(set_extra_state\)"):
+        tg.load(model, sd, strict=True)
+    report = tg.load(model, sd)
+    assert "no extra state in the checkpoint for (set_extra_state not called): block._extra_state" in report.notes
+
+
 def test_extra_state_set_before_a_failure_is_undone():
     class Failing(nn.Linear):
         def _load_from_state_dict(self, *args):

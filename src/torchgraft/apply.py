@@ -216,7 +216,8 @@ def load(
         else:
             plan.check_fits(view, src)
         own = _OwnCode.of(view, plan)
-        if strict and (problems := own.problems(plan)):
+        extra_state, extra_unused, extra_missing = _extra_states(view, plan, src)
+        if strict and (problems := _extra_problems(extra_unused, extra_missing) + own.problems(plan)):
             raise strict_error(src, type(model).__name__, problems)
 
         groups = ModuleGroups.of(view, plan)
@@ -227,7 +228,6 @@ def load(
             raise nonfinite_error(src, nonfinite)
 
         _check_complete(model, view, plan, groups, staged)
-        extra_state, extra_unused, extra_missing = _extra_states(view, plan, src)
         handed = {name: src[orig].load() for orig, name in plan.handed.items()}
         undo = _Undo()
         init_methods: dict[str, str] = {}
@@ -320,6 +320,11 @@ class _OwnCode:
         if used:
             notes.append(f"used by modules' own loading code: {', '.join(collapse_keys(used))}")
         return dataclasses.replace(plan, entries=entries, unexpected=[*plan.unexpected, *left], notes=notes), filled
+
+
+def _extra_problems(unused: list[str], missing: list[str]) -> list[str]:
+    """What ``strict=True`` refuses about extra state, as ``load_state_dict(strict=True)`` does."""
+    return [f"missing: {n} (set_extra_state)" for n in missing] + [f"unexpected: {k} (extra state)" for k in unused]
 
 
 def _extra_state_notes(loaded: dict[str, Any], unused: list[str], missing: list[str]) -> list[str]:
