@@ -432,6 +432,11 @@ def test_old_spectral_norm_checkpoint_converted_by_torch_s_hook(tmp_path, meta, 
     ref = oracle.state_dict()
     assert ref.keys() == model.state_dict().keys()
     assert all(torch.equal(model.state_dict()[k], ref[k]) for k in ref)
+    oracle64 = nn.utils.spectral_norm(nn.Linear(4, 3).double())  # dtype=: the hook computes in float64
+    oracle64.load_state_dict({k: v.double() for k, v in _torch_load(f).items()}, assign=meta)
+    cast = nn.utils.spectral_norm(_built(nn.Linear, meta, 4, 3))
+    tg.load(cast, f, dtype=torch.float64)
+    assert all(torch.equal(cast.state_dict()[k], v) for k, v in oracle64.state_dict().items())
 
 
 class _LazyNet(nn.Module):

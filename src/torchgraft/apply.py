@@ -126,6 +126,11 @@ def set_slot(module: nn.Module, key: str, value: torch.Tensor | None) -> None:
         setattr(module, key, value)
 
 
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A handed checkpoint tensor in ``dtype`` when it is floating point (what the module's own code gets)."""
+    return tensor.to(dtype) if dtype is not None and is_float(tensor.dtype) else tensor
+
+
 def _final_dtype(current: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
     """The dtype an entry ends up in: ``wanted`` for floating-point entries, else unchanged."""
     return wanted if wanted is not None and is_float(current) else current
@@ -228,7 +233,7 @@ def load(
             raise nonfinite_error(src, nonfinite)
 
         _check_complete(model, view, plan, groups, staged)
-        handed = {name: src[orig].load() for orig, name in plan.handed.items()}
+        handed = {name: _cast(src[orig].load(), dtype) for orig, name in plan.handed.items()}
         undo = _Undo()
         init_methods: dict[str, str] = {}
         try:
