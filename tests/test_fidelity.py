@@ -550,3 +550,14 @@ def test_rnns_run_on_what_was_loaded_like_torch(meta, dtype):
     x = torch.randn(2, 1, 3, dtype=dtype or torch.float32)
     assert torch.equal(model.lstm(x)[0], oracle.lstm(x)[0]) and torch.equal(model.rnn(x)[0], oracle.rnn(x)[0])
     assert model.gru(x)[0].dtype == x.dtype  # the initialised GRU was cast too, its cached weights with it
+
+
+def test_rollback_puts_back_a_plain_tensor_held_among_parameters():
+    """Some code stores plain tensors in ``_parameters``; ``__setattr__`` would refuse them, the undo must not."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    plain = torch.ones(3, 3)
+    model[0]._parameters["weight"] = plain
+    model[1].register_load_state_dict_post_hook(lambda module, keys: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        tg.load(model, nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)).state_dict(), dtype=torch.float64)
+    assert model[0]._parameters["weight"] is plain and torch.equal(plain, torch.ones(3, 3))

@@ -117,13 +117,18 @@ class _Undo:
 def set_slot(module: nn.Module, key: str, value: torch.Tensor | None) -> None:
     """Put ``value`` in the module's parameter or buffer ``key`` through its own ``__setattr__``.
 
-    Modules that cache their tensors (an RNN's ``_flat_weights``) see the change.
+    Modules that cache their tensors (an RNN's ``_flat_weights``) see the change. A value
+    ``__setattr__`` would refuse (a plain tensor some code put among the parameters) goes into
+    the store directly.
     """
-    if value is None:
-        store = module._parameters if key in module._parameters else module._buffers
-        store[key] = None
-    else:
+    store = module._parameters if key in module._parameters else module._buffers
+    if value is None or (store is module._parameters and not isinstance(value, nn.Parameter)):
+        store[key] = value
+        return
+    try:
         setattr(module, key, value)
+    except Exception:  # a module's own __setattr__ refused: the value is still put back
+        store[key] = value
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
