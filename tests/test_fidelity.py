@@ -204,7 +204,7 @@ class _Hooked(nn.Module):
         self.inner[2].register_load_state_dict_post_hook(self._post)
 
     def _pre(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        self.log.append(("pre", type(module).__name__, prefix, sorted(state_dict), local_metadata.get("version")))
+        self.log.append(("pre", type(module).__name__, prefix, sorted(state_dict), local_metadata))
 
     def _pre_with_module(self, module, state_dict, prefix, *args):
         self.log.append(("pre-own", type(module).__name__, prefix, sorted(state_dict)))

@@ -524,12 +524,15 @@ class _Walk:
     def _load(self, module: nn.Module, local: dict[str, Any], prefix: str) -> None:
         path = prefix[:-1]
         metadata = dict(self.metadata.get(path, {}))
-        metadata["assign_to_params_buffers"] = path in self.assign_modules
+        metadata.pop("assign_to_params_buffers", None)  # decided here, never by the file
+        assign = path in self.assign_modules
+        if assign:  # only then, as load_state_dict(assign=True) sets it: hooks see the metadata torch gives them
+            metadata["assign_to_params_buffers"] = True
         step, self._step = self._step, self._step + 1
-        if step > self._last_observer and _stock_loader(module) and path not in self.assign_modules:
+        if step > self._last_observer and _stock_loader(module) and not assign:
             self.deferred.append((module, local, prefix, metadata))
         else:
-            self._remember(module, local, prefix, metadata["assign_to_params_buffers"])
+            self._remember(module, local, prefix, assign)
             module._load_from_state_dict(local, prefix, metadata, True, self.missing, self.unexpected, self.errors)
         by_child: dict[str, dict[str, Any]] = defaultdict(dict)  # torch filters with startswith per child: same dicts
         for k, v in local.items():
@@ -601,7 +604,9 @@ def _commit(
     """
     state = _state_dict(view, staged, assign_modules, undo)
     state.update(extra_state)
-    walk = _Walk(model, _module_metadata(view, plan, src), assign_modules, undo, defer=check is None)
+    loading = {split_key(n)[0] for n in staged if n not in view.nonpersistent}
+    assigned = assign_modules | _assigning_containers(model, assign_modules, loading)
+    walk = _Walk(model, _module_metadata(view, plan, src), assigned, undo, defer=check is None)
     walk.run(state)
     if check is not None:
         check(walk)
@@ -615,6 +620,37 @@ def _commit(
             f"Loading into {type(model).__name__} failed part way; some tensors were already copied:", walk.errors
         )
     return walk
+
+
+def _assigning_containers(model: nn.Module, assign_modules: set[str], loading: set[str]) -> set[str]:
+    """Modules without tensors of their own that hooks should see as assigning (``assign_to_params_buffers``).
+
+    Those whose subtree assigns everything it loads (a model built on meta, loaded as with
+    ``load_state_dict(assign=True)``); where the subtree loads nothing, as the whole model does.
+    """
+    subtree: dict[str, tuple[bool, bool]] = {}  # path -> (loads anything, assigns all it loads)
+    order: list[tuple[str, nn.Module]] = []
+
+    def visit(module: nn.Module, path: str) -> tuple[bool, bool]:
+        loads, assigns = path in loading, path not in loading or path in assign_modules
+        for name, child in module._modules.items():
+            if child is not None:
+                child_loads, child_assigns = visit(child, f"{path}.{name}" if path else name)
+                loads, assigns = loads or child_loads, assigns and child_assigns
+        subtree[path] = (loads, assigns)
+        order.append((path, module))
+        return loads, assigns
+
+    root_loads, root_assigns = visit(model, "")
+    everywhere = root_loads and root_assigns
+    out = set()
+    for path, module in order:
+        if any(t is not None for t in [*module._parameters.values(), *module._buffers.values()]):
+            continue
+        loads, assigns = subtree[path]
+        if (loads and assigns) or (not loads and everywhere):
+            out.add(path)
+    return out
 
 
 def _state_dict(
