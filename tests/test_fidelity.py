@@ -449,7 +449,7 @@ class _LazyNet(nn.Module):
         return self.head(self.body(x))
 
 
-@pytest.mark.parametrize("fmt", ["zip", "safetensors"])
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "safetensors"])
 @pytest.mark.parametrize("meta", [False, True], ids=["cpu", "meta"])
 def test_lazy_module_materialised_in_the_checkpoint_s_shape_like_torch(tmp_path, meta, fmt):
     torch.manual_seed(3)
