@@ -9,7 +9,10 @@
 * ``default``: filled by the module's own loading hook (BatchNorm's ``num_batches_tracked``
   in checkpoints saved before it existed).
 
-Source entries that nothing uses are ``unexpected``, in the checkpoint's own names. A
+Source entries that nothing uses are ``unexpected``, in the checkpoint's own names, except those
+under a module with loading code of its own (a custom ``_load_from_state_dict`` or a load
+pre-hook), which are ``handed`` to it as ``load_state_dict`` would (it may rename or convert
+them); what it leaves unused is reported unexpected after the load. A
 :class:`Plan` round-trips through JSON (:meth:`Plan.save` / :meth:`Plan.load`) and carries
 fingerprints of the model and checkpoint layouts, so a stale plan is refused
 (:meth:`Plan.check_fits`).
@@ -120,6 +123,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     ambiguous: list[dict[str, Any]] = field(default_factory=list)
     verdict: str = ""
+    handed: dict[str, str] = field(default_factory=dict)
 
     # Views ---------------------------------------------------------------
     def _where(self, pred) -> list[str]:
@@ -283,6 +287,7 @@ class Plan:
             "notes": self.notes,
             "ambiguous": self.ambiguous,
             "verdict": self.verdict,
+            "handed": self.handed,
         }
 
     @classmethod
@@ -316,6 +321,7 @@ class Plan:
             notes=list(d.get("notes", [])),
             ambiguous=[dict(a) for a in d.get("ambiguous", [])],
             verdict=d.get("verdict", ""),
+            handed=dict(d.get("handed", {})),
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -475,7 +481,7 @@ def _check_plan_dict(d: Mapping[str, Any]) -> None:
             raise _bad_plan(f"{key!r}", "is missing or empty (without it a stale plan could not be detected)")
     for key in ("unexpected", "notes"):
         _check_strings(f"{key!r}", d.get(key, []), list)
-    for key in ("ignored", "renamed", "prefix", "metadata_map"):
+    for key in ("ignored", "renamed", "prefix", "metadata_map", "handed"):
         _check_strings(f"{key!r}", d.get(key, {}), dict)
     reasons = d.get("rename_reasons", {})
     if not isinstance(reasons, dict) or not all(

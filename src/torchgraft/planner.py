@@ -13,6 +13,7 @@ and :func:`torchgraft.distributed.load` take them as keyword arguments of the sa
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections import Counter, defaultdict
@@ -28,7 +29,7 @@ from .plan import FOREIGN, Entry, Plan
 from .rules import RenameResult, RuleSpec, apply_rules, compile_rules, suffix_matcher
 from .sources import Source
 from .sources import open as open_source
-from .target import TargetView
+from .target import TargetView, runs_own_loading_code
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `import torchgraft` stays light
     from torch import nn
@@ -256,6 +257,8 @@ def _match(draft: _Draft, view: TargetView, src: Source) -> None:
             continue
         ref = src[src_name]
         draft.metadata_map.setdefault(split_key(name)[0], split_key(src_name)[0])
+        if info.lazy:  # a lazy module never run: materialised in the checkpoint's shape, as torch's lazy hook does
+            info = dataclasses.replace(info, shape=ref.shape)
         e = Entry(name, "copy", info.shape, info.dtype, src_name, ref.shape, ref.dtype)
         why = list(draft.renames.reasons.get(src_name, []))
         if draft.live[src_name] != name:
@@ -354,6 +357,45 @@ def _unexpected(draft: _Draft, ignore: _IgnoreRules) -> list[str]:
     return unexpected
 
 
+def _hand_over(draft: _Draft, view: TargetView, unexpected: list[str]) -> dict[str, str]:
+    """Unused checkpoint keys under a module with loading code of its own go to it, as ``load_state_dict`` gives them.
+
+    Such a module may rename or convert them by version (old child names, old ``spectral_norm``
+    files); what it leaves unused is reported after the load, from torch's own unexpected list.
+    Takes them out of ``unexpected``; returns checkpoint key -> its name on the model's side.
+    """
+    owners = sorted((p for p, m in view.modules.items() if runs_own_loading_code(m)), key=len, reverse=True)
+    if not owners:
+        return {}
+    pfx = draft.prefix
+    taken = set(view.entries) | set(view.nonpersistent)
+    handed: dict[str, str] = {}
+    by_owner: dict[str, list[str]] = defaultdict(list)
+    for orig in unexpected:
+        name = draft.live.get(orig, orig)
+        if pfx.mode == "add":
+            name = pfx.prefix + name
+        elif pfx.mode == "strip":
+            name = name.removeprefix(pfx.prefix)
+        if name in taken:  # another key fills that entry: this one stays unexpected
+            continue
+        owner = next((p for p in owners if not p or name.startswith(p + ".")), None)
+        if owner is not None:
+            handed[orig] = name
+            by_owner[owner].append(orig)
+    unexpected[:] = [k for k in unexpected if k not in handed]
+    for owner, keys in by_owner.items():
+        module = view.modules[owner]
+        fills = [n for n, e in draft.entries.items() if e.action == "init" and (not owner or n.startswith(owner + "."))]
+        may_fill = f"; it may fill {', '.join(collapse_keys(fills)[:3])}" if fills else ""
+        draft.notes.append(
+            f"{len(keys)} checkpoint entries handed to the loading code of {type(module).__name__} "
+            f"at {owner or '(root)'!r} ({', '.join(collapse_keys(keys)[:3])}), as load_state_dict does{may_fill}: "
+            "what it fills and leaves unused is reported after the load"
+        )
+    return handed
+
+
 def build_plan(model: nn.Module, view: TargetView, src: Source, options: PlanOptions | None = None) -> Plan:
     """:func:`plan` for callers that already hold the model's :class:`TargetView` and an open source.
 
@@ -378,6 +420,7 @@ def build_plan(model: nn.Module, view: TargetView, src: Source, options: PlanOpt
 
         draft.notes += apply_policy(draft.entries, options.adapt, model=model, view=view, source=src)
     unexpected = _unexpected(draft, ignore)
+    handed = _hand_over(draft, view, unexpected)
     if draft.prefix.mode == "add":
         draft.metadata_map.setdefault(draft.prefix.prefix[:-1], "")
     verdict = _verdict(draft, src, unexpected, model, aligned=options.align)
@@ -398,6 +441,7 @@ def build_plan(model: nn.Module, view: TargetView, src: Source, options: PlanOpt
         notes=draft.notes,
         ambiguous=draft.ambiguous,
         verdict=verdict,
+        handed=handed,
     )
 
 

@@ -83,7 +83,10 @@ class ModuleGroups:
             if e.action == "default":
                 loads.setdefault(module[name], [])
         todo: dict[str, list[str]] = defaultdict(list)
+        lazy = {n for n, info in view.entries.items() if info.lazy}  # no shape to initialise: left lazy, as torch does
         for name, e in plan.entries.items():
+            if name in lazy:
+                continue
             if e.action == "init" or (
                 e.action == "tied" and plan.entries.get(view.tied.get(name, ""), e).action == "init"
             ):
@@ -165,19 +168,23 @@ def count_nonfinite(tensor: torch.Tensor) -> dict[str, int] | None:
 STRICT_LINES = 12
 
 
-def strict_error(source: Source, model_name: str, plan: Plan) -> LoadError:
+def strict_error(
+    source: Source, model_name: str, plan: Plan | None, problems: list[str] | None = None
+) -> LoadError:
     """``strict=True`` and the checkpoint does not fit: every problem listed, then what fixes it.
 
-    A checkpoint that does not belong to the model at all says so first (``plan.verdict``); long
-    lists are grouped with repeated layers collapsed, like the report.
+    ``problems`` defaults to the plan's. A checkpoint that does not belong to the model at all says
+    so first (``plan.verdict``); a long list of the plan's own problems is grouped with repeated
+    layers collapsed, like the report.
     """
-    problems = plan.problems()
-    if len(problems) > STRICT_LINES:
-        problems = plan.grouped_problems()
+    if problems is None:
+        assert plan is not None
+        problems = plan.problems() if len(plan.problems()) <= STRICT_LINES else plan.grouped_problems()
     title = f"Checkpoint {source.describe()} does not fit {model_name} (strict=True):"
-    if plan.verdict:
+    if plan is not None and plan.verdict:
         title = f"{plan.verdict}\n{title}"
-    return LoadError(title, [*problems, *(f"fix: {f}" for f in plan.fixes())])
+    fixes = plan.fixes() if plan is not None else []
+    return LoadError(title, [*problems, *(f"fix: {f}" for f in fixes)])
 
 
 def nonfinite_error(source: Source, nonfinite: Mapping[str, Mapping[str, int]]) -> LoadError:

@@ -169,6 +169,8 @@ def load(
         return open_source(source, allow_globals=allow_globals)
 
     the_plan, rng, opened = _shared_plan(ranks, model, opener, plan, options)
+    if the_plan.handed:  # this executor runs no module's own loading code: what the plan hands to it stays unused
+        the_plan.unexpected += [k for k in the_plan.handed if k not in the_plan.unexpected]
     src, view = _same_everywhere(ranks, model, opener, opened)
     try:
         if strict and the_plan.problems():

@@ -117,6 +117,9 @@ class Source(Mapping[str, TensorRef]):
         container: where in the file the state dict was found (``"state_dict"``), or ``""``.
         containers: every candidate state dict the file holds.
         skipped: entries that are not tensors and were left out (name -> type name).
+        extra_state: non-tensor ``*._extra_state`` values (what a module's ``get_extra_state``
+            returned when it was saved), name -> value; not tensors, so not in the mapping, but
+            handed to ``set_extra_state`` on load as ``load_state_dict`` does. Also in ``skipped``.
         conversions: entries the reader changed to torch's layout while reading, name -> what
             it did in plain words (``"Keras Dense kernel [in, out] transposed to [out, in]"``,
             ``"dequantised from Q4_K"``). Formats of other frameworks fill it; torch formats leave it empty.
@@ -143,6 +146,7 @@ class Source(Mapping[str, TensorRef]):
         files: list[str] | None = None,
         closer: Callable[[], None] | None = None,
         conversions: Mapping[str, str] | None = None,
+        extra_state: Mapping[str, Any] | None = None,
     ) -> None:
         self._entries = dict(entries)
         self.path = path
@@ -154,6 +158,7 @@ class Source(Mapping[str, TensorRef]):
         self.skipped = dict(skipped or {})
         self.files = list(files or ([path] if path else []))
         self.conversions = dict(conversions or {})
+        self.extra_state = dict(extra_state or {})
         self._closer = closer
 
     # Mapping protocol
@@ -218,13 +223,27 @@ class Source(Mapping[str, TensorRef]):
 
         entries: dict[str, TensorRef] = {}
         skipped: dict[str, str] = {}
+        extra: dict[str, Any] = {}
         for key, value in state_dict.items():
             if isinstance(value, torch.Tensor):
                 entries[key] = TensorRef(key, tuple(value.shape), dtype_name(value.dtype), constant_loader(value))
             else:
                 skipped[key] = type(value).__name__
+                if is_extra_state(key):
+                    extra[key] = value
         meta = valid_module_metadata(getattr(state_dict, "_metadata", None))
-        return cls(entries, path=name, format="state-dict", module_metadata=meta, skipped=skipped)
+        return cls(
+            entries, path=name, format="state-dict", module_metadata=meta, skipped=skipped, extra_state=extra
+        )
+
+
+#: The state-dict name torch gives what ``get_extra_state`` returns (``nn.modules.module._EXTRA_STATE_KEY_SUFFIX``).
+EXTRA_STATE = "_extra_state"
+
+
+def is_extra_state(key: str) -> bool:
+    """True for a module's ``get_extra_state`` entry (``block._extra_state``)."""
+    return key == EXTRA_STATE or key.endswith("." + EXTRA_STATE)
 
 
 def valid_module_metadata(meta: Any) -> dict[str, dict[str, Any]] | None:

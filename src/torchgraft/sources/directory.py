@@ -211,9 +211,11 @@ def open_index(path: Path, **options: Any) -> Source:
         raise
     module_metadata: dict[str, Any] = {}
     metadata: dict[str, str] = {}
+    extra_state: dict[str, Any] = {}
     for src in opened.values():
         module_metadata.update(src.module_metadata)
         metadata.update(src.metadata)
+        extra_state.update(src.extra_state)
     meta = index.get("metadata")
     if isinstance(meta, dict):
         metadata.update({k: str(v) for k, v in meta.items()})
@@ -230,4 +232,5 @@ def open_index(path: Path, **options: Any) -> Source:
         module_metadata=module_metadata,
         files=[str(t) for t in shards.values()],
         closer=close,
+        extra_state=extra_state,
     )

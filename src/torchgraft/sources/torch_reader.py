@@ -25,7 +25,7 @@ from typing import Any
 from ..dangers import dangerous_globals
 from ..errors import CheckpointError, UnsafeCheckpointError
 from ..messages import first_line
-from .base import Source, TensorRef, constant_loader, dtype_name, valid_module_metadata
+from .base import Source, TensorRef, constant_loader, dtype_name, is_extra_state, valid_module_metadata
 from .containers import MAX_DEPTH, find_state_dict
 from .legacy_reader import NOT_PLAIN, element_size, read_legacy
 from .pickle_scan import (
@@ -368,7 +368,7 @@ def _flatten(
     seen = {id(sd)} if seen is None else seen
     for k, v in sd.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and not hasattr(v, "shape"):
+        if isinstance(v, Mapping) and not hasattr(v, "shape") and not is_extra_state(key):
             if id(v) in seen or depth + 1 > MAX_DEPTH:
                 skipped[key] = f"{type(v).__name__} (nested too deep, cyclic or repeated)"
             else:
@@ -390,6 +390,7 @@ def open_torch(
     entries: dict[str, TensorRef] = {}
     skipped: dict[str, str] = {}
     unusable: list[str] = []
+    extra: dict[str, Any] = {}
     for key, value in _flatten(state_dict, skipped):
         if isinstance(value, torch.Tensor):
             why = unusable_tensor(value)
@@ -398,6 +399,8 @@ def open_torch(
             entries[key] = TensorRef(key, tuple(value.shape), dtype_name(value.dtype), constant_loader(value))
         else:
             skipped[key] = type(value).__name__
+            if is_extra_state(key):  # get_extra_state's value: set_extra_state takes it on load
+                extra[key] = value
     if unusable:
         raise CheckpointError(
             path,
@@ -416,6 +419,7 @@ def open_torch(
         container=chosen,
         containers=candidates,
         skipped=skipped,
+        extra_state=extra,
     )
 
 
