@@ -39,6 +39,17 @@ if TYPE_CHECKING:
 __all__ = ["PLAN_VERSION", "Entry", "Plan", "build_plan", "plan"]
 
 PLAN_VERSION = 1
+#: What fixes which problem: option -> (Python spelling, command-line spelling, what it does).
+FIXES: dict[str, tuple[str, str, str]] = {
+    "adapt": ("adapt='auto' (or adapt={name: adapter})", "--adapt auto (or --adapt 'NAME=ADAPTER')",
+              "adapts the shape mismatches"),
+    "align": ("align=True", "--align", "pairs differently named entries by structure"),
+    "rules": ("rules={'old.{}': 'new.{}'}", "--rules 'OLD=NEW'", "renames checkpoint entries ('{}' = layer number)"),
+    "ignore_missing": ("ignore_missing=[regex]", "--ignore-missing REGEX", "accepts missing entries you expect (a new head)"),
+    "ignore_unexpected": ("ignore_unexpected=[regex]", "--ignore-unexpected REGEX",
+                          "accepts unused checkpoint entries (a pretraining head)"),
+    "decide": ("rules=", "--rules 'OLD=NEW'", "decides the ambiguous pairs"),
+}  # fmt: skip
 #: The verdict's words for a checkpoint of another network (see :attr:`Plan.verdict`).
 FOREIGN = "Most likely a checkpoint of another architecture or task"
 Action = Literal["copy", "adapt", "init", "tied", "default"]
@@ -230,25 +241,26 @@ class Plan:
             lines += [f"note: {n}" for n in self.notes]
         return lines
 
-    def fixes(self) -> list[str]:
-        """What to pass to :func:`torchgraft.load` so that the problems go away or are accepted.
+    def fixes(self, *, cli: bool = False) -> list[str]:
+        """What to pass so that the problems go away or are accepted, in Python or command-line spelling.
 
         None for a checkpoint of another network (:data:`FOREIGN` in the verdict): no option makes it fit.
+
+        Example:
+            >>> plan.fixes()
+            ["adapt='auto' (or adapt={name: adapter}) adapts the shape mismatches"]
         """
         if FOREIGN in self.verdict:
             return []
-        out = []
-        if self.mismatched:
-            out.append("adapt='auto' (or adapt={name: adapter}) adapts the shape mismatches")
-        if self.missing and self.unexpected:
-            out.append("align=True pairs differently named entries by structure; rules={'old.{}': 'new.{}'} renames them")
-        if self.missing:
-            out.append("ignore_missing=[regex] accepts missing entries you expect (a new head)")
-        if self.unexpected:
-            out.append("ignore_unexpected=[regex] accepts unused checkpoint entries (a pretraining head)")
-        if self.ambiguous:
-            out.append("rules= decides the ambiguous pairs")
-        return out
+        wanted = [
+            ("adapt", bool(self.mismatched)),
+            ("align", bool(self.missing and self.unexpected)),
+            ("rules", bool(self.missing and self.unexpected)),
+            ("ignore_missing", bool(self.missing)),
+            ("ignore_unexpected", bool(self.unexpected)),
+            ("decide", bool(self.ambiguous)),
+        ]
+        return [f"{FIXES[k][1 if cli else 0]} {FIXES[k][2]}" for k, needed in wanted if needed]
 
     def summary(self) -> dict[str, int]:
         counts = Counter(e.action for e in self.entries.values())

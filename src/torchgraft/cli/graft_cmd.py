@@ -253,27 +253,10 @@ def _command(*words: str) -> str:
     return "torchgraft " + " ".join(shlex.quote(w) for w in words)
 
 
-def _fix_lines(plan: Any) -> list[str]:
-    """What to pass on the command line so the problems go away or are accepted."""
-    fixes = []
-    if plan.mismatched:
-        fixes.append("--adapt auto (or --adapt 'NAME=ADAPTER') adapts the shape mismatches")
-    if plan.missing and plan.unexpected:
-        fixes.append("--align pairs differently named entries by structure")
-        fixes.append("--rules 'OLD=NEW' renames checkpoint entries ('{}' = layer number)")
-    if plan.missing:
-        fixes.append("--ignore-missing REGEX accepts missing entries you expect (a new head)")
-    if plan.unexpected:
-        fixes.append("--ignore-unexpected REGEX accepts unused checkpoint entries (a pretraining head)")
-    if plan.ambiguous:
-        fixes.append("--rules 'OLD=NEW' decides the ambiguous pairs")
-    return fixes
-
-
 def _strict_failure(plan: Any, action: str) -> str:
     lines = [f"--strict: the checkpoint does not fit the model ({len(plan.problems())} problems); {action}"]
     lines += plan.grouped_problems()
-    fixes = _fix_lines(plan)
+    fixes = plan.fixes(cli=True)
     if fixes:
         lines.append("to fix, pass:")
         lines += [f"  {fix}" for fix in fixes]
