@@ -401,3 +401,31 @@ except tg.CheckpointError as e:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "REFUSED" in done.stdout and "cannot be read safely" in done.stdout, done.stdout[-2000:]
+
+
+def test_loading_code_the_distributed_path_does_not_run_is_said_not_silently_skipped(caplog):
+    """tg.load runs modules' own loading code and set_extra_state; tgd.load does not, and says so."""
+    import logging
+
+    class Extra(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.state = {"step": 0}
+
+        def get_extra_state(self):
+            return dict(self.state)
+
+        def set_extra_state(self, state):
+            self.state = dict(state)
+
+    src = Extra()
+    src.state = {"step": 7}
+    model = Extra()
+    with caplog.at_level(logging.WARNING, logger="torchgraft"):
+        report = tgd.load(model, src.state_dict())
+    assert model.state == {"step": 0}  # not set by this executor ...
+    assert any("it does not call set_extra_state with the checkpoint's extra state (_extra_state)" in n for n in report.notes)
+    assert "Load the model with torchgraft.load before sharding it" in caplog.text  # ... and said loudly
+    plain = tgd.load(TinyNet(), TinyNet().state_dict())
+    assert not any("it does not" in n for n in plain.notes)

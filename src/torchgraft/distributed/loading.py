@@ -172,6 +172,10 @@ def load(
     if the_plan.handed:  # this executor runs no module's own loading code: what the plan hands to it stays unused
         the_plan.unexpected += [k for k in the_plan.handed if k not in the_plan.unexpected]
     src, view = _same_everywhere(ranks, model, opener, opened)
+    if not_run := _loading_code_not_run(view, src):
+        the_plan.notes.append(not_run)
+        if ranks.rank == 0:
+            logger.warning("%s", not_run)
     try:
         if strict and the_plan.problems():
             raise strict_error(src, the_plan.model, the_plan)
@@ -292,3 +296,39 @@ def _read(
         raise checkpoint_error(e, src.path, src.format) from None
     return staged, whole, int(getattr(reader, "bytes_read", 0))
 
+
+
+def _loading_code_not_run(view: TargetView, src: Source) -> str:
+    """Plain words for what :func:`torchgraft.load` would run here and this executor does not, or ``""``.
+
+    This executor writes tensors into the sharded model itself; it runs no module's own loading
+    code (a custom ``_load_from_state_dict``, load hooks other than torch.distributed's own) and
+    sets no extra state, so a model that relies on them is told so instead of silently differing.
+    """
+    from torch.nn.modules.batchnorm import _NormBase
+
+    stock = (nn.Module._load_from_state_dict, _NormBase._load_from_state_dict)
+
+    def own_hooks(module: nn.Module) -> bool:
+        hooks = [*module._load_state_dict_pre_hooks.values(), *module._load_state_dict_post_hooks.values()]
+        own = [getattr(h, "hook", h) for h in hooks]
+        return any(not getattr(h, "__module__", "").startswith("torch.distributed") for h in own)
+
+    modules = [
+        p or "(root)"
+        for p, m in view.modules.items()
+        if type(m)._load_from_state_dict not in stock or own_hooks(m)
+    ]
+    parts = []
+    if modules:
+        more = " ..." if len(modules) > 6 else ""
+        parts.append(f"run the loading code of its modules' own ({', '.join(modules[:6])}{more})")
+    if src.extra_state:
+        parts.append(f"call set_extra_state with the checkpoint's extra state ({', '.join(list(src.extra_state)[:6])})")
+    if not parts:
+        return ""
+    return (
+        "torchgraft.distributed.load writes tensors into the sharded model itself; it does not "
+        + ", nor ".join(parts)
+        + ". Load the model with torchgraft.load before sharding it if it needs them."
+    )
