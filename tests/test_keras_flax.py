@@ -704,3 +704,19 @@ def test_fuzzed_flax_files_raise_checkpoint_error_or_load(tmp_path):
     escaped = {p: r for p, r in results.items() if r not in ("ok", "error")}
     assert not escaped, escaped
     assert "error" in results.values()
+
+
+def test_reader_conversions_are_reported_per_model_entry(tmp_path):
+    """What the reader changed to reach torch's layout is in the report, under the model's names."""
+    keras = pytest.importorskip("keras")
+    inputs = keras.Input((3,))
+    outputs = keras.layers.Dense(2, name="fc")(inputs)
+    km = keras.Model(inputs, outputs)
+    path = tmp_path / "m.weights.h5"
+    km.save_weights(path)
+    model = torch.nn.Module()
+    model.fc = torch.nn.Linear(3, 2)
+    report = tg.load(model, path, align=True)
+    assert set(report.converted) == {"fc.weight"} and "transpos" in report.converted["fc.weight"].lower()
+    assert report.to_dict()["converted"] == report.converted and "converted by the reader" in str(report)
+    assert torch.equal(model.fc.weight, torch.from_numpy(km.get_layer("fc").kernel.numpy().T.copy()))

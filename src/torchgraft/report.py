@@ -115,6 +115,9 @@ class LoadReport:
             could not tell apart (left missing).
         nonfinite: model name -> ``{"nan": n, "inf": n}`` for loaded tensors holding NaN or Inf
             in the dtype they were stored in (see ``check_finite=`` of :func:`torchgraft.load`).
+        verdict: one paragraph when the checkpoint does not belong to the model, else ``""``.
+        converted: model name -> what the reader of another framework's file did to reach torch's
+            layout (``"Keras Dense kernel [in, out] transposed"``, ``"dequantised from Q4_K"``).
 
     Example:
         >>> report = tg.load(model, "all-MiniLM-L6-v2/")
@@ -145,6 +148,7 @@ class LoadReport:
     aligned: dict[str, dict[str, Any]] = field(default_factory=dict)
     ambiguous: list[dict[str, Any]] = field(default_factory=list)
     verdict: str = ""
+    converted: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_plan(
@@ -190,6 +194,11 @@ class LoadReport:
             aligned=plan.aligned,
             ambiguous=list(plan.ambiguous),
             verdict=plan.verdict,
+            converted={
+                k: source.conversions[e.source]
+                for k, e in plan.entries.items()
+                if e.loads and e.source in source.conversions
+            },
         )
 
     @property
@@ -222,6 +231,7 @@ class LoadReport:
             "aligned": self.aligned,
             "ambiguous": self.ambiguous,
             "verdict": self.verdict,
+            "converted": self.converted,
         }
 
     # Words ---------------------------------------------------------------
@@ -344,6 +354,7 @@ class LoadReport:
         rows = [
             ("loaded", self.loaded, ""),
             ("adapted", list(self.adapted), _adapter_summary(self.adapted)),
+            ("converted by the reader", list(self.converted), "to torch's layout (report.converted says how)"),
             (
                 "missing (initialised)",
                 [k for k in self.missing if k not in not_init],
