@@ -35,13 +35,13 @@ def run_cli(
     )
 
 
-def imported_modules(importtime_stderr: str) -> set[str]:
-    """Top-level names of every module `python -X importtime` reports."""
+def imported_modules(importtime_stderr: str, *, full: bool = False) -> set[str]:
+    """Top-level names (or with ``full``, the dotted names) of every module `python -X importtime` reports."""
     names = set()
     for line in importtime_stderr.splitlines():
         m = re.match(r"import time:\s+\d+ \|\s+\d+ \|\s*([\w.]+)\s*$", line)
         if m:
-            names.add(m.group(1).split(".")[0])
+            names.add(m.group(1) if full else m.group(1).split(".")[0])
     return names
 
 
@@ -67,6 +67,11 @@ def test_inspect_json_counts_minilm_without_importing_torch(minilm_dir):
     assert "torchgraft" in modules, "importtime output was not parsed: the check below would prove nothing"
     assert "torch" not in modules
     assert "rich" not in modules  # --json prints no tables
+    # other frameworks' readers are imported when such a file is opened, not for a safetensors file
+    readers = ("gguf_reader", "onnx_reader", "tf_reader", "keras_reader", "flax_reader")
+    full = imported_modules(r.stderr, full=True)
+    assert "torchgraft.sources.safetensors_reader" in full
+    assert not [m for m in full if m.rpartition(".")[2] in readers]
 
 
 def test_inspect_tree_collapses_repeated_layers_and_filters(minilm_dir):

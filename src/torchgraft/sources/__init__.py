@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -12,12 +13,7 @@ from ..errors import CheckpointError
 from .base import DTYPE_SIZES, Source, TensorRef, dtype_name
 from .dcp_reader import looks_like_dcp, open_dcp
 from .directory import open_directory, open_index
-from .flax_reader import looks_like_flax_msgpack, open_flax  # msgpack / h5py are imported when such a file opens
-from .gguf_reader import looks_like_gguf, open_gguf
-from .keras_reader import looks_like_hdf5, looks_like_keras_zip, open_keras
-from .onnx_reader import looks_like_onnx, open_onnx  # onnx, protobuf: imported when such a file is opened
 from .safetensors_reader import looks_like_safetensors, open_safetensors
-from .tf_reader import looks_like_tf_checkpoint, open_tf_checkpoint
 from .torch_reader import open_torch
 
 __all__ = [
@@ -47,6 +43,28 @@ class Reader:
     matches: Callable[[Path, bytes, int], bool]
     open: Callable[..., Source]
 
+
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    """A function of one of the other frameworks' reader modules, imported on its first call.
+
+    ``import torchgraft`` then pays for none of them (each costs 7-10 ms to import, their format
+    libraries far more, and those are imported only when such a file is opened).
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+looks_like_flax_msgpack, open_flax = _lazy("flax_reader", "looks_like_flax_msgpack"), _lazy("flax_reader", "open_flax")
+looks_like_gguf, open_gguf = _lazy("gguf_reader", "looks_like_gguf"), _lazy("gguf_reader", "open_gguf")
+looks_like_hdf5, open_keras = _lazy("keras_reader", "looks_like_hdf5"), _lazy("keras_reader", "open_keras")
+looks_like_keras_zip = _lazy("keras_reader", "looks_like_keras_zip")
+looks_like_onnx, open_onnx = _lazy("onnx_reader", "looks_like_onnx"), _lazy("onnx_reader", "open_onnx")
+looks_like_tf_checkpoint = _lazy("tf_reader", "looks_like_tf_checkpoint")
+open_tf_checkpoint = _lazy("tf_reader", "open_tf_checkpoint")
 
 READERS: list[Reader] = [
     # torch.distributed.checkpoint: a directory with .metadata (before "directory"; the file is a pickle)
