@@ -334,11 +334,14 @@ def test_torchrun_fsdp2_cpu(nproc, torchrun_inputs, tmp_path):
         "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")]),
     }
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, env=env)
-    if done.returncode != 0 and "Signal 6 (SIGABRT)" in done.stderr and "[rank" not in done.stderr:
-        # A rank killed by a signal with no Python error from any rank: gloo's rendezvous has aborted
-        # this way now and then on a loaded 2-core machine (seen twice on 2026-12-06, never reproduced alone). Once more,
-        # saying so; a worker's own assertion or exception is never retried.
-        warnings.warn(f"torchrun aborted without a Python error, retried once:\n{done.stderr[-2000:]}", stacklevel=1)
+    for _ in range(2):
+        if done.returncode == 0 or "Signal 6 (SIGABRT)" not in done.stderr or "[rank" in done.stderr:
+            break
+        # A rank killed by SIGABRT with no Python error from any rank: seen in 3 of ~10 full-suite runs on
+        # 2026-12-06 (also before that day's changes), never when this test ran alone. Run again, saying so,
+        # with the lines that may name the cause; a worker's own assertion or exception is never retried.
+        clues = [ln for ln in done.stderr.splitlines() if any(w in ln for w in ("terminate", "what()", "gloo", "abort"))]
+        warnings.warn(f"torchrun aborted without a Python error, run again; clues: {clues[:8]}", stacklevel=1)
         done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, (
         f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[:3000]}\n...\n{done.stderr[-6000:]}"
