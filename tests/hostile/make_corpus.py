@@ -997,6 +997,65 @@ def _(root: Path, c: Case) -> None:  # a shard is never opened as a checkpoint d
     (d / ".metadata").write_bytes(pickle.dumps({"not": "metadata"}, protocol=2)[2:])
 
 
+# Meta's tensor-parallel shards (consolidated.NN.pth) ----------------------------------------------------
+
+
+def _meta_dir(root: Path, name: str, *shards: dict[str, Any], ranks: tuple[int, ...] = ()) -> Path:
+    d = root / name
+    d.mkdir()
+    for rank, sd in zip(ranks or range(len(shards)), shards):
+        torch.save(sd, d / f"consolidated.{rank:02d}.pth")
+    return d
+
+
+def meta_case(name: str, match: str, **kw: Any):
+    return case(name, kw.pop("kind", "broken"), name, kw.pop("expect", "error"), match=match, **kw)
+
+
+@meta_case(
+    "meta_shards_keys_differ", r"shards do not match: 1 key\(s\) in consolidated\.00 but not in consolidated\.01: 'layer\.bias'"
+)
+def _(root: Path, c: Case) -> None:
+    _meta_dir(root, c.name, _sd(), {"layer.weight": _sd()["layer.weight"]})
+
+
+@meta_case("meta_shards_shapes_differ", r"differ in shape or dtype between consolidated\.00 and consolidated\.01")
+def _(root: Path, c: Case) -> None:
+    _meta_dir(root, c.name, _sd(), {**_sd(), "layer.bias": torch.zeros(5, dtype=torch.float16)})
+
+
+@meta_case("meta_shards_rank_missing", r"ranks \[0, 2\], but consolidated\.01\.pth is missing")
+def _(root: Path, c: Case) -> None:
+    _meta_dir(root, c.name, _sd(), _sd(), ranks=(0, 2))
+
+
+@meta_case("meta_shards_rank_twice", r"consolidated\.0\.pth and consolidated\.00\.pth are both rank 0")
+def _(root: Path, c: Case) -> None:
+    d = _meta_dir(root, c.name, _sd(), _sd())
+    torch.save(_sd(), d / "consolidated.0.pth")
+
+
+@meta_case("meta_shards_params_not_json", r"params\.json' \(read as meta-shards\): not valid JSON")
+def _(root: Path, c: Case) -> None:
+    d = _meta_dir(root, c.name, _sd(), _sd())
+    (d / "params.json").write_bytes(b'{"dim": 64, "n_heads": \xff')
+
+
+@meta_case("meta_shards_truncated_shard", r"consolidated\.01\.pth' \(read as torch-zip\)")
+def _(root: Path, c: Case) -> None:  # the error names the damaged shard, not only the directory
+    d = _meta_dir(root, c.name, _sd(), _sd())
+    data = (d / "consolidated.01.pth").read_bytes()
+    (d / "consolidated.01.pth").write_bytes(data[: len(data) // 2])
+
+
+@meta_case(
+    "meta_shards_malicious_shard", r"consolidated\.01\.pth' \(read as torch-zip\)", kind="malicious",
+    expect="unsafe", globals=["posix.system"], live=True, control="meta_shards_malicious_shard/consolidated.01.pth",
+)  # fmt: skip
+def _(root: Path, c: Case) -> None:
+    _meta_dir(root, c.name, _sd(), {**_sd(), "x": Payload(os.system, f"touch {marker(root, c)}")})
+
+
 @case("hf_cache_snapshot_symlinks", "ok", "hf/models--org--m/snapshots/abc123/model.safetensors.index.json", "ok")
 def _(root: Path, c: Case) -> None:  # a Hugging Face cache: snapshot files are symlinks into ../../blobs
     repo = root / "hf" / "models--org--m"

@@ -13,6 +13,7 @@ from ..errors import CheckpointError
 from .base import DTYPE_SIZES, Source, TensorRef, dtype_name
 from .dcp_reader import looks_like_dcp, open_dcp
 from .directory import open_directory, open_index
+from .meta_shards import looks_like_meta_shards, open_meta_shards
 from .safetensors_reader import looks_like_safetensors, open_safetensors
 from .torch_reader import open_torch
 
@@ -71,6 +72,8 @@ READERS: list[Reader] = [
     Reader("dcp", lambda p, head, size: looks_like_dcp(p), open_dcp),
     # TensorFlow: a SavedModel folder (variables/variables.index), PREFIX.index or PREFIX.data-* (before "directory")
     Reader("tf-checkpoint", lambda p, head, size: looks_like_tf_checkpoint(p), open_tf_checkpoint),
+    # Meta's tensor-parallel consolidated.00.pth, .01.pth, ... (before "directory"): keys "consolidated.00/..."
+    Reader("meta-shards", lambda p, head, size: looks_like_meta_shards(p), open_meta_shards),
     Reader("directory", lambda p, head, size: p.is_dir(), open_directory),
     Reader("index", lambda p, head, size: p.name.endswith(".index.json"), open_index),
     Reader("safetensors", lambda p, head, size: looks_like_safetensors(head, size), open_safetensors),
@@ -123,7 +126,8 @@ def open(
     Args:
         path: a file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``, ``.ckpt``), a sharded
             checkpoint's ``*.index.json``, a model directory, a ``torch.distributed.checkpoint``
-            directory (``.metadata`` + ``*.distcp``), Keras ``.keras`` / ``.weights.h5`` / legacy ``.h5``
+            directory (``.metadata`` + ``*.distcp``), a directory of Meta's tensor-parallel
+            ``consolidated.00.pth``, ``consolidated.01.pth``, ... (keys ``consolidated.00/<key>``), Keras ``.keras`` / ``.weights.h5`` / legacy ``.h5``
             and Flax ``.msgpack`` files (kernels converted to torch's layout, see
             ``Source.conversions``), a Hugging Face repository
             ``"hf:org/name[@revision]"`` (from the local cache, needs ``huggingface_hub``),

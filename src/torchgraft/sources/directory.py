@@ -99,7 +99,7 @@ def _confined_shard(index: Path, root: Path, shard: str, bad) -> Path:
 
 
 #: Readers that open folders or lists of files: a shard is never read through them (no recursion).
-_NOT_SHARD_READERS = frozenset({"directory", "index", "dcp"})
+_NOT_SHARD_READERS = frozenset({"directory", "index", "dcp", "meta-shards"})
 
 
 def _open_shard(target: Path, options: dict[str, Any]) -> Source:
