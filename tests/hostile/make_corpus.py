@@ -1012,9 +1012,7 @@ def meta_case(name: str, match: str, **kw: Any):
     return case(name, kw.pop("kind", "broken"), name, kw.pop("expect", "error"), match=match, **kw)
 
 
-@meta_case(
-    "meta_shards_keys_differ", r"shards do not match: 1 key\(s\) in consolidated\.00 but not in consolidated\.01: 'layer\.bias'"
-)
+@meta_case("meta_shards_keys_differ", r"do not match: 1 key\(s\) in consolidated\.00 but not in consolidated\.01: 'layer\.bias'")
 def _(root: Path, c: Case) -> None:
     _meta_dir(root, c.name, _sd(), {"layer.weight": _sd()["layer.weight"]})
 
