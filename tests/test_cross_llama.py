@@ -296,8 +296,8 @@ def test_one_shard_opens_as_the_plain_file_unless_asked(tmp_path):
 
 def test_shards_with_different_keys_are_refused(tmp_path):
     one = torch.ones(2)
-    save_shards({"consolidated.00/a": one, "consolidated.00/b": one, "consolidated.01/a": one, "consolidated.01/c": one},
-                tmp_path)  # fmt: skip
+    keys = ["consolidated.00/a", "consolidated.00/b", "consolidated.01/a", "consolidated.01/c"]
+    save_shards(dict.fromkeys(keys, one), tmp_path)
     with pytest.raises(
         tg.CheckpointError,
         match=r"shards do not match: 1 key\(s\) in consolidated\.00 but not in consolidated\.01: 'b'; "
