@@ -26,7 +26,7 @@ from ..messages import first_line
 from .base import Source, TensorRef
 from .directory import WEIGHT_FILES, _open_shards
 
-__all__ = ["FORMAT", "SHARD_NAME", "looks_like_meta_shards", "open_meta_shards"]
+__all__ = ["FORMAT", "SHARD_NAME", "MetaShardsSource", "looks_like_meta_shards", "open_meta_shards"]
 
 #: The reader's name in :data:`torchgraft.sources.READERS` and the opened Source's ``format``.
 FORMAT = "meta-shards"
@@ -36,6 +36,21 @@ SHARD_NAME = re.compile(r"consolidated\.(\d{1,4})\.pth")
 MAX_PARAMS_BYTES = 1 << 20
 #: How many differing keys an error lists.
 _SHOWN = 5
+
+
+class MetaShardsSource(Source):
+    """A :class:`Source` over Meta's shards; a plan that leaves model entries missing says how to merge them."""
+
+    def plan_notes(self, missing: list[str]) -> list[str]:
+        if not missing:
+            return []
+        params = {k: self.metadata[k] for k in ("n_heads", "n_kv_heads") if k in self.metadata}
+        args = ", ".join(f"{k}={v}" for k, v in {**params, "n_shards": len(self.files)}.items())
+        return [
+            f"{self.path} holds Meta's tensor-parallel shards ({len(self.files)} files, keys 'consolidated.NN/...'): "
+            "each weight is split across them or replicated in each, so no single entry has the model's shape. "
+            f"Merge them with a recipe, e.g. for transformers' Llama: rules=tg.recipe('meta-llama-to-hf-llama', {args})"
+        ]
 
 
 def _shard_files(path: Path) -> list[tuple[int, Path]]:
@@ -201,7 +216,7 @@ def open_meta_shards(path: Path, **options: Any) -> Source:
         for s in opened.values():
             s.close()
 
-    return Source(
+    return MetaShardsSource(
         entries,
         path=str(path),
         format=FORMAT,
