@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import torchgraft as tg
+from torchgraft.transforms import concat, reverse, rope_permute
 
 transformers = pytest.importorskip("transformers")
 
@@ -117,11 +118,15 @@ def meta_full(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def meta_split(full: dict[str, torch.Tensor], n_shards: int) -> dict[str, torch.Tensor]:
-    """Meta's model-parallel pieces, keyed ``consolidated.NN/<key>`` as the shards' reader names them."""
+def meta_split(full: dict[str, torch.Tensor], n_shards: int, *, embedding_split: int = 1) -> dict[str, torch.Tensor]:
+    """Meta's model-parallel pieces, keyed ``consolidated.NN/<key>`` as the shards' reader names them.
+
+    ``embedding_split=0``: Llama 3's ``VocabParallelEmbedding`` (rows), instead of Llama 1/2's columns.
+    """
     out = {}
     for key, w in full.items():
         split = SPLIT_DIM[key.split(".", 2)[-1] if key.startswith("layers.") else key]
+        split = embedding_split if key == "tok_embeddings.weight" else split
         pieces = [w] * n_shards if split is None else w.chunk(n_shards, dim=split)
         for rank, piece in enumerate(pieces):
             out[f"consolidated.{rank:02d}/{key}"] = piece.clone()
@@ -314,3 +319,171 @@ def test_shards_with_a_gap_or_a_damaged_params_json_are_refused(tmp_path):
     (tmp_path / "params.json").write_text("[1, 2]")
     with pytest.raises(tg.CheckpointError, match=r"params\.json' \(read as meta-shards\): a JSON list, not an object"):
         tg.open(tmp_path)
+
+
+# The recipe: Meta's shards -> transformers' Llama, and back ----------------------------------------
+
+RECIPE = "meta-llama-to-hf-llama"
+
+
+def rules(**changes) -> dict:
+    return tg.recipe(RECIPE, **{"n_heads": N_HEADS, "n_kv_heads": N_KV_HEADS, "n_shards": N_SHARDS, **changes})
+
+
+def meta_shapes(n_shards: int = N_SHARDS) -> dict[str, torch.Tensor]:
+    """Meta-device tensors with the shards' shapes (written from Meta's layer types, not from any file)."""
+    q, kv, out = N_HEADS * HEAD_DIM, N_KV_HEADS * HEAD_DIM, {}
+    per_layer = {"attention.wq.weight": (q // n_shards, DIM), "attention.wk.weight": (kv // n_shards, DIM),
+                 "attention.wv.weight": (kv // n_shards, DIM), "attention.wo.weight": (DIM, q // n_shards),
+                 "feed_forward.w1.weight": (FFN // n_shards, DIM), "feed_forward.w2.weight": (DIM, FFN // n_shards),
+                 "feed_forward.w3.weight": (FFN // n_shards, DIM), "attention_norm.weight": (DIM,),
+                 "ffn_norm.weight": (DIM,)}  # fmt: skip
+    for rank in range(n_shards):
+        shapes = {"tok_embeddings.weight": (VOCAB, DIM // n_shards), "norm.weight": (DIM,),
+                  "output.weight": (VOCAB // n_shards, DIM)}  # fmt: skip
+        shapes.update({f"layers.{i}.{k}": v for i in range(N_LAYERS) for k, v in per_layer.items()})
+        out.update({f"consolidated.{rank:02d}/{k}": torch.empty(v, device="meta") for k, v in shapes.items()})
+    return out
+
+
+def test_shards_made_by_the_inverse_transforms_are_metas_split(original, shards):
+    """HF -> Meta through the recipe's plan run backwards equals the hand-written split, bit for bit."""
+    plan = tg.plan(hf_llama(1), meta_shapes(), rules=rules())
+    assert {e.action for e in plan.entries.values()} == {"transform"} and not plan.unexpected
+    made = reverse(plan, original.state_dict())
+    hand = meta_split(meta_full(original.state_dict()), N_SHARDS)
+    assert made.keys() == hand.keys()
+    for key, w in hand.items():
+        assert made[key].dtype == w.dtype and torch.equal(made[key], w), key
+    for stem in ("consolidated.00", "consolidated.01"):  # and as saved: the files in `shards` hold the same
+        saved = torch.load(shards / f"{stem}.pth", weights_only=True)
+        assert saved.keys() == {k.split("/", 1)[1] for k in made if k.startswith(stem + "/")}
+        assert all(torch.equal(saved[k], made[f"{stem}/{k}"]) for k in saved)
+
+
+def test_shards_load_into_transformers_llama(original, shards):
+    model = hf_llama(1)
+    report = tg.load(model, shards, rules=rules(), strict=True)
+    torch.testing.assert_close(logits(model), logits(original), atol=1e-5, rtol=0)
+    for key, w in original.state_dict().items():  # index moves and concatenations only: bit-identical
+        assert torch.equal(model.state_dict()[key], w), key
+    assert len(report.transformed) == len(original.state_dict())
+    assert report.transformed["model.layers.1.self_attn.k_proj.weight"] == (
+        "rope_permute(concat(consolidated.00/layers.1.attention.wk.weight, "
+        "consolidated.01/layers.1.attention.wk.weight, dim=0), heads=2)"
+    )
+    assert report.transformed["model.norm.weight"] == "same(consolidated.00/norm.weight, consolidated.01/norm.weight)"
+
+
+def test_shards_load_into_a_meta_built_llama(original, shards):
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(hf_config()).eval()
+    tg.load(model, shards, rules=rules(), strict=True)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    torch.testing.assert_close(logits(model), logits(original), atol=1e-5, rtol=0)
+
+
+def test_transformers_llama_back_to_metas_shards_bit_identical(shards, tmp_path):
+    model = hf_llama(1)
+    plan = tg.plan(model, shards, rules=rules())
+    tg.load(model, shards, plan=plan)
+    back = reverse(plan, model.state_dict())
+    save_shards(back, tmp_path / "back")
+    for stem in ("consolidated.00", "consolidated.01"):
+        a = torch.load(shards / f"{stem}.pth", weights_only=True)
+        b = torch.load(tmp_path / "back" / f"{stem}.pth", weights_only=True)
+        assert a.keys() == b.keys()
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    out = tg.convert(model.state_dict(), tmp_path / "back.safetensors", plan=plan, reverse=True)
+    assert out is not None
+    from safetensors.torch import load_file
+
+    written = load_file(tmp_path / "back.safetensors")
+    assert written.keys() == back.keys() and all(torch.equal(written[k], back[k]) for k in back)
+
+
+def test_a_saved_plan_loads_the_shards(original, shards, tmp_path):
+    tg.plan(hf_llama(1), shards, rules=rules()).save(tmp_path / "plan.json")
+    model = hf_llama(2)
+    tg.load(model, shards, plan=tg.Plan.load(tmp_path / "plan.json"))
+    torch.testing.assert_close(logits(model), logits(original), atol=1e-5, rtol=0)
+
+
+def test_one_unsharded_file_and_llama3_embedding_split(original, tmp_path):
+    full = meta_full(original.state_dict())
+    torch.save({**full, "rope.freqs": torch.randn(HEAD_DIM // 2)}, tmp_path / "consolidated.00.pth")  # Llama 1's
+    model = hf_llama(1)
+    tg.load(model, tmp_path / "consolidated.00.pth", rules=rules(n_shards=1), strict=True)
+    torch.testing.assert_close(logits(model), logits(original), atol=1e-5, rtol=0)
+    llama3 = save_shards(meta_split(full, N_SHARDS, embedding_split=0), tmp_path / "llama3")
+    model = hf_llama(1)
+    with pytest.raises(tg.PlanError, match=r"model\.embed_tokens\.weight"):  # the split dim is data, checked
+        tg.load(model, llama3, rules=rules(), strict=True)
+    tg.load(model, llama3, rules=rules(embedding_split=0), strict=True)
+    torch.testing.assert_close(logits(model), logits(original), atol=1e-5, rtol=0)
+
+
+def test_the_plan_names_the_recipe_when_shards_are_loaded_without_it(shards):
+    plan = tg.plan(hf_llama(1), shards)
+    hint = "tg.recipe('meta-llama-to-hf-llama', n_heads=4, n_kv_heads=2, n_shards=2)"  # from params.json
+    assert any("Meta's tensor-parallel shards" in n and hint in n for n in plan.notes), plan.notes
+
+
+@pytest.mark.parametrize(
+    ("wrong", "k_rule"),
+    [
+        ("k permuted with n_heads", lambda k: rope_permute(k, heads=N_HEADS)),
+        ("no rope_permute on k", lambda k: k),
+        ("k permuted with 3 heads", lambda k: rope_permute(k, heads=3)),
+    ],
+)
+def test_a_wrong_rotary_rule_is_a_plan_error_or_a_large_difference(wrong, k_rule, original, shards):
+    table = rules()
+    k = concat("consolidated.00/layers.{}.attention.wk.weight", "consolidated.01/layers.{}.attention.wk.weight", dim=0)
+    table["model.layers.{}.self_attn.k_proj.weight"] = k_rule(k)
+    model = hf_llama(1)
+    if wrong == "k permuted with 3 heads":  # 32 rows are not 3 heads: the shapes say so before any read
+        with pytest.raises(tg.PlanError, match=r"32 rows are not 3 heads of an even size"):
+            tg.plan(model, shards, rules=table)
+        return
+    tg.load(model, shards, rules=table, strict=True)  # the shapes fit: only the outputs can tell
+    assert (logits(model) - logits(original)).abs().max() > 1e-2
+
+
+def test_no_rope_permute_at_all_is_a_large_difference(original, shards):
+    table = rules()
+    for w, name in (("wq", "q_proj"), ("wk", "k_proj")):
+        table[f"model.layers.{{}}.self_attn.{name}.weight"] = concat(
+            *(f"consolidated.{r:02d}/layers.{{}}.attention.{w}.weight" for r in range(N_SHARDS)), dim=0
+        )
+    model = hf_llama(1)
+    tg.load(model, shards, rules=table, strict=True)
+    assert (logits(model) - logits(original)).abs().max() > 1e-2
+
+
+def test_replicated_norms_that_differ_are_a_load_error_naming_them(original, tmp_path):
+    sd = meta_split(meta_full(original.state_dict()), N_SHARDS)
+    sd["consolidated.01/layers.1.ffn_norm.weight"] = sd["consolidated.01/layers.1.ffn_norm.weight"] + 1e-3
+    folder = save_shards(sd, tmp_path / "differ")
+    model = hf_llama(1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        tg.LoadError,
+        match=r"consolidated\.01/layers\.1\.ffn_norm\.weight is not equal to "
+        r"consolidated\.00/layers\.1\.ffn_norm\.weight",
+    ):
+        tg.load(model, folder, rules=rules(), strict=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing changed
+
+
+def test_recipe_numbers_are_checked():
+    assert tg.recipes.RECIPES[RECIPE].params == ("n_heads", "n_kv_heads", "n_shards")
+    with pytest.raises(tg.PlanError, match=r"needs n_kv_heads"):
+        tg.recipe(RECIPE, n_heads=4, n_shards=2)
+    with pytest.raises(tg.PlanError, match=r"n_shards=3 does not divide n_heads=4 and n_kv_heads=2"):
+        rules(n_shards=3)
+    with pytest.raises(tg.PlanError, match=r"n_heads=4 is not a multiple of n_kv_heads=3"):
+        rules(n_kv_heads=3)
+    with pytest.raises(tg.PlanError, match=r"dim=60 is not n_heads=4 heads of an even size"):
+        rules(dim=60)
+    assert rules(n_layers=N_LAYERS, dim=DIM) == rules()  # params.json's numbers may be passed as they are

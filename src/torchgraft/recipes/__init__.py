@@ -49,7 +49,9 @@ class Recipe:
 
 
 #: Recipe modules of this package, one line each.
-_MODULES: tuple[str, ...] = ()
+_MODULES: tuple[str, ...] = (
+    "meta_llama_hf",
+)
 
 
 def _load_all() -> dict[str, Recipe]:

@@ -44,8 +44,9 @@ class MetaShardsSource(Source):
     def plan_notes(self, missing: list[str]) -> list[str]:
         if not missing:
             return []
-        params = {k: self.metadata[k] for k in ("n_heads", "n_kv_heads") if k in self.metadata}
-        args = ", ".join(f"{k}={v}" for k, v in {**params, "n_shards": len(self.files)}.items())
+        heads = self.metadata.get("n_heads", "N_HEADS")
+        params = {"n_heads": heads, "n_kv_heads": self.metadata.get("n_kv_heads", heads), "n_shards": len(self.files)}
+        args = ", ".join(f"{k}={v}" for k, v in params.items())
         return [
             f"{self.path} holds Meta's tensor-parallel shards ({len(self.files)} files, keys 'consolidated.NN/...'): "
             "each weight is split across them or replicated in each, so no single entry has the model's shape. "
