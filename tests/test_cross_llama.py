@@ -487,3 +487,18 @@ def test_recipe_numbers_are_checked():
     with pytest.raises(tg.PlanError, match=r"dim=60 is not n_heads=4 heads of an even size"):
         rules(dim=60)
     assert rules(n_layers=N_LAYERS, dim=DIM) == rules()  # params.json's numbers may be passed as they are
+
+
+def test_command_line_loads_the_shards_with_the_recipe(original, shards, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from torchgraft.cli import main
+
+    original.config.save_pretrained(tmp_path / "config")
+    params = [f"--recipe-param={k}={v}" for k, v in (("n_heads", N_HEADS), ("n_kv_heads", N_KV_HEADS), ("n_shards", 2))]
+    code = main(["load", str(shards), "--model", "transformers:LlamaForCausalLM", "--config", str(tmp_path / "config"),
+                 "--recipe", RECIPE, *params, "--strict", "--out", str(tmp_path / "hf.safetensors")])  # fmt: skip
+    assert code == 0, capsys.readouterr()
+    written = load_file(tmp_path / "hf.safetensors")
+    assert written.keys() == original.state_dict().keys()
+    assert all(torch.equal(written[k], w) for k, w in original.state_dict().items())
