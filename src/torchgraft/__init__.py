@@ -20,6 +20,7 @@ from .plan import Entry, Plan, plan  # torch-free at import; binding the names h
 from .scan import scan
 from .sources import Source, TensorRef
 from .sources import open as open
+from .verify import VerifyResult, verify  # torch-free at import; binding here keeps `tg.verify` the function
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "Source",
     "TensorRef",
     "UnsafeCheckpointError",
+    "VerifyResult",
     "__version__",
     "adapters",
     "convert",
@@ -43,6 +45,7 @@ __all__ = [
     "plan",
     "scan",
     "surgery",
+    "verify",
 ]
 
 if TYPE_CHECKING:
