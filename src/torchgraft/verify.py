@@ -42,6 +42,8 @@ _NARROW = "bfloat16"
 #: "the same values" when pairing layers (only a tie-break between equally shaped candidates).
 _PAIRING_CLOSENESS = 0.1
 _FINGERPRINT_SIZE = 256
+#: At most this many (model output, reference output) cells in the pairing table (int32: 100 MB).
+_MAX_PAIRING_CELLS = 25_000_000
 #: Layer rows that ``str(result)`` shows around the first divergence.
 _CONTEXT_ROWS = 2
 
@@ -554,6 +556,11 @@ def _compare_layers(
             f"Layers not compared: no module outputs were recorded in {which} (modules without sub-modules, "
             "or code that runs without forward hooks, such as scripted or compiled modules); outputs only."
         ]
+    if len(rec_a) * len(rec_b) > _MAX_PAIRING_CELLS:
+        return [], [
+            f"Layers not compared: {len(rec_a)} x {len(rec_b)} module outputs are too many to pair "
+            f"(more than {_MAX_PAIRING_CELLS:,} combinations); outputs only."
+        ]
     pairs = _pair(rec_a, rec_b)
     if not pairs:
         return [], [
@@ -600,7 +607,7 @@ def _pair(rec_a: list[_Record], rec_b: list[_Record]) -> list[tuple[int, int]]:
     import torch
 
     n, m = len(rec_a), len(rec_b)
-    score = torch.zeros(n, m, dtype=torch.long)
+    score = torch.zeros(n, m, dtype=torch.int32)
     by_shape_b: dict[tuple[int, ...], list[int]] = {}
     for j, r in enumerate(rec_b):
         by_shape_b.setdefault(tuple(r.tensor.shape), []).append(j)
@@ -615,17 +622,17 @@ def _pair(rec_a: list[_Record], rec_b: list[_Record]) -> list[tuple[int, int]]:
         fb = torch.stack([_fingerprint(rec_b[j].tensor) for j in cols])
         distance = torch.cdist(fa, fb)
         close = distance <= _PAIRING_CLOSENESS * fb.norm(dim=1).unsqueeze(0) + 1e-12
-        score[torch.tensor(rows).unsqueeze(1), torch.tensor(cols).unsqueeze(0)] = 1 + close.long()
+        score[torch.tensor(rows).unsqueeze(1), torch.tensor(cols).unsqueeze(0)] = 1 + close.int()
     # dp[i, j]: best total over rec_a[:i], rec_b[:j]; one row at a time, the row's running max
     # standing in for the "skip a reference output" move.
-    dp = torch.zeros(n + 1, m + 1, dtype=torch.long)
+    dp = torch.zeros(n + 1, m + 1, dtype=torch.int32)
     for i in range(1, n + 1):
         prev = dp[i - 1]
         take = torch.where(score[i - 1] > 0, prev[:-1] + score[i - 1], prev[:-1])
         dp[i, 1:] = torch.maximum(prev[1:], take).cummax(0).values
     pairs = []
     i, j = n, m
-    table = dp.tolist()
+    table = dp.numpy()
     while i > 0 and j > 0:
         if table[i][j] == table[i - 1][j]:
             i -= 1
@@ -638,7 +645,11 @@ def _pair(rec_a: list[_Record], rec_b: list[_Record]) -> list[tuple[int, int]]:
 
 
 def _difference(name_a: str, a: Any, name_b: str, b: Any, atol: float, rtol: float) -> Difference:
-    """Compare two tensors elementwise (in float64, on the reference's device)."""
+    """Compare two tensors elementwise, on the reference's device.
+
+    In float32 when both are float32 or narrower (the difference of two float32 values is exact
+    enough to measure), else in float64 (complex: complex64 / complex128).
+    """
     import torch
 
     shape_a, shape_b = list(a.shape), list(b.shape)
@@ -647,23 +658,32 @@ def _difference(name_a: str, a: Any, name_b: str, b: Any, atol: float, rtol: flo
             name_a, name_b, shape_a, shape_b, math.inf, math.inf, False,
             reason=f"shapes differ: model {shape_a}, reference {shape_b}",
         )  # fmt: skip
-    wide = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64
-    x = a.detach().to(device=b.device, dtype=wide)
-    y = b.detach().to(dtype=wide)
-    if x.numel() == 0:
+    if a.numel() == 0:
         return Difference(name_a, name_b, shape_a, shape_b, 0.0, 0.0, True)
-    both_nan = torch.isnan(x) & torch.isnan(y)
-    diff = torch.where((x == y) | both_nan, torch.zeros((), dtype=torch.float64, device=y.device), (x - y).abs())
-    diff = torch.nan_to_num(diff, nan=math.inf)  # NaN on one side only, or inf - inf
+    narrow = all(t.is_floating_point() and t.element_size() <= 4 for t in (a, b))
+    if a.is_complex() or b.is_complex():
+        wide = torch.complex64 if narrow or a.dtype == b.dtype == torch.complex64 else torch.complex128
+    else:
+        wide = torch.float32 if narrow else torch.float64
+    x = (a.to_dense() if a.layout != torch.strided else a).detach().to(device=b.device, dtype=wide)
+    y = (b.to_dense() if b.layout != torch.strided else b).detach().to(dtype=wide)
+    if torch.equal(x, y):
+        return Difference(name_a, name_b, shape_a, shape_b, 0.0, 0.0, True)
+    diff = torch.abs(x - y)
     magnitude = y.abs()
-    eps = max(_eps(a.dtype), _eps(b.dtype))
-    rel = torch.where(diff == 0, torch.zeros_like(diff), diff / magnitude.clamp_min(eps))
-    rel = torch.nan_to_num(rel, nan=math.inf)
-    within = (diff == 0) | (torch.isfinite(diff) & (diff <= atol + rtol * magnitude))
-    beyond = int((~within).sum())
-    max_abs, max_rel = float(diff.max()), float(rel.max())
+    bad = diff > (magnitude * rtol).add_(atol)
+    max_abs = float(diff.max())
+    if not math.isfinite(max_abs):  # NaN on both sides (or the same infinity) agrees; NaN on one side does not
+        same = (x == y) | (torch.isnan(x) & torch.isnan(y))
+        diff = torch.where(same, torch.zeros((), dtype=diff.dtype, device=diff.device), diff)
+        diff = torch.nan_to_num(diff, nan=math.inf, posinf=math.inf)
+        bad = ~same & (bad | torch.isinf(diff))
+        max_abs = float(diff.max())
+    rel = diff.div_(magnitude.clamp_min_(max(_eps(a.dtype), _eps(b.dtype))))  # diff is not needed after this
+    max_rel = float(torch.nan_to_num(rel, nan=math.inf).max()) if math.isinf(max_abs) else float(rel.max())
+    beyond = int(bad.sum())
     reason = (
-        f"{beyond} of {x.numel()} values beyond atol + rtol * |reference| (atol {atol:g}, rtol {rtol:g})"
+        f"{beyond} of {a.numel()} values beyond atol + rtol * |reference| (atol {atol:g}, rtol {rtol:g})"
         if beyond
         else ""
     )
