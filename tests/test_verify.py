@@ -92,9 +92,13 @@ NANO_FROM_HF = {
     **{
         f"blocks.{{}}.{nano}.{p}": (f"transformer.h.{{}}.{hf}.{p}", p == "weight" and nano not in ("ln1", "ln2"))
         for nano, hf in [
-            ("ln1", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-            ("ln2", "ln_2"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj"),
-        ]  # fmt: skip
+            ("ln1", "ln_1"),
+            ("attn.qkv", "attn.c_attn"),
+            ("attn.proj", "attn.c_proj"),
+            ("ln2", "ln_2"),
+            ("mlp.fc", "mlp.c_fc"),
+            ("mlp.proj", "mlp.c_proj"),
+        ]
         for p in ("weight", "bias")
     },
 }
@@ -143,7 +147,11 @@ def test_identical_models_agree_exactly_in_outputs_and_every_layer():
     # every module output that is not the same tensor as another one: 2 embeddings, then per block
     # ln1, qkv, proj, ln2, fc, act, proj, the block; then ln_f, head
     assert len(result.layers) == 2 + 2 * 8 + 2 == result.model_layers == result.reference_layers
-    assert [(d.model, d.reference) for d in result.layers[:3]] == [("tok", "tok"), ("pos", "pos"), ("blocks.0.ln1", "blocks.0.ln1")]
+    assert [(d.model, d.reference) for d in result.layers[:3]] == [
+        ("tok", "tok"),
+        ("pos", "pos"),
+        ("blocks.0.ln1", "blocks.0.ln1"),
+    ]
     assert all(d.ok and d.max_abs == 0 for d in result.layers)
     proj = next(d for d in result.layers if d.model == "blocks.0.attn.proj")
     assert proj.model_aliases == ["blocks.0.attn"]  # the attention returns its projection's very tensor
@@ -231,7 +239,9 @@ def test_gpt2_built_on_meta_and_loaded_by_tg_load_matches_the_original(gpt2, tmp
     assert result.ok and result.max_abs == 0.0, str(result)
     assert list(result.outputs) == ["logits"]
     assert len(result.layers) == result.model_layers == 21 and result.first_divergence is None
-    assert ("transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_attn") in {(d.model, d.reference) for d in result.layers}
+    assert ("transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_attn") in {
+        (d.model, d.reference) for d in result.layers
+    }
 
 
 def _meta_layout(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -403,7 +413,9 @@ def test_layers_that_cannot_be_paired_are_said_so_and_outputs_still_compared():
     lin = nn.Linear(4, 2)
     result = tg.verify(lin, copy.deepcopy(lin), torch.randn(3, 4))  # no sub-modules: nothing to record
     assert result.ok and result.layers == []
-    assert any("Layers not compared: no module outputs were recorded in the model and the reference" in n for n in result.notes)
+    assert any(
+        "Layers not compared: no module outputs were recorded in the model and the reference" in n for n in result.notes
+    )
 
     wide = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
     narrow = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
@@ -453,7 +465,9 @@ def test_wrong_arguments_are_refused_with_the_fix():
         tg.verify(lin, lin, torch.zeros(3, 4), atol=-1)
     with torch.device("meta"):
         meta = nn.Linear(4, 2)
-    with pytest.raises(ValueError, match=r"the model \(Linear\) has 2 tensors on the meta device \(weight, bias\): load"):
+    with pytest.raises(
+        ValueError, match=r"the model \(Linear\) has 2 tensors on the meta device \(weight, bias\): load"
+    ):
         tg.verify(meta, lin, torch.zeros(3, 4))
 
 
@@ -463,7 +477,9 @@ def test_report_verify_needs_the_model_it_loaded(tmp_path):
     save_file(lin.state_dict(), str(tmp_path / "lin.safetensors"))
     report = tg.load(nn.Linear(4, 2), tmp_path / "lin.safetensors")  # the model is dropped right away
     gc.collect()
-    with pytest.raises(ValueError, match=r"no longer knows its model \(Linear\).*call tg.verify\(model, reference_model"):
+    with pytest.raises(
+        ValueError, match=r"no longer knows its model \(Linear\).*call tg.verify\(model, reference_model"
+    ):
         report.verify(lin, torch.zeros(3, 4))
     kept = nn.Linear(4, 2)
     report = tg.load(kept, tmp_path / "lin.safetensors")

@@ -163,11 +163,11 @@ class VerifyResult:
         if not self.layers:
             return []
         first = self.first_divergence
-        return [
+        counts = (
             f"layers: {len(self.layers)} module outputs paired by execution order and shape "
-            f"(of {self.model_layers} in the model, {self.reference_layers} in the reference)",
-            f"first divergence: {first.describe()}" if first else "every paired layer within tolerance",
-        ]
+            f"(of {self.model_layers} in the model, {self.reference_layers} in the reference)"
+        )
+        return [counts, f"first divergence: {first.describe()}" if first else "every paired layer within tolerance"]
 
     def _renderable(self):
         from rich.console import Group
@@ -329,7 +329,9 @@ def _check_inputs(inputs: Any) -> None:
         return
     if isinstance(inputs, Mapping):
         if bad := [k for k in inputs if not isinstance(k, str)]:
-            raise TypeError(f"verify: a dict of inputs is passed as keyword arguments; its keys must be strings, not {bad[0]!r}")
+            raise TypeError(
+                f"verify: a dict of inputs is passed as keyword arguments; its keys must be strings, not {bad[0]!r}"
+            )
         return
     hint = " (convert it with torch.from_numpy)" if type(inputs).__module__.startswith("numpy") else ""
     raise TypeError(
@@ -528,10 +530,10 @@ def _compare_outputs(out_a: Any, out_b: Any, atol: float, rtol: float) -> tuple[
             shown = ", ".join(f"{na!r} ~ {nb!r}" for na, _, nb, _ in pairs[:4])
             notes.append(f"The outputs share no names: paired by position ({shown}).")
         if len(found_a) > len(pairs):
-            notes.append(f"Not compared, only in the model's outputs: {_names([n for n, _ in found_a[len(pairs):]])}.")
+            notes.append(f"Not compared, only in the model's outputs: {_names([n for n, _ in found_a[len(pairs) :]])}.")
         if len(found_b) > len(pairs):
             notes.append(
-                f"Not compared, only in the reference's outputs: {_names([n for n, _ in found_b[len(pairs):]])}."
+                f"Not compared, only in the reference's outputs: {_names([n for n, _ in found_b[len(pairs) :]])}."
             )
     if skipped_a and skipped_a == skipped_b:
         notes.append(f"Not compared, not tensors in either model's outputs: {_names(skipped_a, quote=False)}.")
@@ -541,9 +543,7 @@ def _compare_outputs(out_a: Any, out_b: Any, atol: float, rtol: float) -> tuple[
         if skipped_b:
             notes.append(f"Not compared, not tensors in the reference's outputs: {_names(skipped_b, quote=False)}.")
     if not pairs:
-        notes.append(
-            f"Nothing compared: the model returned {len(found_a)} tensors and the reference {len(found_b)}."
-        )
+        notes.append(f"Nothing compared: the model returned {len(found_a)} tensors and the reference {len(found_b)}.")
     return {na: _difference(na, ta, nb, tb, atol, rtol) for na, ta, nb, tb in pairs}, notes
 
 
@@ -553,19 +553,25 @@ def _compare_layers(
     if not rec_a or not rec_b:
         which = " and ".join(w for w, r in (("the model", rec_a), ("the reference", rec_b)) if not r)
         return [], [
-            f"Layers not compared: no module outputs were recorded in {which} (modules without sub-modules, "
-            "or code that runs without forward hooks, such as scripted or compiled modules); outputs only."
+            (
+                f"Layers not compared: no module outputs were recorded in {which} (modules without sub-modules, "
+                "or code that runs without forward hooks, such as scripted or compiled modules); outputs only."
+            )
         ]
     if len(rec_a) * len(rec_b) > _MAX_PAIRING_CELLS:
         return [], [
-            f"Layers not compared: {len(rec_a)} x {len(rec_b)} module outputs are too many to pair "
-            f"(more than {_MAX_PAIRING_CELLS:,} combinations); outputs only."
+            (
+                f"Layers not compared: {len(rec_a)} x {len(rec_b)} module outputs are too many to pair "
+                f"(more than {_MAX_PAIRING_CELLS:,} combinations); outputs only."
+            )
         ]
     pairs = _pair(rec_a, rec_b)
     if not pairs:
         return [], [
-            "Layers not compared: no module output of the model has the shape of one of the reference's "
-            "in the same order; outputs only."
+            (
+                "Layers not compared: no module output of the model has the shape of one of the reference's "
+                "in the same order; outputs only."
+            )
         ]
     layers = []
     for i, j in pairs:
