@@ -155,6 +155,7 @@ def test_identical_models_agree_exactly_in_outputs_and_every_layer():
     assert all(d.ok and d.max_abs == 0 for d in result.layers)
     proj = next(d for d in result.layers if d.model == "blocks.0.attn.proj")
     assert proj.model_aliases == ["blocks.0.attn"]  # the attention returns its projection's very tensor
+    assert tg.verify(model, model, ids()).max_abs == 0.0  # the same object twice: run twice
     assert "every paired layer within tolerance" in str(result) and "OK" in str(result)
 
 
@@ -443,6 +444,19 @@ def test_neither_model_is_changed_even_when_a_forward_fails():
     assert any("raised by the model (NanoGPT)" in n for n in err.value.__notes__)
     assert [m.training for m in model.modules()] == flags
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_each_model_gets_its_own_copy_of_the_inputs():
+    class Doubles(nn.Module):
+        def forward(self, x, extra):
+            x.mul_(2)  # changes its input in place
+            extra["t"].add_(1)
+            return x + extra["t"]
+
+    x, extra = torch.ones(3), {"t": torch.zeros(3)}
+    result = tg.verify(Doubles(), Doubles(), (x, extra))
+    assert result.ok and result.max_abs == 0.0  # the reference did not see the model's changes
+    assert torch.equal(x, torch.ones(3)) and torch.equal(extra["t"], torch.zeros(3))  # nor did the caller
 
 
 # ---------------------------------------------------------------------------

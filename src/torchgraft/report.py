@@ -217,8 +217,8 @@ class LoadReport:
         """Run the loaded model and ``reference_model`` on ``inputs`` and compare: :func:`torchgraft.verify`.
 
         Example:
-            >>> report = tg.load(model, "gpt2/model.safetensors", align=True)
-            >>> report.verify(reference, torch.tensor([[464, 2068, 7586]])).ok
+            >>> report = tg.load(model, "mobilenet_v2-b0353104.pth", align=True)  # a transformers MobileNetV2
+            >>> report.verify(torchvision_mobilenet_v2, torch.randn(1, 3, 224, 224)).ok
             True
         """
         from .verify import verify

@@ -256,11 +256,17 @@ def verify(
 
     Example:
         >>> import torch, torchgraft as tg
-        >>> report = tg.load(model, "gpt2/model.safetensors", align=True)
-        >>> result = tg.verify(model, reference, torch.tensor([[464, 2068, 7586]]))
-        >>> result.ok, result.max_abs
-        (True, 2.86e-06)
-        >>> print(result)       # outputs, then the first layer that diverges, if one does
+        >>> from torchgraft.demo.mobilenet_v2 import mobilenet_v2
+        >>> from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+        >>> config = MobileNetV2Config(num_labels=1000, tf_padding=False, layer_norm_eps=1e-5)
+        >>> model = MobileNetV2ForImageClassification(config)
+        >>> tg.load(model, "mobilenet_v2-b0353104.pth", align=True)   # torchvision's file, transformers' names
+        >>> reference = mobilenet_v2()
+        >>> tg.load(reference, "mobilenet_v2-b0353104.pth")
+        >>> result = tg.verify(model, reference, torch.randn(1, 3, 224, 224))
+        >>> result.ok, result.first_divergence
+        (True, None)
+        >>> print(result)       # outputs, the layers paired, the first layer that diverges if one does
     """
     from torch import nn
 
