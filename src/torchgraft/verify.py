@@ -1,4 +1,4 @@
-"""Run a model and a reference model on the same inputs; say how far apart they are, output by output and layer by layer.
+"""Run a model and a reference on the same inputs; say how far apart they are, output by output and layer by layer.
 
 The cheap check that catches what shapes cannot: a square weight loaded transposed, q/k rows in
 the wrong rotary layout, a norm's weight and bias swapped. Both models run once each, in eval mode
