@@ -17,6 +17,8 @@ from .convert import convert  # torch-free at import, like diff and scan; bound 
 from .diff import diff
 from .errors import AdapterError, CheckpointError, LoadError, PlanError, UnsafeCheckpointError
 from .plan import Entry, Plan, plan  # torch-free at import; binding the names here keeps `tg.plan` the function
+from .recipes import recipe
+from .transforms import concat, permute, reshape, rope_permute, same, slice, split, stack, transpose, unstack
 from .scan import scan
 from .sources import Source, TensorRef
 from .sources import open as open
@@ -36,6 +38,19 @@ __all__ = [
     "TensorRef",
     "UnsafeCheckpointError",
     "VerifyResult",
+    "concat",
+    "permute",
+    "recipe",
+    "recipes",
+    "reshape",
+    "rope_permute",
+    "same",
+    "slice",
+    "split",
+    "stack",
+    "transforms",
+    "transpose",
+    "unstack",
     "__version__",
     "adapters",
     "convert",
@@ -47,6 +62,8 @@ __all__ = [
     "surgery",
     "verify",
 ]
+
+from . import recipes, transforms  # torch-free at import
 
 if TYPE_CHECKING:
     from . import adapters, surgery
