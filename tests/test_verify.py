@@ -502,3 +502,40 @@ def test_report_verify_needs_the_model_it_loaded(tmp_path):
     import pickle
 
     assert pickle.loads(pickle.dumps(report)).loaded == ["weight", "bias"]
+
+
+# ---------------------------------------------------------------------------
+# With transforms: the same GPT-2 file, as transformers saved it, into the nanoGPT-style model
+
+
+def nano_rules(*, forget: str | None = None) -> dict:
+    """Renames (checkpoint -> model) and transforms (model <- checkpoint) for NanoGPT from GPT2LMHeadModel's names."""
+    rules: dict = {}
+    for nano, (hf, transpose) in NANO_FROM_HF.items():
+        if transpose and nano != forget:
+            rules[nano] = tg.transpose(hf)
+        elif transpose:  # the mistake: a square Conv1D weight renamed, not transposed (its shape fits)
+            rules[nano] = tg.reshape(hf, [GPT2_SIZE["n_embd"]] * 2)
+        elif hf != "lm_head.weight":
+            rules[hf] = nano
+    rules["head.weight"] = tg.same("transformer.wte.weight")  # transformers does not save the tied head
+    return rules
+
+
+def test_a_wrong_transform_in_the_rules_is_caught_by_verify(gpt2, tmp_path):
+    gpt2.save_pretrained(tmp_path)
+    x = ids()
+    model = nano_model()
+    report = tg.load(model, tmp_path, rules=nano_rules(), strict=True)
+    assert report.transformed["blocks.1.attn.proj.weight"] == "transpose(transformer.h.1.attn.c_proj.weight)"
+    right = report.verify(gpt2, x)
+    assert right.ok and right.max_abs < 1e-5 and right.first_divergence is None
+
+    wrong_model = nano_model()
+    wrong = tg.load(wrong_model, tmp_path, rules=nano_rules(forget="blocks.{}.attn.proj.weight"), strict=True)
+    assert wrong.ok  # every shape fits
+    result = wrong.verify(gpt2, x)
+    expected = (wrong_model(x) - gpt2(input_ids=x).logits).abs().max().item()
+    assert not result.ok and result.max_abs == pytest.approx(expected) and result.max_abs > 1e-2
+    first = result.first_divergence
+    assert (first.model, first.reference) == ("blocks.0.attn.proj", "transformer.h.0.attn.c_proj")
