@@ -154,7 +154,7 @@ class VerifyResult:
         verdict = "OK" if self.ok else "DIFFERENT"
         return (
             f"verify {self.model} against {self.reference}: {verdict} (max abs {_num(self.max_abs)}, "
-            f"max rel {_num(self.max_rel)}; atol {self.atol:g}, rtol {self.rtol:g} for {self.dtype})"
+            f"max rel {_num(self.max_rel)}; {self.dtype} atol {self.atol:g}, rtol {self.rtol:g})"
         )
 
     @property
