@@ -22,6 +22,7 @@ from .transforms import concat, permute, reshape, rope_permute, same, slice, spl
 from .scan import scan
 from .sources import Source, TensorRef
 from .sources import open as open
+from .verify import VerifyResult, verify  # torch-free at import; binding here keeps `tg.verify` the function
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "Source",
     "TensorRef",
     "UnsafeCheckpointError",
+    "VerifyResult",
     "concat",
     "permute",
     "recipe",
@@ -58,6 +60,7 @@ __all__ = [
     "plan",
     "scan",
     "surgery",
+    "verify",
 ]
 
 from . import recipes, transforms  # torch-free at import

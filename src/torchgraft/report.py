@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 
     from .plan import Plan
     from .sources import Source
+    from .verify import VerifyResult
 
 __all__ = ["LoadReport", "alignment_renderable", "render_plan", "render_text"]
 
@@ -168,6 +170,8 @@ class LoadReport:
     verdict: str = ""
     converted: dict[str, str] = field(default_factory=dict)
     transformed: dict[str, str] = field(default_factory=dict)
+    #: The model the load filled (a weak reference, not a field: not compared, copied or pickled), for verify().
+    _model_ref = None
 
     @classmethod
     def from_plan(
@@ -183,7 +187,7 @@ class LoadReport:
         ignored = dict(plan.ignored)
         for k in plan.missing_ignored:
             ignored[k] = plan.entries[k].note
-        return cls(
+        report = cls(
             model=type(model).__name__,
             source=source.path or "state dict",
             format=source.format,
@@ -220,6 +224,32 @@ class LoadReport:
             },
             transformed=plan.transformed,
         )
+        report._model_ref = weakref.ref(model)
+        return report
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_model_ref"}
+
+    def verify(
+        self, reference_model: nn.Module, inputs: Any, *, per_layer: bool = True,
+        atol: float | None = None, rtol: float | None = None,
+    ) -> VerifyResult:  # fmt: skip
+        """Run the loaded model and ``reference_model`` on ``inputs`` and compare: :func:`torchgraft.verify`.
+
+        Example:
+            >>> report = tg.load(model, "mobilenet_v2-b0353104.pth", align=True)  # a transformers MobileNetV2
+            >>> report.verify(torchvision_mobilenet_v2, torch.randn(1, 3, 224, 224)).ok
+            True
+        """
+        from .verify import verify
+
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is None:
+            raise ValueError(
+                f"report.verify: this report no longer knows its model ({self.model}): it was garbage-collected, or "
+                "the report was copied or made by hand; call tg.verify(model, reference_model, inputs) instead"
+            )
+        return verify(model, reference_model, inputs, per_layer=per_layer, atol=atol, rtol=rtol)
 
     @property
     def ok(self) -> bool:
