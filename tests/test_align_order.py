@@ -289,6 +289,7 @@ def test_modules_that_do_not_run_are_counted_and_placed_after_their_parents_run(
 # ---------------------------------------------------------------------------
 # Inputs built from the model's config ("auto")
 
+
 def _transformers():
     return pytest.importorskip("transformers", reason="transformers is a test extra: pip install -e '.[test]'")
 
@@ -321,7 +322,7 @@ def test_auto_inputs_from_transformers_config(build, convention, device):
     order, how = trace_order(model, "auto")
     assert convention in how
     held = {k.rpartition(".")[0] for k in model.state_dict()}
-    ran, not_run = order.counts(model.state_dict())
+    ran, not_run = order.ran_and_not(model.state_dict())
     assert set(ran) | set(not_run) == held
     # a real first module: the embeddings run before every layer
     first_layer = next(i for i, m in enumerate(order.ran) if re.search(r"(^|\.)(h|layer|layers)\.0$", m))
@@ -348,8 +349,10 @@ def test_auto_inputs_from_transformers_config(build, convention, device):
         ({"align": True, "example_inputs": "auto"}, r"'auto' cannot build an input for Net: .* Pass example_inputs="),
         (
             {"align": True, "example_inputs": torch.zeros(1, 4, 8, 8)},
-            r"Net's forward failed on the meta device with example inputs \(RuntimeError: .*channel.*\)\. "
-            r"Pass example_inputs= that its forward accepts .* or align without example_inputs",
+            (
+                r"Net's forward failed on the meta device with example inputs \(RuntimeError: .*channel.*\)\. "
+                r"Pass example_inputs= that its forward accepts .* or align without example_inputs"
+            ),
         ),
     ],
     ids=["without-align", "wrong-type", "wrong-string", "non-str-keys", "auto-unknown", "wrong-shape"],
@@ -368,3 +371,32 @@ def test_forward_that_reads_values_cannot_be_traced(other):
 
     with pytest.raises(PlanError, match=r"forward failed on the meta device .* a forward that reads tensor values"):
         tg.load(ReadsValues(), other.state_dict(), align=True, example_inputs=torch.ones(1, 3, 8, 8))
+
+
+def test_a_sharded_model_is_not_traced(other):
+    from torch.distributed.fsdp import FSDPModule
+
+    class FSDPBlock(FSDPModule, Block):  # the class fully_shard gives a module (no process group needed here)
+        pass
+
+    model = Net()
+    model.blocks[1].__class__ = FSDPBlock
+    with pytest.raises(
+        PlanError, match=r"cannot trace Net: it is sharded \(blocks\.1 is an FSDP module.*pass it as plan="
+    ):
+        tg.plan(model, other.state_dict(), align=True, example_inputs=torch.zeros(1, 3, 8, 8))
+
+
+# ---------------------------------------------------------------------------
+# torchgraft.distributed passes it through
+
+
+def test_distributed_load_in_one_process_aligns_in_execution_order(other, reference, images):
+    tgd = pytest.importorskip("torchgraft.distributed")
+    model = Net().eval()
+    report = tgd.load(model, other.state_dict(), align=True, example_inputs=images)
+    assert (
+        report.missing == [] and report.ambiguous == [] and len(report.aligned) == len(true_mapping(model.state_dict()))
+    )
+    for k, v in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k

@@ -36,10 +36,10 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from .align.trace import ExampleInputs
 from .errors import LoadError
 from .keys import collapse_keys, split_key
 from .plan import Plan
-from .align.trace import ExampleInputs
 from .planner import IgnorePatterns, PlanOptions, build_plan
 from .policy import AdaptSpec
 from .report import LoadReport

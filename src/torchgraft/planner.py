@@ -319,10 +319,8 @@ def _align(
     order = None
     if options.example_inputs is not None:
         order, how = trace_order(model, options.example_inputs)
-        ran, not_run = order.counts(view.entries)
-        note = (
-            f"aligned in execution order, traced with {how}: {len(ran)} modules ran, {len(not_run)} did not"
-        )
+        ran, not_run = order.ran_and_not(view.entries)
+        note = f"aligned in execution order, traced with {how}: {len(ran)} modules ran, {len(not_run)} did not"
         if not_run:
             note += (
                 f" ({', '.join(not_run[:3])}{', ...' if len(not_run) > 3 else ''}: kept in registration order, "

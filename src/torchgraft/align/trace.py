@@ -19,7 +19,7 @@ under the root: after every module that ran).
 ``[1, num_channels, image_size, image_size]``; timm models their ``pretrained_cfg["input_size"]``.
 
 Example:
-    >>> order = trace_order(model, torch.randn(1, 3, 32, 32))
+    >>> order, how = trace_order(model, torch.randn(1, 3, 32, 32))
     >>> order.ran[:3], order.not_run
     (['', 'stem', 'blocks'], [])
     >>> order.sort(["blocks.0.bn2.weight", "blocks.0.conv_dw.weight"])
@@ -71,7 +71,7 @@ class ExecutionOrder:
         position = {k: i for i, k in enumerate(keys)}
         return sorted(keys, key=lambda k: (self.placed.get(split_key(k)[0], last), position[k]))
 
-    def counts(self, keys: Iterable[str]) -> tuple[list[str], list[str]]:
+    def ran_and_not(self, keys: Iterable[str]) -> tuple[list[str], list[str]]:
         """Modules holding ``keys`` that ran, and those that did not (each in the order used)."""
         holders = list(dict.fromkeys(split_key(k)[0] for k in self.sort(keys)))
         never = set(self.not_run)
@@ -189,6 +189,27 @@ def _to_meta(value: Any) -> Any:
     return tree_map(meta, value)
 
 
+def _refuse_sharded(model: nn.Module) -> None:
+    """A sharded model's forward runs collectives (FSDP2 gathers its parameters): it is not traced on one rank."""
+    import torch
+
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    sharded = next((n for n, m in model.named_modules() if isinstance(m, FSDPModule)), None)
+    if sharded is None:
+        sharded = next((n for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, DTensor)), None)
+    if sharded is not None:
+        raise PlanError(
+            f"example_inputs cannot trace {type(model).__name__}: it is sharded ({sharded or '<root>'} is an FSDP "
+            "module or a DTensor), and its forward would run collectives. Make the plan on the same model built "
+            "unsharded on the meta device (tg.plan(meta_model, source, align=True, example_inputs=...)) and pass "
+            "it as plan="
+        )
+
+
 def _meta_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose tensors (parameters, buffers, tensor attributes) are empty meta tensors.
 
@@ -203,7 +224,7 @@ def _meta_copy(model: nn.Module) -> nn.Module:
         for value in module.__dict__.values():
             if isinstance(value, torch.Tensor) and id(value) not in memo:
                 memo[id(value)] = torch.empty(value.shape, dtype=value.dtype, device="meta")
-        for name, p in module._parameters.items():
+        for p in module._parameters.values():
             if p is not None and id(p) not in memo:
                 memo[id(p)] = nn.Parameter(
                     torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad
@@ -231,8 +252,9 @@ def trace_order(model: nn.Module, example_inputs: ExampleInputs) -> tuple[Execut
         The :class:`ExecutionOrder`, and how the inputs were made (for the plan note).
 
     Raises:
-        PlanError: ``"auto"`` found no convention for this model, the model cannot be copied,
-            or its forward raised on the meta device (the model's error is quoted).
+        PlanError: ``"auto"`` found no convention for this model, the model is sharded (FSDP2,
+            DTensors), cannot be copied, or its forward raised on the meta device (the model's
+            error is quoted).
 
     Example:
         >>> order, how = trace_order(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
@@ -250,6 +272,7 @@ def trace_order(model: nn.Module, example_inputs: ExampleInputs) -> tuple[Execut
         else:
             args, kwargs = (_to_meta(example_inputs),), {}
         how = "example inputs"
+    _refuse_sharded(model)
     copied = _meta_copy(model)
     names: dict[int, list[str]] = {}
     for name, module in copied.named_modules(remove_duplicate=False):
@@ -260,7 +283,7 @@ def trace_order(model: nn.Module, example_inputs: ExampleInputs) -> tuple[Execut
         for name in names.get(id(module), ()):
             started.setdefault(name, len(started))
 
-    handles = [m.register_forward_pre_hook(pre_hook) for m in {id(m): m for m in copied.modules()}.values()]
+    handles = [m.register_forward_pre_hook(pre_hook) for m in copied.modules()]
     try:
         with torch.no_grad():
             copied(*args, **kwargs)

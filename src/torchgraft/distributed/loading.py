@@ -16,9 +16,9 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
+from ..align.trace import ExampleInputs
 from ..errors import CheckpointError, LoadError
 from ..plan import Plan
-from ..align.trace import ExampleInputs
 from ..planner import IgnorePatterns, PlanOptions, build_plan
 from ..report import LoadReport
 from ..sources import Source
