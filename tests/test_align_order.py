@@ -287,6 +287,79 @@ def test_modules_that_do_not_run_are_counted_and_placed_after_their_parents_run(
 
 
 # ---------------------------------------------------------------------------
+# Parallel branches: a traced order is no excuse for a guess
+
+
+class MainThenSide(nn.Module):
+    """torchvision's Bottleneck: the main path registered first, the projection (``side``) last, flat names."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv3, self.bn3 = nn.Conv2d(8, 32, 1, bias=False), nn.BatchNorm2d(32)
+        self.side = nn.Sequential(nn.Conv2d(8, 32, 1, bias=False), nn.BatchNorm2d(32))  # conv3's shapes
+
+    def forward(self, x):
+        y = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return torch.relu(self.bn3(self.conv3(y)) + self.side(x))
+
+
+class SideThenMain(nn.Module):
+    """Hugging Face's ResNetBottleNeckLayer: ``shortcut`` registered before the main path, conv + norm grouped."""
+
+    def __init__(self):
+        super().__init__()
+        self.shortcut = nn.Sequential(nn.Conv2d(8, 32, 1, bias=False), nn.BatchNorm2d(32))
+        self.layer = nn.Sequential(
+            nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)),
+            nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)),
+            nn.Sequential(nn.Conv2d(8, 32, 1, bias=False), nn.BatchNorm2d(32)),
+        )
+
+    def forward(self, x):
+        y = torch.relu(self.layer[1](torch.relu(self.layer[0](x))))
+        return torch.relu(self.layer[2](y) + self.shortcut(x))
+
+
+@pytest.mark.parametrize("container", ["pth", "safetensors"])
+@pytest.mark.parametrize("traced", [False, True])
+def test_parallel_branches_are_never_swapped(traced, container, tmp_path):
+    # SideThenMain's layer.2 and shortcut have the same shapes, as MainThenSide's conv3/bn3 and side; a module
+    # that merely sits under the same (root) module as an already paired one says nothing about which is which
+    torch.manual_seed(0)
+    src = MainThenSide().eval()
+    with torch.no_grad():
+        for m in src.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+                m.weight.normal_()
+    path = tmp_path / f"b.{container}"
+    if container == "pth":
+        torch.save(src.state_dict(), path)
+    else:
+        save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    model = SideThenMain().eval()
+    x = torch.randn(2, 8, 8, 8)
+    p = tg.plan(model, str(path), align=True, example_inputs=x if traced else None)
+    truth = {"layer.2.0.weight": "conv3.weight", "shortcut.0.weight": "side.0.weight",
+             "layer.2.1.running_var": "bn3.running_var", "shortcut.1.running_var": "side.1.running_var"}  # fmt: skip
+    assert {t: p.aligned[t]["source"] for t in truth if t in p.aligned} == {
+        t: s for t, s in truth.items() if t in p.aligned
+    }
+    if container == "pth":  # the file's order is the other codebase's network order: both orders agree
+        assert p.missing == [] and p.ambiguous == []
+        tg.load(model, str(path), plan=p)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), src(x), rtol=1e-5, atol=1e-5)
+    else:  # sorted keys, and no number or name says which branch is which: reported, not guessed
+        assert "shortcut.0.weight" in p.missing and "layer.2.0.weight" in p.missing
+        amb = next(a for a in p.ambiguous if "shortcut.0.weight" in a["targets"] or "layer.2.0.weight" in a["targets"])
+        assert {"conv3.weight", "side.0.weight"} <= set(amb["candidates"])
+
+
+# ---------------------------------------------------------------------------
 # Inputs built from the model's config ("auto")
 
 

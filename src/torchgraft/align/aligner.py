@@ -276,7 +276,7 @@ class _Aligner:
             return self._resolve_one(region, level, model_items[0], ckpt_items[0], what, everywhere)
 
         names = self._name_pairs(region, model_items, ckpt_items)
-        near = self._neighbour_pairs(model_items, ckpt_items)
+        near = self._neighbour_pairs(region, model_items, ckpt_items)
         ckpt_order = total_order(ckpt_items, trusted=self.ckpt.trusted) if n_model == n_ckpt else None
         if ckpt_order is not None and (
             crossing := [m.path for m, c in zip(model_items, ckpt_order) if self._crosses(region, m, c)]
@@ -329,7 +329,7 @@ class _Aligner:
             return [(m, c, CONFIDENCE.unique_everywhere, f"only {what} in the model and the checkpoint")]
         if (why := agree(model_words, ckpt_words)) is not None:
             return [(m, c, CONFIDENCE.single_names_agree, f"only {what} left in {context}; names agree: {why}")]
-        if (why := self._neighbour(m, c)) is not None:
+        if (why := self._neighbour(region, m, c)) is not None:
             return [(m, c, CONFIDENCE.single_neighbours, f"only {what} left in {context}; {why}")]
         self._why(region, [m], f"{c.path} has the same shapes, but nothing else links them")
         return []
@@ -419,21 +419,30 @@ class _Aligner:
                     ok[id(m), id(c)] = why
         return self._mutual(model_items, ckpt_items, ok)
 
-    def _neighbour(self, m: Item, c: Item) -> str | None:
-        """Why ``m`` and ``c`` sit in the same place: ``m``'s neighbour is paired with ``c``'s sibling."""
+    def _neighbour(self, region: _Region, m: Item, c: Item) -> str | None:
+        """Why ``m`` and ``c`` sit in the same place: ``m``'s neighbour is paired with ``c``'s sibling.
+
+        Siblings count only inside a module below the region's root: at the root every item is a
+        sibling of every other, so being one says nothing about where ``c`` sits.
+        """
         for model_next in self.model.neighbours(m):
             ckpt_next = self.model_to_ckpt.get(model_next)
-            if ckpt_next is not None and ckpt_next not in c.units and parent(ckpt_next.path) == parent(c.path):
+            if (
+                ckpt_next is not None
+                and ckpt_next not in c.units
+                and parent(ckpt_next.path) == parent(c.path)
+                and parent(c.path) != region.ckpt_root
+            ):
                 return f"next to {model_next.path or '<root>'}, as {c.path} sits with {ckpt_next.path}"
             if ckpt_next is not None and self.ckpt.trusted and ckpt_next in self.ckpt.neighbours(c):
                 return f"next to {model_next.path or '<root>'} in both orders"
         return None
 
-    def _neighbour_pairs(self, model_items: list, ckpt_items: list) -> dict[Any, tuple[Any, str]]:
+    def _neighbour_pairs(self, region: _Region, model_items: list, ckpt_items: list) -> dict[Any, tuple[Any, str]]:
         ok: dict[tuple[int, int], str] = {}
         for m in model_items:
             for c in ckpt_items:
-                if (why := self._neighbour(m, c)) is not None:
+                if (why := self._neighbour(region, m, c)) is not None:
                     ok[id(m), id(c)] = why
         return self._mutual(model_items, ckpt_items, ok)
 
@@ -470,7 +479,7 @@ class _Aligner:
         ):
             m, c = model_free[0], ckpt_free[0]
             why = agree(role(relative(m.path, region.model_root)), role(relative(c.path, region.ckpt_root)))
-            why = f"names agree: {why}" if why is not None else self._neighbour(m, c)
+            why = f"names agree: {why}" if why is not None else self._neighbour(region, m, c)
             if why is not None:
                 self._pair_units(
                     m,
