@@ -256,6 +256,17 @@ def test_forms_of_example_inputs(inputs, other, images):
     assert {t: a["source"] for t, a in p.aligned.items()} == true_mapping(model.state_dict())
 
 
+def test_tensors_the_forward_makes_itself_are_on_meta_too(other, images):
+    class MakesTensors(Net):
+        def forward(self, x):
+            return super().forward(x + torch.ones(x.shape))  # no device given: the default device
+
+    model = MakesTensors()
+    p = tg.plan(model, other.state_dict(), align=True, example_inputs=images)
+    assert p.missing == [] and p.ambiguous == []
+    assert torch.ones(1).device.type == "cpu"  # the default device is back
+
+
 def test_modules_that_do_not_run_are_counted_and_placed_after_their_parents_run(images):
     model = Net(aux=True)
     order, _ = trace_order(model, images)

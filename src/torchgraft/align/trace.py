@@ -285,7 +285,7 @@ def trace_order(model: nn.Module, example_inputs: ExampleInputs) -> tuple[Execut
 
     handles = [m.register_forward_pre_hook(pre_hook) for m in copied.modules()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.device("meta"):  # tensors the forward makes itself (torch.arange(n)) on meta too
             copied(*args, **kwargs)
     except Exception as e:
         raise PlanError(
