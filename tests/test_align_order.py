@@ -221,6 +221,15 @@ def test_planning_leaves_the_model_unchanged(checkpoint, images):
     assert torch.equal(torch.random.get_rng_state(), rng)
 
 
+def test_lazy_modules_are_traced_and_stay_lazy():
+    from torch.nn.parameter import is_lazy
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(5), nn.LazyBatchNorm1d())
+    order, _ = trace_order(model, torch.zeros(2, 3, 8, 8))
+    assert order.ran == ["", "0", "1", "2", "3"] and order.not_run == []
+    assert is_lazy(model[2].weight) and is_lazy(model[3].running_mean)  # the copy was materialised, not the model
+
+
 def test_a_failing_forward_leaves_the_model_unchanged(images):
     model = Net()
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}

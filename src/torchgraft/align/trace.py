@@ -218,9 +218,14 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     """
     import torch
     from torch import nn
+    from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
     memo: dict[int, Any] = {}
     for module in model.modules():
+        for t in [*module._parameters.values(), *module._buffers.values()]:
+            if is_lazy(t) and id(t) not in memo:  # a lazy module never run: its forward materialises it, on meta
+                kind = UninitializedParameter if isinstance(t, nn.Parameter) else UninitializedBuffer
+                memo[id(t)] = kind(requires_grad=t.requires_grad, device="meta", dtype=t.dtype)
         for value in module.__dict__.values():
             if isinstance(value, torch.Tensor) and id(value) not in memo:
                 memo[id(value)] = torch.empty(value.shape, dtype=value.dtype, device="meta")
