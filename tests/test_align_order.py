@@ -493,3 +493,20 @@ def test_distributed_load_in_one_process_aligns_in_execution_order(other, refere
     )
     for k, v in reference.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_align_function_names_the_model_order_it_was_given():
+    from torchgraft.align import align
+
+    targets = [(f"m{i}.weight", (4, 4), "float32", True) for i in range(2)]
+    sources = [(f"c{i}.weight", f"c{i}.weight", (4, 4), "float32", True) for i in range(2)]
+    by_execution = align(targets, sources, source_ordered=True, model_order="execution")
+    assert [(p.target, p.source) for p in by_execution.pairs] == [
+        ("m0.weight", "c0.weight"),
+        ("m1.weight", "c1.weight"),
+    ]
+    assert all("in execution order and file order" in p.reason for p in by_execution.pairs)
+    by_registration = align(targets, sources, source_ordered=True)
+    assert all("in model and file order" in p.reason for p in by_registration.pairs)
+    with pytest.raises(ValueError, match="model_order must be 'registration' or 'execution', not 'run'"):
+        align(targets, sources, source_ordered=True, model_order="run")  # type: ignore[arg-type]
