@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from .align.trace import ExampleInputs
 from .errors import LoadError
 from .keys import collapse_keys, split_key
 from .plan import Plan
@@ -159,6 +160,7 @@ def load(
     check_finite: Literal["warn", "error", False] | None = False,
     allow_globals: Iterable[str | Any] | None = None,
     align: bool = False,
+    example_inputs: ExampleInputs | None = None,
 ) -> LoadReport:
     """Load a checkpoint into ``model``, initialise only what is missing, and report what happened.
 
@@ -191,6 +193,9 @@ def load(
         align: pair differently named entries by structure (see :func:`torchgraft.plan`);
             ``report.aligned`` says which, with confidence and reason. Part of planning,
             so ignored when ``plan=`` is given (a saved plan keeps its alignment).
+        example_inputs: with ``align=True``: inputs for one forward traced on a meta copy of the
+            model, so modules are aligned in the order they run (see :func:`torchgraft.plan`);
+            ``"auto"`` builds them from the model's config. Ignored when ``plan=`` is given.
 
     Returns:
         A :class:`~torchgraft.LoadReport`; warnings about unused and newly initialised
@@ -223,7 +228,8 @@ def load(
         view = TargetView.of(model)
         if plan is None:
             options = PlanOptions(rules=rules, prefix=prefix, ignore_missing=ignore_missing,
-                                  ignore_unexpected=ignore_unexpected, adapt=adapt, align=align)  # fmt: skip
+                                  ignore_unexpected=ignore_unexpected, adapt=adapt, align=align,
+                                  example_inputs=example_inputs)  # fmt: skip
             plan = build_plan(model, view, src, options)
         else:
             plan.check_fits(view, src)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .align import align, source_order_trusted
+from .align.trace import ExampleInputs, ExecutionOrder, check_example_inputs, trace_order
 from .errors import PlanError
 from .integrations import hf
 from .keys import Prefix, collapse_keys, resolve_prefix, split_key
@@ -59,6 +60,7 @@ class PlanOptions:
     ignore_unexpected: tuple[str | re.Pattern[str], ...] = ()
     adapt: AdaptSpec | None = None
     align: bool = False
+    example_inputs: ExampleInputs | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ignore_missing", tuple(self.ignore_missing))
@@ -76,6 +78,7 @@ def plan(
     adapt: AdaptSpec | None = None,
     allow_globals: Iterable[str | Any] | None = None,
     align: bool = False,
+    example_inputs: ExampleInputs | None = None,
 ) -> Plan:
     """Decide what loading ``source`` into ``model`` would do, without reading tensor bytes.
 
@@ -100,6 +103,13 @@ def plan(
             (:mod:`torchgraft.align`): module tree, shapes, order where trustworthy, names.
             Pairs are in ``plan.aligned`` with a confidence and a reason; same-shaped
             candidates that cannot be told apart stay missing and are in ``plan.ambiguous``.
+        example_inputs: with ``align=True``: inputs for one forward pass, traced on a meta copy
+            of the model (no weight read, the model unchanged), so the model's modules are
+            aligned in the order they run instead of the order they are registered (see
+            :mod:`torchgraft.align.trace`). A tensor, a tuple or list of positional arguments,
+            a dict of keyword arguments (tensors become meta tensors of the same shape and
+            dtype), or ``"auto"``: built from the model's config (transformers ``input_ids``
+            or ``pixel_values`` models, timm models). A plan note says how many modules ran.
 
     Returns:
         A :class:`Plan`.
@@ -107,7 +117,9 @@ def plan(
     Raises:
         CheckpointError: the source cannot be opened (``UnsafeCheckpointError``: its pickle
             wants globals the safe loader refuses).
-        PlanError: an invalid ignore pattern, rule or ``adapt`` pattern, or ``align`` not a bool.
+        PlanError: an invalid ignore pattern, rule or ``adapt`` pattern, or ``align`` not a bool;
+            ``example_inputs`` without ``align=True``, of no accepted form, ``"auto"`` for a model
+            no convention covers, or a forward that fails on them on the meta device.
         AdapterError: an ``adapt`` adapter is unknown or cannot produce the model's shape.
 
     Example:
@@ -125,6 +137,7 @@ def plan(
         ignore_unexpected=ignore_unexpected,
         adapt=adapt,
         align=align,
+        example_inputs=example_inputs,
     )
     return build_plan(model, TargetView.of(model), src, options)
 
@@ -382,8 +395,24 @@ def _match_nonpersistent(draft: _Draft, view: TargetView, src: Source, model: nn
             draft.ignored[src_name] = f"non-persistent buffer {name!r}: computed by the model, not loaded"
 
 
-def _align(draft: _Draft, view: TargetView, src: Source, ignore: _IgnoreRules) -> None:
-    """``align=True``: pair the leftovers by structure (checkpoint keys the caller ignores are left out)."""
+def _align(
+    draft: _Draft, view: TargetView, src: Source, ignore: _IgnoreRules, model: nn.Module, options: PlanOptions
+) -> None:
+    """``align=True``: pair the leftovers by structure (checkpoint keys the caller ignores are left out).
+
+    With ``example_inputs``, the model side is in the order a traced forward ran its modules.
+    """
+    order = None
+    if options.example_inputs is not None:
+        order, how = trace_order(model, options.example_inputs)
+        ran, not_run = order.ran_and_not(view.entries)
+        note = f"aligned in execution order, traced with {how}: {len(ran)} modules ran, {len(not_run)} did not"
+        if not_run:
+            note += (
+                f" ({', '.join(not_run[:3])}{', ...' if len(not_run) > 3 else ''}: kept in registration order, "
+                "after the modules that ran in their nearest parent that ran)"
+            )
+        draft.notes.append(note)
     draft.ambiguous = align_plan(
         view,
         src,
@@ -393,6 +422,7 @@ def _align(draft: _Draft, view: TargetView, src: Source, ignore: _IgnoreRules) -
         renamed=draft.renamed,
         metadata_map=draft.metadata_map,
         skip=lambda k: _matches(ignore.unexpected, k, draft.live.get(k)) is not None,
+        order=order,
     )
 
 
@@ -491,6 +521,7 @@ def build_plan(model: nn.Module, view: TargetView, src: Source, options: PlanOpt
     options = options if options is not None else PlanOptions()
     if not isinstance(options.align, bool):
         raise PlanError(f"align must be True or False, not {options.align!r}")
+    check_example_inputs(options.example_inputs, align=options.align)
     draft = _rename(model, view, src, options)
     ignore = _IgnoreRules.of(model, options)
     _claim(draft, view)
@@ -498,7 +529,7 @@ def build_plan(model: nn.Module, view: TargetView, src: Source, options: PlanOpt
     _match_nonpersistent(draft, view, src, model)
     _transform(draft, view, src, options)
     if options.align:
-        _align(draft, view, src, ignore)
+        _align(draft, view, src, ignore, model, options)
     _tie(draft, view)
     _settle_missing(draft, view, src, ignore)
     draft.notes += src.plan_notes([k for k, e in draft.entries.items() if e.action == "init" and not e.mismatched])
@@ -585,13 +616,15 @@ def align_plan(
     renamed: dict[str, str],
     metadata_map: dict[str, str],
     skip: Callable[[str], bool] = lambda key: False,
+    order: ExecutionOrder | None = None,
 ) -> list[dict[str, Any]]:
     """Align a plan in progress in place; return the ambiguous records.
 
     Model entries still ``init`` (not mismatched, not a tied alias) and checkpoint entries in
     ``unused`` (minus those ``skip`` says are ignorable) are aligned. Paired entries become
     ``copy`` (or a shape mismatch with their source set, for ``adapt=``) with ``aligned =
-    {"confidence", "reason"}``; their sources leave ``unused`` and join ``renamed``.
+    {"confidence", "reason"}``; their sources leave ``unused`` and join ``renamed``. With
+    ``order`` (a traced forward), the model's entries are aligned in execution order.
     """
     unused_set = {k for k in unused if not skip(k)}
     left_t = {k for k, e in entries.items() if e.action == "init" and not e.mismatched and k not in view.tied}
@@ -601,11 +634,13 @@ def align_plan(
     for k, e in entries.items():
         if e.loads and e.source is not None and e.source in names:
             anchors.setdefault(split_key(k)[0], split_key(names[e.source])[0])
+    model_keys = order.sort(view.entries) if order is not None else list(view.entries)
     result = align(
-        ((k, info.shape, info.dtype, k in left_t) for k, info in view.entries.items()),
+        ((k, view.entries[k].shape, view.entries[k].dtype, k in left_t) for k in model_keys),
         ((k, names[k], source[k].shape, source[k].dtype, k in unused_set) for k in source if k in names),
         source_ordered=source_order_trusted(source),
         anchors=anchors,
+        model_order="execution" if order is not None else "registration",
     )
     taken: set[str] = set()
     for p in result.pairs:

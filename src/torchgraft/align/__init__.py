@@ -19,7 +19,8 @@ How it decides:
    side is paired when the region is *complete* (both sides hold the same signatures), when
    the structure occurs once in the whole model and once in the whole checkpoint, or when
    names or neighbours support it. Several items are paired by rank when both sides have a
-   trustworthy order: the model's registration order, and the checkpoint's file order unless
+   trustworthy order: the model's registration order (or, with ``example_inputs=``, the order its
+   modules run in one forward traced on meta: :mod:`.trace`), and the checkpoint's file order unless
    the file sorts its keys (safetensors does: ``layer.10`` before ``layer.2``); otherwise only
    numbers in paths order them (``layer.2`` before ``layer.10``, ``conv1`` before ``conv2``).
    Without order: by names (``q`` ~ ``query``, ``attn`` ~ ``attention``; every distinguishing
@@ -39,7 +40,8 @@ same-shaped candidates that could not be told apart are reported as ``ambiguous`
 candidates, and stay missing.
 
 The package: :mod:`.vocabulary` (words in names, synonyms, similarity), :mod:`.units` (both
-sides as trees of units), :mod:`.aligner` (the algorithm and its confidences). Applying an
+sides as trees of units), :mod:`.aligner` (the algorithm and its confidences), :mod:`.trace` (the
+model's execution order, from one forward on a meta copy). Applying an
 alignment to a plan is :func:`torchgraft.planner.align_plan`; exporting it as rules is
 :func:`torchgraft.rules.export_rules`; drawing it is :func:`torchgraft.report.alignment_renderable`.
 
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 from ..rules import export_rules  # where ``align`` users have always found it
 from .aligner import CONFIDENCE, MIN_CONFIDENCE, Aligned, Alignment, Confidences, align, source_order_trusted
+from .trace import ExecutionOrder, trace_order
 
 __all__ = [
     "CONFIDENCE",
@@ -61,7 +64,9 @@ __all__ = [
     "Aligned",
     "Alignment",
     "Confidences",
+    "ExecutionOrder",
     "align",
     "export_rules",
     "source_order_trusted",
+    "trace_order",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..keys import natural_key
 from .units import (
@@ -174,8 +174,11 @@ class _Aligner:
         anchors: Mapping[str, str],
         model_leftover: frozenset[str],
         ckpt_leftover: frozenset[str],
+        model_order: str = "registration",
     ):
         self.model, self.ckpt = model, ckpt
+        # "registration" (state-dict order) or "execution" (traced): named in the reasons that rely on it
+        self.model_order = model_order
         self.model_leftover, self.ckpt_leftover = model_leftover, ckpt_leftover
         self.model_to_ckpt: dict[Unit, Unit] = {}
         self.ckpt_to_model: dict[Unit, Unit] = {}
@@ -273,7 +276,7 @@ class _Aligner:
             return self._resolve_one(region, level, model_items[0], ckpt_items[0], what, everywhere)
 
         names = self._name_pairs(region, model_items, ckpt_items)
-        near = self._neighbour_pairs(model_items, ckpt_items)
+        near = self._neighbour_pairs(region, model_items, ckpt_items)
         ckpt_order = total_order(ckpt_items, trusted=self.ckpt.trusted) if n_model == n_ckpt else None
         if ckpt_order is not None and (
             crossing := [m.path for m, c in zip(model_items, ckpt_order) if self._crosses(region, m, c)]
@@ -326,7 +329,7 @@ class _Aligner:
             return [(m, c, CONFIDENCE.unique_everywhere, f"only {what} in the model and the checkpoint")]
         if (why := agree(model_words, ckpt_words)) is not None:
             return [(m, c, CONFIDENCE.single_names_agree, f"only {what} left in {context}; names agree: {why}")]
-        if (why := self._neighbour(m, c)) is not None:
+        if (why := self._neighbour(region, m, c)) is not None:
             return [(m, c, CONFIDENCE.single_neighbours, f"only {what} left in {context}; {why}")]
         self._why(region, [m], f"{c.path} has the same shapes, but nothing else links them")
         return []
@@ -343,7 +346,14 @@ class _Aligner:
     ) -> list[Pair]:
         """Pair a class by rank (model order against checkpoint order), unless names or neighbours disagree."""
         n_model, context = len(model_items), region.context
-        how = "in model and file order" if self.ckpt.trusted else "by the numbers in their names"
+        if self.model_order == "execution":
+            how = (
+                "in execution order and file order"
+                if self.ckpt.trusted
+                else "in execution order and by the numbers in the checkpoint's names"
+            )
+        else:
+            how = "in model and file order" if self.ckpt.trusted else "by the numbers in their names"
         ranked = list(zip(model_items, ckpt_order))
         if clash := [m.path for m, c in ranked if any(m in d and d[m][0] is not c for d in (names, near))]:
             self._why(region, model_items, f"order and names or neighbours disagree on {', '.join(clash[:3])}")
@@ -409,21 +419,30 @@ class _Aligner:
                     ok[id(m), id(c)] = why
         return self._mutual(model_items, ckpt_items, ok)
 
-    def _neighbour(self, m: Item, c: Item) -> str | None:
-        """Why ``m`` and ``c`` sit in the same place: ``m``'s neighbour is paired with ``c``'s sibling."""
+    def _neighbour(self, region: _Region, m: Item, c: Item) -> str | None:
+        """Why ``m`` and ``c`` sit in the same place: ``m``'s neighbour is paired with ``c``'s sibling.
+
+        Siblings count only inside a module below the region's root: at the root every item is a
+        sibling of every other, so being one says nothing about where ``c`` sits.
+        """
         for model_next in self.model.neighbours(m):
             ckpt_next = self.model_to_ckpt.get(model_next)
-            if ckpt_next is not None and ckpt_next not in c.units and parent(ckpt_next.path) == parent(c.path):
+            if (
+                ckpt_next is not None
+                and ckpt_next not in c.units
+                and parent(ckpt_next.path) == parent(c.path)
+                and parent(c.path) != region.ckpt_root
+            ):
                 return f"next to {model_next.path or '<root>'}, as {c.path} sits with {ckpt_next.path}"
             if ckpt_next is not None and self.ckpt.trusted and ckpt_next in self.ckpt.neighbours(c):
                 return f"next to {model_next.path or '<root>'} in both orders"
         return None
 
-    def _neighbour_pairs(self, model_items: list, ckpt_items: list) -> dict[Any, tuple[Any, str]]:
+    def _neighbour_pairs(self, region: _Region, model_items: list, ckpt_items: list) -> dict[Any, tuple[Any, str]]:
         ok: dict[tuple[int, int], str] = {}
         for m in model_items:
             for c in ckpt_items:
-                if (why := self._neighbour(m, c)) is not None:
+                if (why := self._neighbour(region, m, c)) is not None:
                     ok[id(m), id(c)] = why
         return self._mutual(model_items, ckpt_items, ok)
 
@@ -460,7 +479,7 @@ class _Aligner:
         ):
             m, c = model_free[0], ckpt_free[0]
             why = agree(role(relative(m.path, region.model_root)), role(relative(c.path, region.ckpt_root)))
-            why = f"names agree: {why}" if why is not None else self._neighbour(m, c)
+            why = f"names agree: {why}" if why is not None else self._neighbour(region, m, c)
             if why is not None:
                 self._pair_units(
                     m,
@@ -509,16 +528,20 @@ class _Aligner:
         ):
             return
         where = f"between {before.path if before else 'the start'} and {after.path if after else 'the end'}"
+        if self.model_order == "execution":
+            where = f"in execution order {where}"
+        else:
+            where = f"in order {where}"
         for m, c in zip(run, candidates):
             if m.sig == c.sig:
                 confidence = min(CONFIDENCE.gap_same_shapes, region.confidence)
-                self._pair_units(m, c, confidence, f"in order {where} in {region.context}")
+                self._pair_units(m, c, confidence, f"{where} in {region.context}")
             else:
                 self._pair_units(
                     m,
                     c,
                     min(CONFIDENCE.gap_other_shapes, region.confidence),
-                    f"in order {where} in {region.context}, same layout, other shapes",
+                    f"{where} in {region.context}, same layout, other shapes",
                 )
             ckpt_open.discard(c)
 
@@ -637,17 +660,23 @@ def align(
     *,
     source_ordered: bool,
     anchors: Mapping[str, str] | None = None,
+    model_order: Literal["registration", "execution"] = "registration",
 ) -> Alignment:
     """Pair leftover model entries with leftover checkpoint entries by structure.
 
     Args:
         targets: every model entry in model order: ``(name, shape, dtype, leftover)``;
             ``leftover`` marks the ones still missing. The others give context.
+            A module's entries come together; the order of modules is registration
+            (state-dict) order, or the order a traced forward ran them in
+            (:meth:`torchgraft.align.trace.ExecutionOrder.sort`).
         sources: every checkpoint entry in file order: ``(key, name_after_rules, shape,
             dtype, leftover)``; ``leftover`` marks the ones still unused.
         source_ordered: the file order is the network's (false for sorted formats).
         anchors: model module path -> checkpoint module path (after rules) for modules
             already matched by name.
+        model_order: which order ``targets`` are in: ``"registration"`` or ``"execution"``
+            (traced); reasons that rely on it say which.
 
     Returns:
         An :class:`Alignment`: pairs (each with confidence and reason) and ambiguous records.
@@ -664,4 +693,6 @@ def align(
     ckpt = Side(sources, trusted=source_ordered)
     model_leftover = frozenset(k for k, _shape, _dtype, left in targets if left)
     ckpt_leftover = frozenset(k for k, _name, _shape, _dtype, left in sources if left)
-    return _Aligner(model, ckpt, anchors or {}, model_leftover, ckpt_leftover).run()
+    if model_order not in ("registration", "execution"):
+        raise ValueError(f"model_order must be 'registration' or 'execution', not {model_order!r}")
+    return _Aligner(model, ckpt, anchors or {}, model_leftover, ckpt_leftover, model_order).run()

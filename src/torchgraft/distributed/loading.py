@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
+from ..align.trace import ExampleInputs
 from ..errors import CheckpointError, LoadError, PlanError
 from ..plan import Plan
 from ..planner import IgnorePatterns, PlanOptions, build_plan
@@ -89,6 +90,7 @@ def load(
     ignore_unexpected: IgnorePatterns = (),
     adapt: AdaptSpec | None = None,
     align: bool = False,
+    example_inputs: ExampleInputs | None = None,
     init_missing: bool = True,
     check_finite: Literal["warn", "error", False] | None = False,
     allow_globals: Iterable[str | Any] | None = None,
@@ -114,8 +116,9 @@ def load(
             used (other ranks may pass ``None``) and checked against the model and checkpoint.
         process_group: the ranks taking part (default: the default group). Without an
             initialised ``torch.distributed`` the call runs as a single process.
-        strict, rules, prefix, ignore_missing, ignore_unexpected, adapt, align, init_missing,
-            allow_globals: as for :func:`torchgraft.load`.
+        strict, rules, prefix, ignore_missing, ignore_unexpected, adapt, align, example_inputs,
+            init_missing, allow_globals: as for :func:`torchgraft.load` (``example_inputs`` is traced
+            on rank 0, on a meta copy of the model as given there).
         check_finite: as for :func:`torchgraft.load`; each rank checks the part it holds and
             ``report.nonfinite`` sums the counts over the ranks.
         device: where the tensors of a meta-device model are materialised (default: the
@@ -163,7 +166,8 @@ def load(
     ranks = Ranks(process_group)
     model = unwrap(model)
     options = PlanOptions(rules=rules, prefix=prefix, ignore_missing=ignore_missing,
-                          ignore_unexpected=ignore_unexpected, adapt=adapt, align=align)  # fmt: skip
+                          ignore_unexpected=ignore_unexpected, adapt=adapt, align=align,
+                          example_inputs=example_inputs)  # fmt: skip
 
     def opener() -> Source:
         return open_source(source, allow_globals=allow_globals)
