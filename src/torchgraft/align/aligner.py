@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..keys import natural_key
+from .layouts import Layout, fused_order
 from .units import (
     NUM_BATCHES_TRACKED,
     Node,
@@ -69,6 +70,9 @@ class Confidences:
         attribute_by_order: inside a paired module, attributes with other names and equal shapes
             paired by their order in the (trusted) file.
         single_tensor: the only tensor of its shape in the model and in the checkpoint, big or named alike.
+        fused_in_layer: a checkpoint tensor whose rows are the sum of 2-3 sibling model modules' rows
+            (``qkv`` for ``q``, ``k``, ``v``), their order told by their names, the only such tensor in
+            the same layer (same numbers in the path).
     """
 
     minimum: float = 0.5
@@ -90,6 +94,7 @@ class Confidences:
     gap_other_shapes: float = 0.6
     attribute_by_order: float = 0.75
     single_tensor: float = 0.8
+    fused_in_layer: float = 0.8
 
 
 #: The confidences the aligner uses (see :class:`Confidences` for why each is what it is).
@@ -107,6 +112,8 @@ class Aligned:
     """One pair: model entry ``target`` receives checkpoint entry ``source``.
 
     ``exact`` is false when the shapes differ (a shape mismatch for ``adapt=`` to handle).
+    ``layout`` says how the checkpoint tensor becomes the model's when it is one piece of a fused
+    tensor (``None``: as it is; transposes of pairs are decided by :func:`.layouts.orient`).
     """
 
     target: str
@@ -114,6 +121,7 @@ class Aligned:
     confidence: float
     reason: str
     exact: bool = True
+    layout: Layout | None = None
 
 
 @dataclass
@@ -191,6 +199,7 @@ class _Aligner:
 
     # Regions ---------------------------------------------------------------
     def run(self) -> Alignment:
+        self._fused()
         model_units = [u for u in self.model.seq if u.leftover and u not in self.model_to_ckpt]
         ckpt_units = [u for u in self.ckpt.seq if u.leftover and u not in self.ckpt_to_model]
         if model_units and ckpt_units:
@@ -559,6 +568,96 @@ class _Aligner:
         self.paired_ckpt.add(y.key)
         exact = x.shape == y.shape or (x.shape == () and y.shape == (1,))
         self.result.pairs.append(Aligned(x.key, y.key, round(confidence, 2), reason, exact))
+
+    # Fused tensors -----------------------------------------------------------
+    def _fused(self) -> None:
+        """A checkpoint tensor holding 2-3 sibling model modules stacked by rows (``qkv``; ``gate_up``): split it.
+
+        The siblings' order in the fused tensor comes from their names (``q``, ``k``, ``v``; ``gate``,
+        ``up``), never from shapes; a fused tensor is taken only when it is the only one of its shape
+        in the same layer. Checkpoint ``[in, out]`` layouts (``Conv1D``) are seen in the non-square shape.
+        """
+        model_free = [u for u in self.model.seq if u.leftover and u not in self.model_to_ckpt]
+        ckpt_free = [u for u in self.ckpt.seq if u.leftover and u not in self.ckpt_to_model]
+        by_parent: dict[str, list[Unit]] = defaultdict(list)
+        for u in model_free:
+            by_parent[parent(u.path)].append(u)
+        for module, siblings in by_parent.items():
+            for group in self._fused_groups(siblings):
+                self._fused_group(module, group, ckpt_free)
+
+    @staticmethod
+    def _fused_groups(siblings: list[Unit]) -> list[list[Unit]]:
+        """Sets of 2-3 siblings named as parts of one fused tensor, in the fused tensor's order."""
+        out = []
+        named = [u for u in siblings if fused_order([u.path.rpartition(".")[2]]) is not None]
+        for size in (3, 2):
+            for start in range(len(named) - size + 1):
+                group = named[start : start + size]
+                order = fused_order(u.path.rpartition(".")[2] for u in group)
+                if order is None or any(u in g for g in out for u in group):
+                    continue
+                group = [u for _, u in sorted(zip(order, group, strict=True), key=lambda p: p[0])]
+                layouts = {tuple(sorted((t.attr, len(t.shape), t.kind) for t in u.body)) for u in group}
+                weights = [next((t for t in u.body if t.attr == "weight" and len(t.shape) == 2), None) for u in group]
+                if len(layouts) == 1 and all(w is not None and w.kind == "f" for w in weights):
+                    if len({w.shape[1] for w in weights}) == 1:
+                        out.append(group)
+        return out
+
+    def _fused_group(self, module: str, group: list[Unit], ckpt_free: list[Unit]) -> None:
+        weights = [next(t for t in u.body if t.attr == "weight") for u in group]
+        sizes = tuple(w.shape[0] for w in weights)
+        rows, cols = sum(sizes), weights[0].shape[1]
+        attrs = sorted(t.attr for t in group[0].body)
+
+        def fits(c: Unit) -> bool | None:  # transposed?, or None when it does not fit
+            if c in self.ckpt_to_model or sorted(t.attr for t in c.body) != attrs:
+                return None
+            got = {t.attr: t for t in c.body}
+            if any(
+                got[t.attr].shape != (rows,) for t in group[0].body if t.attr != "weight"
+            ) or got["weight"].kind != "f":
+                return None
+            shape = got["weight"].shape
+            return False if shape == (rows, cols) else True if rows != cols and shape == (cols, rows) else None
+
+        numbers = [p for p in module.split(".") if p.isdigit()]
+        candidates = [c for c in ckpt_free if fits(c) is not None]
+        same_layer = [c for c in candidates if [p for p in c.path.split(".") if p.isdigit()] == numbers]
+        names = ", ".join(u.path.rpartition(".")[2] for u in group)
+        if len(same_layer) != 1:
+            if same_layer:
+                self.result.ambiguous.append(
+                    {
+                        "targets": [t.key for u in group for t in u.body],
+                        "candidates": [t.key for c in same_layer for t in c.body],
+                        "reason": f"{len(same_layer)} checkpoint tensors of {rows} rows could hold {names} of "
+                        f"{module or '<root>'}; nothing tells which",
+                    }
+                )
+            return
+        c = same_layer[0]
+        transposed = fits(c)
+        self.model_to_ckpt.setdefault(group[0], c)
+        self.ckpt_to_model[c] = group[0]
+        for u in group[1:]:
+            self.model_to_ckpt[u] = c
+        got = {t.attr: t for t in c.body}
+        where = f"layer {'.'.join(numbers)}" if numbers else "the checkpoint"
+        reason = (
+            f"{c.path} has {rows} rows = {' + '.join(map(str, sizes))} of {names} in {module or '<root>'}, "
+            f"in the order their names say; the only such tensor in {where}"
+        )
+        if transposed:
+            reason += f" (stored [in, out]: {format_shape(got['weight'].shape)})"
+        for index, u in enumerate(group):
+            for x in u.body:
+                y = got[x.attr]
+                layout = Layout(transpose=bool(transposed) and x.attr == "weight", sizes=sizes, index=index)
+                self.paired_model.add(x.key)
+                self.paired_ckpt.add(y.key)
+                self.result.pairs.append(Aligned(x.key, y.key, CONFIDENCE.fused_in_layer, reason, True, layout))
 
     def _single_tensors(self) -> None:
         """Tensors whose shape occurs once in the model and once in the checkpoint, still unpaired."""

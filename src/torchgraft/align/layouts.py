@@ -1,0 +1,239 @@
+"""Layouts: which pairs need a tensor transform (a transpose, one piece of a fused tensor), by evidence only.
+
+Two codebases may store the same layer in different layouts: transformers' GPT-2 ``Conv1D`` keeps
+a weight as ``[in, out]`` where ``nn.Linear`` keeps ``[out, in]``; timm fuses ``q``, ``k``, ``v``
+into one ``qkv`` tensor of ``[3D, D]`` rows where Hugging Face keeps three. This module reads
+names, shapes and module types only (never tensor bytes) and says, per pair, how the checkpoint
+tensor becomes the model's (a :class:`Layout`), with a confidence and a reason.
+
+What it never does: guess. A square weight (``[D, D]``) looks the same either way, so it is
+transposed only when evidence says so (:func:`orient`): a sibling in the same module, or in the
+same layer pattern, whose non-square weight is transposed (and none that is not), or, for a model
+module of transformers' ``Conv1D`` type, the other ``Conv1D`` modules of the model. Without
+evidence, and with transposes found elsewhere in the model, it is reported ambiguous. Rotary
+permutations (``rope_permute``) cannot be seen in shapes at all: they come from a recipe.
+
+Example:
+    >>> o = orient([("h.0.attn.c_attn.weight", "h.0.attn.c_attn.weight", (96, 32), (32, 96)),
+    ...             ("h.0.attn.c_proj.weight", "h.0.attn.c_proj.weight", (32, 32), (32, 32))])
+    >>> sorted(o.transposed)
+    ['h.0.attn.c_attn.weight', 'h.0.attn.c_proj.weight']
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..keys import split_key
+from .units import format_shape, parent
+from .vocabulary import tokens
+
+__all__ = [
+    "FUSED_PARTS",
+    "TRANSPOSED_TYPES",
+    "Layout",
+    "Orientation",
+    "fused_order",
+    "is_transpose",
+    "layer_scope",
+    "orient",
+]
+
+#: Model module types that store a linear map as ``[in, out]`` (the transpose of ``nn.Linear``).
+TRANSPOSED_TYPES = frozenset({"transformers.pytorch_utils.Conv1D", "transformers.modeling_utils.Conv1D"})
+
+#: The parts a fused tensor is made of, in the order the fused tensor holds them; each part is the
+#: words that name it. A model's sibling modules named after 2-3 parts of one group are the pieces.
+FUSED_PARTS: tuple[tuple[frozenset[str], ...], ...] = tuple(
+    tuple(frozenset(words.split()) for words in group)
+    for group in (
+        ("q query wq", "k key wk", "v value wv"),
+        ("gate w1", "up w3"),
+    )
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a checkpoint tensor becomes a model entry: transposed first (2-D), then one piece of a split along dim 0.
+
+    ``sizes`` (rows of every piece, in order) and ``index`` (which piece) are both ``None`` for no split.
+    """
+
+    transpose: bool = False
+    sizes: tuple[int, ...] | None = None
+    index: int | None = None
+
+    def shape(self, source_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape the checkpoint's ``source_shape`` has after this layout."""
+        shape = tuple(reversed(source_shape)) if self.transpose else tuple(source_shape)
+        if self.sizes is not None and self.index is not None:
+            shape = (self.sizes[self.index], *shape[1:])
+        return shape
+
+    def describe(self, key: str) -> str:
+        """``split(transpose(key), dim=0, sizes=[32, 32, 32], index=0)``: as the transforms print it."""
+        text = f"transpose({key})" if self.transpose else key
+        if self.sizes is not None:
+            text = f"split({text}, dim=0, sizes={list(self.sizes)}, index={self.index})"
+        return text
+
+
+def is_transpose(model_shape: tuple[int, ...], ckpt_shape: tuple[int, ...]) -> bool:
+    """A 2-D, non-square ``model_shape`` that is ``ckpt_shape`` transposed."""
+    return len(model_shape) == 2 and model_shape[0] != model_shape[1] and tuple(ckpt_shape) == model_shape[::-1]
+
+
+def _square(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 and shape[0] == shape[1]
+
+
+_NUMBER = re.compile(r"^\d+$")
+
+
+def layer_scope(key: str) -> str | None:
+    """The layer pattern of a key: its path up to the last number, numbers as ``{}``; ``None`` outside layers."""
+    parts = key.split(".")
+    last = max((i for i, p in enumerate(parts[:-1]) if _NUMBER.match(p)), default=None)
+    if last is None:
+        return None
+    return ".".join("{}" if _NUMBER.match(p) else p for p in parts[: last + 1])
+
+
+def fused_order(names: Iterable[str]) -> list[int] | None:
+    """Positions in a fused tensor of sibling modules ``names`` (``["v", "q", "k"]`` -> ``[2, 0, 1]``), or ``None``.
+
+    Every name must say exactly one part of one :data:`FUSED_PARTS` group, each part once.
+    """
+    names = list(names)
+    for group in FUSED_PARTS:
+        positions = []
+        for name in names:
+            words = set(tokens(name))
+            hits = [i for i, part in enumerate(group) if words & part]
+            if len(hits) != 1:
+                break
+            positions.append(hits[0])
+        else:
+            if len(set(positions)) == len(positions):
+                return positions
+    return None
+
+
+@dataclass
+class Orientation:
+    """What :func:`orient` decided: ``transposed`` (target -> ``(confidence, reason)``) and ``ambiguous`` records."""
+
+    transposed: dict[str, tuple[float, str]] = field(default_factory=dict)
+    ambiguous: list[dict[str, Any]] = field(default_factory=list)
+
+
+#: Confidences of transposes (see :class:`torchgraft.align.Confidences` for the pairs themselves).
+TRANSPOSE_SEEN = 0.9  # the shapes are each other's transpose (and the names or structure pair them)
+TRANSPOSE_BY_SIBLINGS = 0.85  # square, its siblings' non-square weights are all transposed
+TRANSPOSE_BY_LAYER = 0.8  # square, the same layer pattern's non-square weights are all transposed
+TRANSPOSE_BY_TYPE = 0.8  # square, the model's other modules of its type are all transposed
+
+
+def orient(
+    pairs: Iterable[tuple[str, str, tuple[int, ...], tuple[int, ...]]],
+    *,
+    module_types: Mapping[str, str] | None = None,
+    flipped: Mapping[str, bool] | None = None,
+) -> Orientation:
+    """Decide which 2-D pairs are transposed: the non-square ones by their shapes, the square ones by evidence.
+
+    Args:
+        pairs: ``(target, source, model_shape, checkpoint_shape)`` of every pair made so far (by name,
+            by rules or by alignment), floating point tensors only.
+        module_types: model module path -> the module's type (``module.qualname``), where known.
+        flipped: targets whose orientation is already decided elsewhere (a fused tensor's pieces):
+            ``True`` transposed, ``False`` not. They count as evidence and are not decided again.
+
+    Returns:
+        An :class:`Orientation`: the pairs to transpose, with a confidence and a reason, and an
+        ambiguous record for each square pair that could be either and that nothing decides.
+
+    Example:
+        >>> orient([("fc.weight", "fc.weight", (8, 4), (4, 8))]).transposed["fc.weight"][0]
+        0.9
+    """
+    pairs = list(pairs)
+    types = module_types or {}
+    decided = dict(flipped or {})
+    out = Orientation()
+    evidence: dict[str, bool] = dict(decided)  # target -> transposed?, for non-square 2-D pairs
+    for target, source, mshape, cshape in pairs:
+        if target in decided or len(mshape) != 2 or _square(mshape):
+            continue
+        if is_transpose(mshape, cshape):
+            evidence[target] = True
+            out.transposed[target] = (
+                TRANSPOSE_SEEN,
+                f"shape {format_shape(mshape)} is the checkpoint's {format_shape(tuple(cshape))} transposed",
+            )
+        elif tuple(cshape) == mshape:
+            evidence[target] = False
+    if not any(evidence.values()):
+        return out  # nothing anywhere is transposed: a square pair is what it looks like
+
+    def type_of(key: str) -> str | None:
+        return types.get(split_key(key)[0])
+
+    def scopes(key: str) -> list[tuple[str, float, Any]]:
+        module = split_key(key)[0]
+        kind = type_of(key)
+        same_type = (lambda k: type_of(k) == kind) if kind is not None else (lambda k: True)
+        found = [
+            (
+                f"its siblings in {parent(module) or '<root>'}",
+                TRANSPOSE_BY_SIBLINGS,
+                lambda k: parent(split_key(k)[0]) == parent(module) and same_type(k),
+            )
+        ]
+        layer = layer_scope(key)
+        if layer is not None:
+            found.append(
+                (f"the layers {layer}", TRANSPOSE_BY_LAYER, lambda k: layer_scope(k) == layer and same_type(k))
+            )
+        if kind in TRANSPOSED_TYPES:
+            found.append((f"the model's other {kind.rpartition('.')[2]} modules", TRANSPOSE_BY_TYPE, same_type))
+        return found
+
+    def decide(target: str, mshape: tuple[int, ...]) -> tuple[float, str] | str | None:
+        """``(confidence, reason)`` to transpose, ``None`` to keep, or why it is ambiguous."""
+        for words, confidence, member in scopes(target):
+            votes = {k: v for k, v in evidence.items() if member(k)}
+            if not votes:
+                continue
+            flips = sorted(k for k, v in votes.items() if v)
+            if not flips:
+                return None
+            if len(flips) < len(votes):
+                return f"the non-square weights of {words} are transposed in some places and not in others"
+            names = ", ".join(split_key(k)[0] for k in flips[:3]) + (", ..." if len(flips) > 3 else "")
+            shape = format_shape(mshape)
+            return confidence, f"square {shape}: the non-square weights of {words} are all transposed ({names})"
+        return (
+            "nothing near it (its module, its layer) has a non-square weight that says which way, "
+            "and other weights of this checkpoint are transposed"
+        )
+
+    for target, source, mshape, cshape in pairs:
+        if target in decided or not _square(mshape) or tuple(cshape) != mshape:
+            continue
+        verdict = decide(target, mshape)
+        if isinstance(verdict, tuple):
+            out.transposed[target] = verdict
+        elif isinstance(verdict, str):
+            out.ambiguous.append(
+                {
+                    "targets": [target],
+                    "candidates": [source],
+                    "reason": f"square {format_shape(mshape)}: could be transposed or not; {verdict}",
+                }
+            )
+    return out
