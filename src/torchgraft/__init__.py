@@ -17,6 +17,8 @@ from .convert import convert  # torch-free at import, like diff and scan; bound 
 from .diff import diff
 from .errors import AdapterError, CheckpointError, LoadError, PlanError, UnsafeCheckpointError
 from .plan import Entry, Plan, plan  # torch-free at import; binding the names here keeps `tg.plan` the function
+from .recipes import recipe
+from .transforms import concat, permute, reshape, rope_permute, same, slice, split, stack, transpose, unstack
 from .scan import scan
 from .sources import Source, TensorRef
 from .sources import open as open
@@ -34,6 +36,19 @@ __all__ = [
     "Source",
     "TensorRef",
     "UnsafeCheckpointError",
+    "concat",
+    "permute",
+    "recipe",
+    "recipes",
+    "reshape",
+    "rope_permute",
+    "same",
+    "slice",
+    "split",
+    "stack",
+    "transforms",
+    "transpose",
+    "unstack",
     "__version__",
     "adapters",
     "convert",
@@ -44,6 +59,8 @@ __all__ = [
     "scan",
     "surgery",
 ]
+
+from . import recipes, transforms  # torch-free at import
 
 if TYPE_CHECKING:
     from . import adapters, surgery

@@ -55,6 +55,7 @@ from .staging import (
     nonfinite_error,
     retie,
     slot,
+    read_entry,
     stage_entry,
     strict_error,
     tie_groups,
@@ -368,13 +369,14 @@ def _stage(
         if current.is_meta or _final_dtype(current.dtype, dtype) != current.dtype:
             assign_modules.add(groups.module[name])
     staged: dict[str, torch.Tensor] = {}
+    cache: dict = {}  # tensors several entries read (a fused qkv), read and transformed once
     for name, e in plan.entries.items():
         if not e.loads:
             continue
         assert e.source is not None
         current = live[name]
         shape = e.shape if is_lazy(current) else tuple(current.shape)
-        tensor = stage_entry(name, e, src[e.source].load(), shape=shape, source=src)
+        tensor = stage_entry(name, e, read_entry(e, src, cache), shape=shape, source=src)
         if groups.module[name] in assign_modules:
             target_dtype = _final_dtype(current.dtype, dtype)
             target_device = materialise_on if current.is_meta else current.device

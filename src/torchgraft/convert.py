@@ -24,6 +24,8 @@ from .sources.base import DTYPE_SIZES, Source
 if TYPE_CHECKING:
     import torch
 
+    from .plan import Plan
+
 __all__ = ["DTYPE_ALIASES", "FLOAT_DTYPES", "ConvertResult", "convert", "destination_path", "parse_dtype", "parse_size"]
 
 #: Spellings accepted for ``dtype=`` / ``--dtype``.
@@ -135,6 +137,8 @@ def convert(
     container: str | None = None,
     allow_globals: Any = None,
     progress: Callable[[int, int], None] | None = None,
+    plan: Plan | None = None,
+    reverse: bool = False,
 ) -> ConvertResult:
     """Write a checkpoint (any format :func:`torchgraft.open` reads, or a state dict) as safetensors.
 
@@ -159,13 +163,19 @@ def convert(
             ``format: pt`` is added when missing (``transformers`` expects it).
         container, allow_globals: as for :func:`torchgraft.open`.
         progress: called as ``progress(bytes_done, bytes_total)`` after each tensor.
+        plan, reverse: with ``reverse=True``, ``source`` holds a model's tensors (``model.state_dict()``,
+            or a file of them) and ``plan`` is the plan that loaded them: the plan runs backwards
+            (:func:`torchgraft.transforms.reverse`) and the file is written in the checkpoint's names,
+            layout and dtypes, so a checkpoint converted A -> B -> A comes back bit for bit.
 
     Returns:
         A :class:`ConvertResult` naming the files written.
 
     Raises:
         FileExistsError: a destination file exists and ``force`` is false (nothing written).
-        ValueError: an unknown ``dtype``, a bad ``max_shard_size``, a destination that is
+        PlanError: ``reverse=True`` and the plan cannot run backwards (an adapted entry, a slice
+            that dropped rows) or does not fit ``source``.
+        ValueError: ``reverse=True`` without ``plan`` (or ``plan`` without ``reverse``), an unknown ``dtype``, a bad ``max_shard_size``, a destination that is
             neither a directory nor a ``.safetensors`` file, or an in-memory sparse, meta or
             quantized tensor (safetensors holds dense values only).
         CheckpointError: the source cannot be read (nothing written).
@@ -178,11 +188,22 @@ def convert(
     """
     from .sources import open as open_source
 
+    if reverse != (plan is not None):
+        raise ValueError("pass plan= together with reverse=True: the plan that loaded the tensors, run backwards")
     out_dtype = parse_dtype(dtype)
     shard_limit = parse_size(max_shard_size)
     dest = destination_path(dest)
     opened_here = not isinstance(source, (Source, Mapping))
     src = open_source(source, container=container, allow_globals=allow_globals) if opened_here else open_source(source)
+    if plan is not None:
+        from .transforms import reverse as run_backwards
+
+        try:
+            backwards = run_backwards(plan, {name: ref.load() for name, ref in src.items()})
+        finally:
+            if opened_here:
+                src.close()
+        opened_here, src = False, open_source(backwards)
     from .fileio import sigterm_as_interrupt
 
     try:

@@ -7,7 +7,9 @@
 * ``init``: nothing to load (missing, or shapes differ): the owning module is initialised;
 * ``tied``: the entry is the same tensor as another entry that is loaded or initialised;
 * ``default``: filled by the module's own loading hook (BatchNorm's ``num_batches_tracked``
-  in checkpoints saved before it existed).
+  in checkpoints saved before it existed);
+* ``transform``: computed from one or more checkpoint tensors by a transform
+  (:mod:`torchgraft.transforms`: transpose, split, concat, stack, rotary permutation...).
 
 Source entries that nothing uses are ``unexpected``, in the checkpoint's own names, except those
 under a module with loading code of its own (a custom ``_load_from_state_dict`` or a load
@@ -52,7 +54,7 @@ FIXES: dict[str, tuple[str, str, str]] = {
 }  # fmt: skip
 #: The verdict's words for a checkpoint of another network (see :attr:`Plan.verdict`).
 FOREIGN = "Most likely a checkpoint of another architecture or task"
-Action = Literal["copy", "adapt", "init", "tied", "default"]
+Action = Literal["copy", "adapt", "init", "tied", "default", "transform"]
 
 
 @dataclass
@@ -71,6 +73,8 @@ class Entry:
         buffer: a non-persistent buffer (loaded only to materialise a model built on meta).
         note: why, in words (rename rule, prefix, tie partner...).
         aligned: ``{"confidence": float, "reason": str}`` when ``align=True`` paired it by structure.
+        transform: for ``transform``: the expression (:meth:`torchgraft.transforms.Expr.to_dict`) whose
+            leaves are checkpoint entries with their shapes and dtypes; ``source`` is its first leaf.
     """
 
     target: str
@@ -86,15 +90,34 @@ class Entry:
     buffer: bool = False
     note: str = ""
     aligned: dict[str, Any] | None = None
+    transform: dict[str, Any] | None = None
 
     @property
     def loads(self) -> bool:
-        return self.action in ("copy", "adapt")
+        return self.action in ("copy", "adapt", "transform")
+
+    @property
+    def sources(self) -> list[str]:
+        """Every checkpoint entry this entry reads (several for a merge; one otherwise; none for ``init``)."""
+        if self.transform is not None:
+            from .transforms import Expr
+
+            return Expr.from_dict(self.transform).sources()
+        return [self.source] if self.source is not None and self.loads else []
+
+    def expression(self) -> str:
+        """The transform in words (``split(transpose(h.0.attn.c_attn.weight), dim=0, parts=3, index=0)``), or ``""``."""
+        if self.transform is None:
+            return ""
+        from .transforms import Expr
+
+        return str(Expr.from_dict(self.transform))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
         d["source_shape"] = None if self.source_shape is None else list(self.source_shape)
+        d["transform"] = self.transform  # asdict copies; the tree is already plain JSON data
         return {k: v for k, v in d.items() if v not in (None, False, "")}
 
     @classmethod
@@ -166,6 +189,20 @@ class Plan:
     def adapted(self) -> dict[str, dict[str, Any]]:
         """Model name -> ``{"name", "args"}`` for every entry the ``adapt=`` policy changed (``reinit`` included)."""
         return {k: e.adapter for k, e in self.entries.items() if e.action in ("adapt", "init") and e.adapter}
+
+    @property
+    def transformed(self) -> dict[str, str]:
+        """Model name -> the transform that computes it from checkpoint entries, in words.
+
+        Example:
+            >>> tg.plan(nanogpt, "gpt2/", align=True).transformed["transformer.h.0.mlp.c_fc.weight"]
+            'transpose(h.0.mlp.c_fc.weight, dim0=0, dim1=1)'
+        """
+        return {k: e.expression() for k, e in self.entries.items() if e.action == "transform"}
+
+    def used_sources(self) -> set[str]:
+        """Every checkpoint entry some model entry reads."""
+        return {s for e in self.entries.values() for s in e.sources}
 
     @property
     def tied(self) -> dict[str, str]:
@@ -267,6 +304,7 @@ class Plan:
         return {
             "loaded": counts["copy"],
             "adapted": len(self.adapted),
+            "transformed": counts["transform"],
             "initialised": counts["init"],
             "tied": counts["tied"],
             "missing": len(self.missing),
@@ -386,6 +424,13 @@ class Plan:
                 or (e.source_shape is not None and tuple(source[e.source].shape) != tuple(e.source_shape))
             ):
                 wrong.append(f"{name!r} (its source {e.source!r} is not in the checkpoint with that shape)")
+            elif e.transform is not None:
+                from .transforms import Expr
+
+                for leaf in Expr.from_dict(e.transform).leaves():
+                    if leaf.source not in source or tuple(source[leaf.source].shape) != leaf.shape:
+                        wrong.append(f"{name!r} (its transform input {leaf.source!r} is not in the checkpoint with that shape)")
+                        break
         if wrong:
             raise PlanError(
                 f"the plan does not fit: {', '.join(wrong[:5])}. Make a new one with tg.plan(model, source)."
@@ -421,6 +466,7 @@ _ENTRY_TYPES: dict[str, tuple[type, ...]] = {
     "target": (str,), "action": (str,), "shape": (list,), "dtype": (str,), "source": (str, type(None)),
     "source_shape": (list, type(None)), "source_dtype": (str, type(None)), "adapter": (dict, type(None)),
     "mismatched": (bool,), "ignored": (bool,), "buffer": (bool,), "note": (str,), "aligned": (dict, type(None)),
+    "transform": (dict, type(None)),
 }  # fmt: skip
 
 
@@ -485,6 +531,16 @@ def _check_plan_dict(d: Mapping[str, Any]) -> None:
             raise _bad_plan(where, "has an adapter without a name or with args that are not a mapping")
         if e["action"] == "adapt" and adapter is None:
             raise _bad_plan(where, "has action 'adapt' but no adapter")
+        if (e["action"] == "transform") != (e.get("transform") is not None):
+            raise _bad_plan(where, "has a transform without action 'transform' or the action without a transform")
+        if e.get("transform") is not None:
+            from .transforms import Expr
+
+            tree = Expr.from_dict(e["transform"])  # -> PlanError for an unknown op, a bad argument, a deep tree
+            if any(leaf.shape is None for leaf in tree.leaves()):
+                raise _bad_plan(where, "has a transform input without its shape")
+            if tree.sources()[0] != e.get("source"):
+                raise _bad_plan(where, "has a source other than its transform's first input")
     for key in ("model", "source", "source_format", "container", "model_fingerprint", "source_fingerprint", "verdict"):
         if not isinstance(d.get(key, ""), str):
             raise _bad_plan(f"{key!r}", "must be a string")

@@ -30,6 +30,7 @@ from .rules import RenameResult, RuleSpec, apply_rules, compile_rules, suffix_ma
 from .sources import Source
 from .sources import open as open_source
 from .target import TargetView, runs_own_loading_code
+from .transforms import Expr, expand_rule, fill, infer_shape, is_transform
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `import torchgraft` stays light
     from torch import nn
@@ -188,7 +189,7 @@ def _matches(patterns: list[re.Pattern[str]], *names: str | None) -> re.Pattern[
 def _rename(model: nn.Module, view: TargetView, src: Source, options: PlanOptions) -> _Draft:
     """Rules, then the base-model prefix: the name each checkpoint key goes by."""
     try:
-        user_rules = compile_rules(options.rules)
+        user_rules = compile_rules(_rename_rules(options.rules))
     except (TypeError, ValueError) as e:
         raise PlanError(str(e)) from None
     expected = set(view.entries) | set(view.nonpersistent)
@@ -199,6 +200,91 @@ def _rename(model: nn.Module, view: TargetView, src: Source, options: PlanOption
     draft = _Draft(renames, live, pfx)
     draft.notes += table_notes
     return draft
+
+
+def _rename_rules(spec: RuleSpec | None) -> RuleSpec | None:
+    """The rename rules of a ``rules=`` table (transform rules are :func:`_transform_rules`)."""
+    if spec is None:
+        return None
+    items = spec.items() if isinstance(spec, Mapping) else spec
+    return [(k, v) for k, v in items if not is_transform(v)]
+
+
+def _transform_rules(spec: RuleSpec | None) -> list[tuple[str, Expr]]:
+    """``{model template: transform}`` rules, each brace set expanded (see :func:`torchgraft.transforms.expand_rule`)."""
+    if spec is None:
+        return []
+    items = spec.items() if isinstance(spec, Mapping) else spec
+    out: list[tuple[str, Expr]] = []
+    for key, value in items:
+        if not is_transform(value):
+            continue
+        if not isinstance(key, str):
+            raise PlanError(f"a transform rule is keyed by a model name template (a string), not {key!r}")
+        out += [(f"{key} -> {t}" if t != key else key, e) for t, e in expand_rule(key, value)]
+    return out
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    return re.compile(r"(\d+)".join(re.escape(part) for part in template.split("{}")))
+
+
+def _transform(draft: _Draft, view: TargetView, src: Source, options: PlanOptions) -> None:
+    """Transform rules: model entries computed from checkpoint entries; shapes checked on meta, nothing read.
+
+    A transform rule overrides a plain match of the same model name (the caller said how to fill
+    it). Checkpoint entries a transform reads leave ``unused``.
+
+    Raises:
+        PlanError: a transform does not produce the model entry's shape, or an op cannot apply.
+    """
+    rules = _transform_rules(options.rules)
+    if not rules:
+        return
+    targets = [*view.entries]
+    overridden: set[str] = set()
+    for label, expr in rules:
+        template = label.split(" -> ")[-1]
+        regex = _template_regex(template)
+        hits = [(name, m.groups()) for name in targets if (m := regex.fullmatch(name))]
+        if not hits:
+            draft.notes.append(f"transform rule {label!r} matches no entry of the model")
+            continue
+        for name, numbers in hits:
+            filled = fill(expr, numbers)
+            absent = [k for k in filled.sources() if k not in src]
+            if absent:
+                draft.notes.append(
+                    f"transform rule {label!r} leaves {name!r} unfilled: the checkpoint has no {absent[0]!r}"
+                )
+                continue
+            tree = filled.map_sources(lambda leaf: Expr(source=leaf.source, shape=src[leaf.source].shape,
+                                                        dtype=src[leaf.source].dtype))  # fmt: skip
+            info = view.entries[name]
+            try:
+                shape = infer_shape(tree)
+            except PlanError as e:
+                raise PlanError(f"transform rule {label!r} for {name!r}: {e}") from None
+            if shape != tuple(info.shape) and not (info.shape == () and shape == (1,)):
+                raise PlanError(
+                    f"transform rule {label!r}: {tree} gives shape {list(shape)}, "
+                    f"the model's {name!r} is {list(info.shape)}"
+                )
+            first = tree.sources()[0]
+            ref = src[first]
+            overridden.add(name)
+            if tree.source is not None:  # a bare checkpoint name: a plain copy under another name
+                draft.entries[name] = Entry(name, "copy", info.shape, info.dtype, first, ref.shape, ref.dtype,
+                                            note=f"rule {label}")  # fmt: skip
+                if first != name:
+                    draft.renamed[first] = name
+            else:
+                draft.entries[name] = Entry(name, "transform", info.shape, info.dtype, first, ref.shape, ref.dtype,
+                                            note=f"transform rule {label}", transform=tree.to_dict())  # fmt: skip
+            draft.metadata_map.setdefault(split_key(name)[0], split_key(first)[0])
+    used = {k for e in draft.entries.values() for k in e.sources}
+    freed = [k for t, k in draft.claims.items() if t in overridden and k not in used]  # a plain match replaced
+    draft.unused[:] = [k for k in draft.unused if k not in used] + freed
 
 
 def _model_table_renames(model: nn.Module, renames: RenameResult, expected: set[str]) -> list[str]:
@@ -410,6 +496,7 @@ def build_plan(model: nn.Module, view: TargetView, src: Source, options: PlanOpt
     _claim(draft, view)
     _match(draft, view, src)
     _match_nonpersistent(draft, view, src, model)
+    _transform(draft, view, src, options)
     if options.align:
         _align(draft, view, src, ignore)
     _tie(draft, view)
@@ -452,7 +539,7 @@ def _verdict(draft: _Draft, src: Source, unexpected: list[str], model: nn.Module
     same shapes under other names (another naming scheme: ``align=True``); or another network.
     """
     counted = [e for e in draft.entries.values() if not e.ignored and e.action not in ("tied", "default")]
-    fit = [e for e in counted if e.action in ("copy", "adapt")]
+    fit = [e for e in counted if e.loads]
     n_model, n_ckpt = len(counted), len(fit) + len(unexpected)
     if not n_model or not n_ckpt or 2 * len(fit) >= n_model or 2 * len(fit) >= n_ckpt:
         return ""

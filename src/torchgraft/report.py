@@ -78,6 +78,21 @@ def _adapter_summary(adapted: dict[str, dict[str, Any]]) -> str:
     return "by " + ", ".join(f"{d} ({n})" for d, n in counts.items()) if counts else ""
 
 
+def _transform_summary(transformed: Mapping[str, str], limit: int = 8) -> str:
+    """The distinct transforms with layer numbers folded (``h.{}.mlp.c_fc.weight``), one a line, with counts."""
+    def fold(text: str) -> str:  # layer numbers in dotted names, not index=0
+        return re.sub(r"(?<=\.)\d+(?=\.)", "{}", text)
+
+    counts: dict[str, int] = {}
+    for target, expr in transformed.items():
+        line = f"{fold(target)} = {fold(expr)}"
+        counts[line] = counts.get(line, 0) + 1
+    lines = [f"{line}" + (f"  (x{n})" if n > 1 else "") for line, n in counts.items()]
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... {len(lines) - limit} more (report.transformed / plan.transformed)"]
+    return "\n".join(lines)
+
+
 def _prefix_line(prefix: dict[str, str]) -> str:
     if not prefix:
         return ""
@@ -118,6 +133,9 @@ class LoadReport:
         verdict: one paragraph when the checkpoint does not belong to the model, else ``""``.
         converted: model name -> what the reader of another framework's file did to reach torch's
             layout (``"Keras Dense kernel [in, out] transposed"``, ``"dequantised from Q4_K"``).
+        transformed: model name -> the transform that computed it from checkpoint entries
+            (``"split(transpose(h.0.attn.c_attn.weight), dim=0, parts=3, index=0)"``; see
+            :mod:`torchgraft.transforms`). Not counted in ``loaded``.
 
     Example:
         >>> report = tg.load(model, "all-MiniLM-L6-v2/")
@@ -149,6 +167,7 @@ class LoadReport:
     ambiguous: list[dict[str, Any]] = field(default_factory=list)
     verdict: str = ""
     converted: dict[str, str] = field(default_factory=dict)
+    transformed: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_plan(
@@ -199,6 +218,7 @@ class LoadReport:
                 for k, e in plan.entries.items()
                 if e.loads and e.source in source.conversions
             },
+            transformed=plan.transformed,
         )
 
     @property
@@ -232,6 +252,7 @@ class LoadReport:
             "ambiguous": self.ambiguous,
             "verdict": self.verdict,
             "converted": self.converted,
+            "transformed": self.transformed,
         }
 
     # Words ---------------------------------------------------------------
@@ -354,6 +375,7 @@ class LoadReport:
         rows = [
             ("loaded", self.loaded, ""),
             ("adapted", list(self.adapted), _adapter_summary(self.adapted)),
+            ("transformed", list(self.transformed), _transform_summary(self.transformed)),
             ("converted by the reader", list(self.converted), "to torch's layout (report.converted says how)"),
             (
                 "missing (initialised)",
@@ -437,13 +459,17 @@ def plan_renderable(plan: Plan):
             ),
             "tied": "tied",
             "default": "module default",
+            "transform": "transform",
         }[e.action]
         by_action.setdefault(label, []).append(name)
     casts = [n for n, e in plan.entries.items() if e.loads and e.source_dtype and e.source_dtype != e.dtype]
     rows = [
         (label, keys, _adapter_summary({k: plan.entries[k].adapter or {} for k in keys}) if label == "adapt" else "")
         for label, keys in by_action.items()
+        if label != "transform"
     ]
+    if transformed := by_action.get("transform"):
+        rows.append(("transform", transformed, _transform_summary(plan.transformed)))
     if casts:
         rows.append(("cast", casts, ""))
     rows.append(("unused (checkpoint names)", plan.unexpected, ""))

@@ -42,6 +42,7 @@ __all__ = [
     "is_float",
     "live",
     "nonfinite_error",
+    "read_entry",
     "retie",
     "slot",
     "stage_entry",
@@ -96,6 +97,23 @@ class ModuleGroups:
             if info.meta and name not in loaded_buffers:
                 todo[module[name]].append(name)
         return cls(module, loads, dict(todo))
+
+
+def read_entry(entry: Entry, source: Source, cache: dict) -> torch.Tensor:
+    """The checkpoint tensor an entry loads: its source's, or its transform's result (contiguous).
+
+    ``cache`` is one dict per load: a tensor several entries read (a fused ``qkv``) is read and
+    transformed once, each piece a view of that one result where it can be.
+
+    Raises:
+        LoadError: replicated copies (``same``) differ.
+    """
+    if entry.transform is None:
+        assert entry.source is not None
+        return source[entry.source].load()
+    from .transforms import Expr, evaluate
+
+    return evaluate(Expr.from_dict(entry.transform), lambda leaf: source[leaf.source].load(), cache).contiguous()
 
 
 def stage_entry(

@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
-from ..errors import CheckpointError, LoadError
+from ..errors import CheckpointError, LoadError, PlanError
 from ..plan import Plan
 from ..planner import IgnorePatterns, PlanOptions, build_plan
 from ..report import LoadReport
@@ -169,6 +169,12 @@ def load(
         return open_source(source, allow_globals=allow_globals)
 
     the_plan, rng, opened = _shared_plan(ranks, model, opener, plan, options)
+    if transformed := the_plan.transformed:  # refused before any read: never a silent difference
+        raise PlanError(
+            f"torchgraft.distributed.load does not run transforms yet ({len(transformed)} entries, e.g. "
+            f"{next(iter(transformed))!r} = {next(iter(transformed.values()))}). Convert the checkpoint once in one "
+            "process (tg.load, then tg.convert(model.state_dict(), ...)) and load that file here."
+        )
     if the_plan.handed:  # this executor runs no module's own loading code: what the plan hands to it stays unused
         the_plan.unexpected += [k for k in the_plan.handed if k not in the_plan.unexpected]
     src, view = _same_everywhere(ranks, model, opener, opened)
