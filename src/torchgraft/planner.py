@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import transforms as tg_transforms
 from .align import align, source_order_trusted
+from .align.layouts import Layout, orient
 from .errors import PlanError
 from .integrations import hf
 from .keys import Prefix, collapse_keys, resolve_prefix, split_key
@@ -592,30 +594,104 @@ def align_plan(
     ``unused`` (minus those ``skip`` says are ignorable) are aligned. Paired entries become
     ``copy`` (or a shape mismatch with their source set, for ``adapt=``) with ``aligned =
     {"confidence", "reason"}``; their sources leave ``unused`` and join ``renamed``.
+
+    Then layouts (:mod:`torchgraft.align.layouts`): a piece of a fused checkpoint tensor, and every
+    pair (by name or by alignment) whose weight is stored transposed, becomes a ``transform`` entry
+    (``Entry.transform``: ``split`` / ``transpose`` over the checkpoint entry) with ``aligned`` set;
+    a square pair that could be transposed or not, with nothing to decide it, is left missing and
+    reported ambiguous.
     """
     unused_set = {k for k in unused if not skip(k)}
     left_t = {k for k, e in entries.items() if e.action == "init" and not e.mismatched and k not in view.tied}
-    if not left_t or not unused_set:
-        return []
-    anchors: dict[str, str] = {}
-    for k, e in entries.items():
-        if e.loads and e.source is not None and e.source in names:
-            anchors.setdefault(split_key(k)[0], split_key(names[e.source])[0])
-    result = align(
-        ((k, info.shape, info.dtype, k in left_t) for k, info in view.entries.items()),
-        ((k, names[k], source[k].shape, source[k].dtype, k in unused_set) for k in source if k in names),
-        source_ordered=source_order_trusted(source),
-        anchors=anchors,
-    )
+    ambiguous: list[dict[str, Any]] = []
+    flipped: dict[str, bool] = {}
     taken: set[str] = set()
-    for p in result.pairs:
-        e, ref = entries[p.target], source[p.source]
-        e.source, e.source_shape, e.source_dtype = p.source, ref.shape, ref.dtype
-        e.action, e.mismatched = ("copy", False) if p.exact else ("init", True)
-        e.aligned = {"confidence": p.confidence, "reason": p.reason}
-        e.note = f"aligned ({p.confidence:.2f}): {p.reason}"
-        renamed[p.source] = p.target
-        metadata_map.setdefault(split_key(p.target)[0], split_key(p.source)[0])
-        taken.add(p.source)
+    if left_t and unused_set:
+        anchors: dict[str, str] = {}
+        for k, e in entries.items():
+            if e.loads and e.source is not None and e.source in names:
+                anchors.setdefault(split_key(k)[0], split_key(names[e.source])[0])
+        result = align(
+            ((k, info.shape, info.dtype, k in left_t) for k, info in view.entries.items()),
+            ((k, names[k], source[k].shape, source[k].dtype, k in unused_set) for k in source if k in names),
+            source_ordered=source_order_trusted(source),
+            anchors=anchors,
+        )
+        for p in result.pairs:
+            e, ref = entries[p.target], source[p.source]
+            e.source, e.source_shape, e.source_dtype = p.source, ref.shape, ref.dtype
+            e.action, e.mismatched = ("copy", False) if p.exact else ("init", True)
+            e.aligned = {"confidence": p.confidence, "reason": p.reason}
+            e.note = f"aligned ({p.confidence:.2f}): {p.reason}"
+            if p.layout is not None:
+                _set_transform(e, source, p.layout)
+                if len(e.shape) == 2 and p.layout.sizes is not None:
+                    flipped[p.target] = p.layout.transpose
+            renamed.setdefault(p.source, p.target)
+            metadata_map.setdefault(split_key(p.target)[0], split_key(p.source)[0])
+            taken.add(p.source)
+        ambiguous += result.ambiguous
+    ambiguous += _orient(view, source, entries, flipped, unused, renamed)
     unused[:] = [k for k in unused if k not in taken]
-    return result.ambiguous
+    return ambiguous
+
+
+def _set_transform(e: Entry, source: Source, layout: Layout) -> None:
+    """Make ``e`` a ``transform`` entry: its source through ``layout`` (a transpose, one piece of a split)."""
+    ref = source[e.source]
+    expr: Expr = Expr(source=e.source, shape=tuple(ref.shape), dtype=ref.dtype)
+    if layout.transpose:
+        expr = tg_transforms.transpose(expr)
+    if layout.sizes is not None:
+        expr = tg_transforms.split(expr, dim=0, sizes=list(layout.sizes), index=layout.index)
+    shape = infer_shape(expr)
+    if shape != tuple(e.shape):  # the aligner proposed it from these shapes: a bug, never a silent load
+        raise PlanError(f"alignment proposed {expr} for {e.target!r}: it gives {list(shape)}, not {list(e.shape)}")
+    e.action, e.mismatched, e.transform = "transform", False, expr.to_dict()
+
+
+def _orient(
+    view: TargetView,
+    source: Source,
+    entries: dict[str, Entry],
+    flipped: dict[str, bool],
+    unused: list[str],
+    renamed: dict[str, str],
+) -> list[dict[str, Any]]:
+    """Transpose the pairs whose weights are stored the other way round; square ones by evidence only."""
+    pairs = [
+        (k, e.source, tuple(e.shape), tuple(e.source_shape))
+        for k, e in entries.items()
+        if e.source is not None
+        and e.source_shape is not None
+        and (e.action == "copy" or (e.mismatched and e.action == "init"))
+        and len(e.shape) == 2
+        and _floating(e.dtype)
+        and _floating(e.source_dtype or "")
+    ]
+    if not pairs:
+        return []
+    types = {path: f"{type(m).__module__}.{type(m).__qualname__}" for path, m in view.modules.items()}
+    found = orient(pairs, module_types=types, flipped=flipped)
+    for k, (confidence, reason) in found.transposed.items():
+        e = entries[k]
+        if e.aligned:
+            confidence = min(confidence, e.aligned["confidence"])
+            reason = f"{e.aligned['reason']}; {reason}"
+        e.aligned = {"confidence": round(confidence, 2), "reason": reason}
+        _set_transform(e, source, Layout(transpose=True))
+        e.note = f"aligned ({confidence:.2f}): {reason}"
+    for record in found.ambiguous:
+        e = entries[record["targets"][0]]
+        src = e.source
+        e.action, e.source, e.source_shape, e.source_dtype, e.aligned = "init", None, None, None, None
+        e.note = ""
+        if src is not None and src not in unused:
+            unused.append(src)
+        if src is not None and renamed.get(src) == e.target:
+            del renamed[src]
+    return found.ambiguous
+
+
+def _floating(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat"))
