@@ -7,9 +7,14 @@ modules), else reported ambiguous; fused tensors are split in the order the mode
 from __future__ import annotations
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
 
+import torchgraft as tg
 from torchgraft.align import align
 from torchgraft.align.layouts import Layout, fused_order, is_transpose, layer_scope, orient
+from torchgraft.transforms import reverse
 
 D = 8
 
@@ -209,3 +214,91 @@ def test_pieces_of_a_transposed_fused_tensor_are_evidence():
     o = orient(pairs, flipped={"l.0.attn.q.weight": True})
     assert "l.0.attn.q.weight" not in o.transposed  # decided by the split, not again
     assert o.transposed["l.0.attn.out.weight"][0] == 0.85
+
+
+# ---------------------------------------------------------------------------
+# In a plan: real modules on both sides, outputs compared, and back
+
+
+class FusedAttention(nn.Module):
+    """timm-style: one ``qkv`` (``nn.Linear``, or transformers' ``Conv1D`` storing ``[in, out]``)."""
+
+    def __init__(self, d: int, kv: int, conv: bool):
+        super().__init__()
+        self.d, self.kv = d, kv
+        if conv:
+            conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+            self.qkv, self.proj = conv1d(d + 2 * kv, d), conv1d(d, d)
+        else:
+            self.qkv, self.proj = nn.Linear(d, d + 2 * kv), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split([self.d, self.kv, self.kv], dim=-1)
+        return self.proj(q + (torch.sigmoid(k) * v).repeat(1, self.d // self.kv))
+
+
+class SplitAttention(nn.Module):
+    """Hugging Face-style: ``query``, ``key``, ``value`` (registered in another order), ``out``."""
+
+    def __init__(self, d: int, kv: int):
+        super().__init__()
+        self.d, self.kv = d, kv
+        self.value = nn.Linear(d, kv)
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(d, kv)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        return self.out(q + (torch.sigmoid(k) * v).repeat(1, self.d // self.kv))
+
+
+class Stack(nn.Module):
+    def __init__(self, make, n: int = 2):
+        super().__init__()
+        self.layers = nn.ModuleList(make() for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+@pytest.mark.parametrize(("kv", "conv"), [(D, False), (4, False), (4, True)])
+def test_fused_qkv_checkpoint_into_separate_q_k_v_and_back(kv, conv, tmp_path):
+    torch.manual_seed(0)
+    fused = Stack(lambda: FusedAttention(D, kv, conv))
+    path = tmp_path / "fused.safetensors"
+    save_file({k: v.contiguous() for k, v in fused.state_dict().items()}, path)
+    model = Stack(lambda: SplitAttention(D, kv))
+    plan = tg.plan(model, path, align=True)
+    assert not plan.missing and not plan.unexpected and not plan.ambiguous, plan.problems()
+    t = "transpose(layers.1.qkv.weight)" if conv else "layers.1.qkv.weight"
+    assert plan.transformed["layers.1.key.weight"] == f"split({t}, dim=0, sizes=[{D}, {kv}, {kv}], index=1)"
+    bias = plan.transformed["layers.1.value.bias"]
+    assert bias == f"split(layers.1.qkv.bias, dim=0, sizes=[{D}, {kv}, {kv}], index=2)"
+    if conv:  # the square Conv1D proj: transposed because its siblings' pieces are
+        assert plan.transformed["layers.0.out.weight"] == "transpose(layers.0.proj.weight)"
+        assert "its siblings in layers.0" in plan.aligned["layers.0.out.weight"]["reason"]
+    else:
+        assert plan.entries["layers.0.out.weight"].action == "copy"
+    tg.load(model, path, plan=plan)
+    x = torch.randn(3, D)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fused(x), rtol=0, atol=1e-6)
+    back = reverse(plan, model.state_dict())
+    saved = load_file(path)
+    assert set(back) == set(saved) and all(torch.equal(back[k], v) for k, v in saved.items())
+    # the exported rules reproduce the plan without alignment
+    rules = plan.aligned_rules()
+    again = tg.plan(Stack(lambda: SplitAttention(D, kv)), path, rules=rules)
+    assert again.transformed == plan.transformed
+
+
+def test_fused_split_planned_for_a_model_on_meta():
+    torch.manual_seed(0)
+    fused = Stack(lambda: FusedAttention(D, D, False))
+    with torch.device("meta"):
+        model = Stack(lambda: SplitAttention(D, D))
+    plan = tg.plan(model, dict(fused.state_dict()), align=True)
+    assert len(plan.transformed) == 12 and all(v.startswith("split(") for v in plan.transformed.values())

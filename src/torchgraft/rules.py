@@ -452,8 +452,9 @@ def export_transform_rules(transforms: Mapping[str, Mapping[str, Any]]) -> dict[
 
     Example:
         >>> from torchgraft.transforms import transpose, source
-        >>> export_transform_rules({f"h.{i}.fc.weight": transpose(source(f"h.{i}.c_fc.weight")).to_dict() for i in (0, 1)})
-        {'h.{}.fc.weight': Expr(op='transpose', ...)}
+        >>> trees = {f"h.{i}.fc.weight": transpose(source(f"h.{i}.c_fc.weight")).to_dict() for i in (0, 1)}
+        >>> {k: str(v) for k, v in export_transform_rules(trees).items()}
+        {'h.{}.fc.weight': 'transpose(h.{}.c_fc.weight)'}
     """
     from .transforms import Expr
 
