@@ -13,7 +13,7 @@ from torch import nn
 
 import torchgraft as tg
 from torchgraft.align import align
-from torchgraft.align.layouts import Layout, fused_order, is_transpose, layer_scope, orient
+from torchgraft.align.layouts import Layout, fused_order, is_transpose, layer_scope, orient, transposed_modules
 from torchgraft.transforms import reverse
 
 D = 8
@@ -214,6 +214,28 @@ def test_pieces_of_a_transposed_fused_tensor_are_evidence():
     o = orient(pairs, flipped={"l.0.attn.q.weight": True})
     assert "l.0.attn.q.weight" not in o.transposed  # decided by the split, not again
     assert o.transposed["l.0.attn.out.weight"][0] == 0.85
+
+
+def test_transposed_modules_by_shapes_and_by_their_layer_when_both_fit():
+    f = "float32"
+    model = [
+        ("b.0.fc1.weight", (4 * D, D), f), ("b.0.fc2.weight", (D, 4 * D), f),  # no biases: both ways fit
+        ("b.0.qkv.weight", (3 * D, D), f), ("b.0.qkv.bias", (3 * D,), f),
+        ("emb.weight", (100, D), f),
+    ]  # fmt: skip
+    ckpt = [
+        ("h.0.c_fc.weight", (D, 4 * D), f), ("h.0.c_proj.weight", (4 * D, D), f),
+        ("h.0.c_attn.weight", (D, 3 * D), f), ("h.0.c_attn.bias", (3 * D,), f),
+        ("wte.weight", (100, D), f),
+    ]  # fmt: skip
+    # c_attn only fits transposed; c_fc / c_proj fit both ways and follow it; the embedding fits as it is
+    assert transposed_modules(model, ckpt) == {"h.0.c_attn", "h.0.c_fc", "h.0.c_proj"}
+    # without c_attn nothing in the layer is sure: nothing is taken transposed
+    assert transposed_modules(model[:2], ckpt[:2]) == frozenset()
+    a = _align([(k, s) for k, s, _ in model], [(k, s) for k, s, _ in ckpt])
+    pairs = {p.target: p for p in a.pairs}
+    assert pairs["b.0.fc1.weight"].source == "h.0.c_fc.weight" and pairs["b.0.fc1.weight"].layout == Layout(True)
+    assert pairs["emb.weight"].layout is None
 
 
 # ---------------------------------------------------------------------------

@@ -31,14 +31,18 @@ class CausalSelfAttention(nn.Module):
         self.n_head = n_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.c_attn(x).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
-        y = (att @ v).transpose(1, 2).contiguous().view(b, t, c)
-        return self.c_proj(y)
+        return causal_attention(x, self.c_attn, self.c_proj, self.n_head)
+
+
+def causal_attention(x: torch.Tensor, qkv: nn.Module, proj: nn.Module, n_head: int) -> torch.Tensor:
+    b, t, c = x.shape
+    q, k, v = qkv(x).split(c, dim=2)
+    q, k, v = (z.view(b, t, n_head, c // n_head).transpose(1, 2) for z in (q, k, v))
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+    mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+    att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
+    y = (att @ v).transpose(1, 2).contiguous().view(b, t, c)
+    return proj(y)
 
 
 class MLP(nn.Module):
@@ -159,6 +163,51 @@ def test_aligned_transposes_export_as_rules_that_reproduce_the_plan(hf_gpt2):
     }
     model = NanoGPT()
     tg.load(model, path, rules=rules)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()), hf(_ids()).logits, rtol=0, atol=1e-5)
+
+
+class OtherBlock(nn.Module):
+    """The same block as nanoGPT's under timm-like names: ``norm1``, ``attn.qkv``, ``attn.proj``, ``mlp.fc1/fc2``."""
+
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = nn.ModuleDict({"qkv": nn.Linear(d, 3 * d), "proj": nn.Linear(d, d)})
+        self.n_head = n_head
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = nn.ModuleDict({"fc1": nn.Linear(d, 4 * d), "fc2": nn.Linear(4 * d, d)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + causal_attention(self.norm1(x), self.attn.qkv, self.attn.proj, self.n_head)
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x)), approximate="tanh"))
+
+
+class OtherNamesGPT(nn.Module):
+    def __init__(self, d: int = N_EMBD):
+        super().__init__()
+        self.tok_emb = nn.Embedding(VOCAB, d)
+        self.pos_emb = nn.Embedding(N_POS, d)
+        self.blocks = nn.ModuleList(OtherBlock(d, N_HEAD) for _ in range(N_LAYER))
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x) @ self.tok_emb.weight.t()
+
+
+def test_hf_gpt2_into_a_linear_model_with_other_names(hf_gpt2):
+    hf, path = hf_gpt2
+    model = OtherNamesGPT()
+    plan = tg.plan(model, path, align=True)
+    assert not plan.missing and not plan.unexpected and not plan.ambiguous, plan.problems()
+    assert plan.transformed["blocks.1.mlp.fc2.weight"] == "transpose(transformer.h.1.mlp.c_proj.weight)"
+    assert plan.transformed["blocks.0.attn.proj.weight"] == "transpose(transformer.h.0.attn.c_proj.weight)"
+    assert len(plan.transformed) == 4 * N_LAYER
+    assert "stored transposed" in plan.aligned["blocks.0.attn.qkv.weight"]["reason"]
+    tg.load(model, path, plan=plan)
     with torch.no_grad():
         torch.testing.assert_close(model(_ids()), hf(_ids()).logits, rtol=0, atol=1e-5)
 

@@ -625,7 +625,7 @@ def align_plan(
             e.note = f"aligned ({p.confidence:.2f}): {p.reason}"
             if p.layout is not None:
                 _set_transform(e, source, p.layout)
-                if len(e.shape) == 2 and p.layout.sizes is not None:
+                if len(e.shape) == 2:  # evidence for the square weights next to it
                     flipped[p.target] = p.layout.transpose
             renamed.setdefault(p.source, p.target)
             metadata_map.setdefault(split_key(p.target)[0], split_key(p.source)[0])

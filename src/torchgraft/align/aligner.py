@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..keys import natural_key
-from .layouts import Layout, fused_order
+from .layouts import Layout, fused_order, transposed_modules
 from .units import (
     NUM_BATCHES_TRACKED,
     Node,
@@ -567,7 +567,11 @@ class _Aligner:
         self.paired_model.add(x.key)
         self.paired_ckpt.add(y.key)
         exact = x.shape == y.shape or (x.shape == () and y.shape == (1,))
-        self.result.pairs.append(Aligned(x.key, y.key, round(confidence, 2), reason, exact))
+        layout = None
+        if y.transposed:
+            layout = Layout(transpose=True)
+            reason += f"; stored transposed ({format_shape(y.shape[::-1])}), as its module's other weights"
+        self.result.pairs.append(Aligned(x.key, y.key, round(confidence, 2), reason, exact, layout))
 
     # Fused tensors -----------------------------------------------------------
     def _fused(self) -> None:
@@ -619,7 +623,8 @@ class _Aligner:
                 got[t.attr].shape != (rows,) for t in group[0].body if t.attr != "weight"
             ) or got["weight"].kind != "f":
                 return None
-            shape = got["weight"].shape
+            w = got["weight"]
+            shape = w.shape[::-1] if w.transposed else w.shape  # as stored
             return False if shape == (rows, cols) else True if rows != cols and shape == (cols, rows) else None
 
         numbers = [p for p in module.split(".") if p.isdigit()]
@@ -760,7 +765,11 @@ def align(
     targets = list(targets)
     sources = list(sources)
     model = Side(((k, k, shape, dtype, left) for k, shape, dtype, left in targets), trusted=True)
-    ckpt = Side(sources, trusted=source_ordered)
+    flip = transposed_modules(
+        [(k, shape, dtype) for k, shape, dtype, left in targets if left],
+        [(name, shape, dtype) for _k, name, shape, dtype, left in sources if left],
+    )
+    ckpt = Side(sources, trusted=source_ordered, transposed=flip)
     model_leftover = frozenset(k for k, _shape, _dtype, left in targets if left)
     ckpt_leftover = frozenset(k for k, _name, _shape, _dtype, left in sources if left)
     return _Aligner(model, ckpt, anchors or {}, model_leftover, ckpt_leftover).run()

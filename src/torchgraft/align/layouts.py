@@ -40,6 +40,7 @@ __all__ = [
     "is_transpose",
     "layer_scope",
     "orient",
+    "transposed_modules",
 ]
 
 #: Model module types that store a linear map as ``[in, out]`` (the transpose of ``nn.Linear``).
@@ -92,6 +93,68 @@ def _square(shape: tuple[int, ...]) -> bool:
 
 
 _NUMBER = re.compile(r"^\d+$")
+
+
+def _signature(rows: list[tuple[str, tuple[int, ...], str]], *, flip: bool = False) -> tuple:
+    out = []
+    for _attr, shape, dtype in rows:
+        f = _floating(dtype)
+        out.append((tuple(shape)[::-1] if flip and f and len(shape) == 2 else tuple(shape), "f" if f else "i"))
+    return tuple(sorted(out))
+
+
+def _floating(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat", "complex"))
+
+
+def transposed_modules(
+    model: Iterable[tuple[str, tuple[int, ...], str]], ckpt: Iterable[tuple[str, tuple[int, ...], str]]
+) -> frozenset[str]:
+    """Checkpoint modules whose 2-D weights are stored transposed (``[in, out]``), judged against the model's modules.
+
+    ``model`` and ``ckpt`` are the leftover ``(name, shape, dtype)`` on each side. A checkpoint
+    module is transposed when its shapes, transposed, are those of a model module and, as they
+    are, those of none. When both fit (no bias: ``[D, 4D]`` could be ``fc2`` or ``fc1``
+    transposed), the modules of its layer decide: transposed when some there are surely
+    transposed and none is surely not. Square-only modules are never taken transposed here (their
+    shapes say nothing: :func:`orient` decides them by the same kind of evidence).
+
+    Example:
+        >>> sorted(transposed_modules([("fc.weight", (8, 4), "float32"), ("fc.bias", (8,), "float32")],
+        ...                           [("c_fc.weight", (4, 8), "float32"), ("c_fc.bias", (8,), "float32")]))
+        ['c_fc']
+    """
+
+    def modules(rows: Iterable[tuple[str, tuple[int, ...], str]]) -> dict[str, list[tuple[str, tuple[int, ...], str]]]:
+        out: dict[str, list[tuple[str, tuple[int, ...], str]]] = {}
+        for name, shape, dtype in rows:
+            module, attr = split_key(name)
+            out.setdefault(module, []).append((attr, tuple(shape), dtype))
+        return out
+
+    model_sigs = {_signature(rows) for rows in modules(model).values()}
+    sure: dict[str, bool] = {}
+    unsure: list[str] = []
+    for module, rows in modules(ckpt).items():
+        if not any(len(s) == 2 and s[0] != s[1] and _floating(d) for _a, s, d in rows):
+            continue
+        straight, flipped = _signature(rows) in model_sigs, _signature(rows, flip=True) in model_sigs
+        if flipped and not straight:
+            sure[module] = True
+        elif straight and not flipped:
+            sure[module] = False
+        elif straight and flipped:
+            unsure.append(module)
+
+    def scope(module: str) -> str:
+        return layer_scope(module + ".x") or parent(module)
+
+    out = {m for m, t in sure.items() if t}
+    for module in unsure:
+        votes = [t for m, t in sure.items() if scope(m) == scope(module)]
+        if votes and all(votes):
+            out.add(module)
+    return frozenset(out)
 
 
 def layer_scope(key: str) -> str | None:
