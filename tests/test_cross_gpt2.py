@@ -167,6 +167,20 @@ def test_aligned_transposes_export_as_rules_that_reproduce_the_plan(hf_gpt2):
         torch.testing.assert_close(model(_ids()), hf(_ids()).logits, rtol=0, atol=1e-5)
 
 
+def test_nanogpt_checkpoint_into_hf_gpt2_the_other_way(hf_gpt2, tmp_path):
+    hf, path = hf_gpt2
+    nano = NanoGPT()
+    tg.load(nano, path, align=True)
+    torch.save(nano.state_dict(), tmp_path / "ckpt.pt")  # nanoGPT's own layout: Linear [out, in]
+    model = transformers.GPT2LMHeadModel(hf.config).eval()
+    plan = tg.plan(model, tmp_path / "ckpt.pt", align=True)
+    assert not plan.missing and not plan.ambiguous, plan.problems()
+    assert sorted(plan.transformed) == sorted(TRANSPOSED)  # the model's Conv1D c_proj: by its sibling c_attn
+    tg.load(model, tmp_path / "ckpt.pt", plan=plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()).logits, hf(_ids()).logits, rtol=0, atol=1e-5)
+
+
 class OtherBlock(nn.Module):
     """The same block as nanoGPT's under timm-like names: ``norm1``, ``attn.qkv``, ``attn.proj``, ``mlp.fc1/fc2``."""
 
