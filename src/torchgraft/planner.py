@@ -627,9 +627,10 @@ def align_plan(
                 _set_transform(e, source, p.layout)
                 if len(e.shape) == 2:  # evidence for the square weights next to it
                     flipped[p.target] = p.layout.transpose
-            renamed.setdefault(p.source, p.target)
+            for key in (p.source, *(p.layout.join if p.layout is not None else ())):
+                renamed.setdefault(key, p.target)
+                taken.add(key)
             metadata_map.setdefault(split_key(p.target)[0], split_key(p.source)[0])
-            taken.add(p.source)
         ambiguous += result.ambiguous
     ambiguous += _orient(view, source, entries, flipped, unused, renamed)
     unused[:] = [k for k in unused if k not in taken]
@@ -637,9 +638,14 @@ def align_plan(
 
 
 def _set_transform(e: Entry, source: Source, layout: Layout) -> None:
-    """Make ``e`` a ``transform`` entry: its source through ``layout`` (a transpose, one piece of a split)."""
-    ref = source[e.source]
-    expr: Expr = Expr(source=e.source, shape=tuple(ref.shape), dtype=ref.dtype)
+    """Make ``e`` a ``transform`` entry: its source through ``layout`` (a transpose, a split piece, a concat)."""
+
+    def leaf(key: str) -> Expr:
+        return Expr(source=key, shape=tuple(source[key].shape), dtype=source[key].dtype)
+
+    expr = leaf(e.source)
+    if layout.join:
+        expr = tg_transforms.concat(expr, *(leaf(k) for k in layout.join), dim=0)
     if layout.transpose:
         expr = tg_transforms.transpose(expr)
     if layout.sizes is not None:

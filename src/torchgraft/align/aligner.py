@@ -575,25 +575,28 @@ class _Aligner:
 
     # Fused tensors -----------------------------------------------------------
     def _fused(self) -> None:
-        """A checkpoint tensor holding 2-3 sibling model modules stacked by rows (``qkv``; ``gate_up``): split it.
+        """2-3 sibling modules on one side, one module holding them stacked by rows on the other (``qkv``, ``gate_up``).
 
-        The siblings' order in the fused tensor comes from their names (``q``, ``k``, ``v``; ``gate``,
-        ``up``), never from shapes; a fused tensor is taken only when it is the only one of its shape
-        in the same layer. Checkpoint ``[in, out]`` layouts (``Conv1D``) are seen in the non-square shape.
+        A fused checkpoint tensor is split into the model's pieces; fused model tensors are joined
+        from the checkpoint's pieces. The pieces' order in the fused tensor comes from their names
+        (``q``, ``k``, ``v``; ``gate``, ``up``), never from shapes; a fused tensor is taken only when
+        it is the only one of its shape in the same layer (same numbers in the path). ``[in, out]``
+        layouts (``Conv1D``) are seen in the fused tensor's non-square shape.
         """
-        model_free = [u for u in self.model.seq if u.leftover and u not in self.model_to_ckpt]
-        ckpt_free = [u for u in self.ckpt.seq if u.leftover and u not in self.ckpt_to_model]
-        by_parent: dict[str, list[Unit]] = defaultdict(list)
-        for u in model_free:
-            by_parent[parent(u.path)].append(u)
-        for module, siblings in by_parent.items():
-            for group in self._fused_groups(siblings):
-                self._fused_group(module, group, ckpt_free)
+        for pieces_in_model in (True, False):
+            model_free = [u for u in self.model.seq if u.leftover and u not in self.model_to_ckpt]
+            ckpt_free = [u for u in self.ckpt.seq if u.leftover and u not in self.ckpt_to_model]
+            by_parent: dict[str, list[Unit]] = defaultdict(list)
+            for u in model_free if pieces_in_model else ckpt_free:
+                by_parent[parent(u.path)].append(u)
+            for module, siblings in by_parent.items():
+                for group in self._fused_groups(siblings):
+                    self._fused_group(module, group, ckpt_free if pieces_in_model else model_free, pieces_in_model)
 
     @staticmethod
     def _fused_groups(siblings: list[Unit]) -> list[list[Unit]]:
         """Sets of 2-3 siblings named as parts of one fused tensor, in the fused tensor's order."""
-        out = []
+        out: list[list[Unit]] = []
         named = [u for u in siblings if fused_order([u.path.rpartition(".")[2]]) is not None]
         for size in (3, 2):
             for start in range(len(named) - size + 1):
@@ -604,65 +607,80 @@ class _Aligner:
                 group = [u for _, u in sorted(zip(order, group, strict=True), key=lambda p: p[0])]
                 layouts = {tuple(sorted((t.attr, len(t.shape), t.kind) for t in u.body)) for u in group}
                 weights = [next((t for t in u.body if t.attr == "weight" and len(t.shape) == 2), None) for u in group]
-                if len(layouts) == 1 and all(w is not None and w.kind == "f" for w in weights):
-                    if len({w.shape[1] for w in weights}) == 1:
-                        out.append(group)
+                if (
+                    len(layouts) == 1
+                    and all(w is not None and w.kind == "f" and not w.transposed for w in weights)
+                    and len({w.shape[1] for w in weights}) == 1
+                ):
+                    out.append(group)
         return out
 
-    def _fused_group(self, module: str, group: list[Unit], ckpt_free: list[Unit]) -> None:
+    def _fused_group(self, module: str, group: list[Unit], others: list[Unit], pieces_in_model: bool) -> None:
+        """Pair ``group`` (pieces, on one side) with the one module in ``others`` that holds them stacked."""
         weights = [next(t for t in u.body if t.attr == "weight") for u in group]
         sizes = tuple(w.shape[0] for w in weights)
         rows, cols = sum(sizes), weights[0].shape[1]
         attrs = sorted(t.attr for t in group[0].body)
+        paired = self.ckpt_to_model if pieces_in_model else self.model_to_ckpt
 
         def fits(c: Unit) -> bool | None:  # transposed?, or None when it does not fit
-            if c in self.ckpt_to_model or sorted(t.attr for t in c.body) != attrs:
+            if c in paired or sorted(t.attr for t in c.body) != attrs:
                 return None
             got = {t.attr: t for t in c.body}
-            if any(
-                got[t.attr].shape != (rows,) for t in group[0].body if t.attr != "weight"
-            ) or got["weight"].kind != "f":
+            if got["weight"].kind != "f" or any(got[a].shape != (rows,) for a in attrs if a != "weight"):
                 return None
-            w = got["weight"]
-            shape = w.shape[::-1] if w.transposed else w.shape  # as stored
+            shape = _stored(got["weight"])
             return False if shape == (rows, cols) else True if rows != cols and shape == (cols, rows) else None
 
         numbers = [p for p in module.split(".") if p.isdigit()]
-        candidates = [c for c in ckpt_free if fits(c) is not None]
-        same_layer = [c for c in candidates if [p for p in c.path.split(".") if p.isdigit()] == numbers]
+        same_layer = [
+            c for c in others if fits(c) is not None and [p for p in c.path.split(".") if p.isdigit()] == numbers
+        ]
         names = ", ".join(u.path.rpartition(".")[2] for u in group)
+        side = "checkpoint" if pieces_in_model else "model"
         if len(same_layer) != 1:
             if same_layer:
+                pieces = [t.key for u in group for t in u.body]
+                wholes = [t.key for c in same_layer for t in c.body]
                 self.result.ambiguous.append(
                     {
-                        "targets": [t.key for u in group for t in u.body],
-                        "candidates": [t.key for c in same_layer for t in c.body],
-                        "reason": f"{len(same_layer)} checkpoint tensors of {rows} rows could hold {names} of "
+                        "targets": pieces if pieces_in_model else wholes,
+                        "candidates": wholes if pieces_in_model else pieces,
+                        "reason": f"{len(same_layer)} {side} tensors of {rows} rows could hold {names} of "
                         f"{module or '<root>'}; nothing tells which",
                     }
                 )
             return
-        c = same_layer[0]
-        transposed = fits(c)
-        self.model_to_ckpt.setdefault(group[0], c)
-        self.ckpt_to_model[c] = group[0]
-        for u in group[1:]:
-            self.model_to_ckpt[u] = c
-        got = {t.attr: t for t in c.body}
-        where = f"layer {'.'.join(numbers)}" if numbers else "the checkpoint"
+        whole = same_layer[0]
+        transposed = bool(fits(whole))
+        got = {t.attr: t for t in whole.body}
+        where = f"layer {'.'.join(numbers)}" if numbers else f"the {side}"
         reason = (
-            f"{c.path} has {rows} rows = {' + '.join(map(str, sizes))} of {names} in {module or '<root>'}, "
-            f"in the order their names say; the only such tensor in {where}"
+            f"{whole.path} has {rows} rows = {' + '.join(map(str, sizes))} of {names} in {module or '<root>'}, "
+            f"in the order their names say; the only such {side} tensor in {where}"
         )
         if transposed:
-            reason += f" (stored [in, out]: {format_shape(got['weight'].shape)})"
-        for index, u in enumerate(group):
-            for x in u.body:
-                y = got[x.attr]
-                layout = Layout(transpose=bool(transposed) and x.attr == "weight", sizes=sizes, index=index)
-                self.paired_model.add(x.key)
-                self.paired_ckpt.add(y.key)
-                self.result.pairs.append(Aligned(x.key, y.key, CONFIDENCE.fused_in_layer, reason, True, layout))
+            reason += f" (stored [in, out]: {format_shape(_stored(got['weight']))})"
+        confidence = CONFIDENCE.fused_in_layer
+        if pieces_in_model:
+            self.model_to_ckpt.update((u, whole) for u in group)
+            self.ckpt_to_model[whole] = group[0]
+            for index, u in enumerate(group):
+                for x in u.body:
+                    y = got[x.attr]
+                    layout = Layout(transpose=transposed and x.attr == "weight", sizes=sizes, index=index)
+                    self.paired_model.add(x.key)
+                    self.paired_ckpt.add(y.key)
+                    self.result.pairs.append(Aligned(x.key, y.key, confidence, reason, True, layout))
+            return
+        self.ckpt_to_model.update((u, whole) for u in group)
+        self.model_to_ckpt[whole] = group[0]
+        for x in whole.body:
+            ys = [next(t for t in u.body if t.attr == x.attr) for u in group]
+            layout = Layout(transpose=transposed and x.attr == "weight", join=tuple(y.key for y in ys[1:]))
+            self.paired_model.add(x.key)
+            self.paired_ckpt.update(y.key for y in ys)
+            self.result.pairs.append(Aligned(x.key, ys[0].key, confidence, reason, True, layout))
 
     def _single_tensors(self) -> None:
         """Tensors whose shape occurs once in the model and once in the checkpoint, still unpaired."""
@@ -721,6 +739,11 @@ class _Aligner:
                         "reason": f"{reason} (in {region.context})",
                     }
                 )
+
+
+def _stored(t: Tensor) -> tuple[int, ...]:
+    """A checkpoint tensor's shape as stored (the aligner sees ``[in, out]`` ones transposed)."""
+    return t.shape[::-1] if t.transposed else t.shape
 
 
 # ---------------------------------------------------------------------------

@@ -59,25 +59,23 @@ FUSED_PARTS: tuple[tuple[frozenset[str], ...], ...] = tuple(
 
 @dataclass(frozen=True)
 class Layout:
-    """How a checkpoint tensor becomes a model entry: transposed first (2-D), then one piece of a split along dim 0.
+    """How checkpoint tensors become a model entry.
 
-    ``sizes`` (rows of every piece, in order) and ``index`` (which piece) are both ``None`` for no split.
+    A piece of a fused tensor: the checkpoint tensor transposed first (when ``transpose``), then
+    piece ``index`` of a split along dim 0 into ``sizes`` rows. A fused model tensor: the
+    checkpoint tensor and those in ``join`` concatenated along dim 0, then transposed (when
+    ``transpose``). Neither: just the transpose.
     """
 
     transpose: bool = False
     sizes: tuple[int, ...] | None = None
     index: int | None = None
-
-    def shape(self, source_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape the checkpoint's ``source_shape`` has after this layout."""
-        shape = tuple(reversed(source_shape)) if self.transpose else tuple(source_shape)
-        if self.sizes is not None and self.index is not None:
-            shape = (self.sizes[self.index], *shape[1:])
-        return shape
+    join: tuple[str, ...] = ()
 
     def describe(self, key: str) -> str:
         """``split(transpose(key), dim=0, sizes=[32, 32, 32], index=0)``: as the transforms print it."""
-        text = f"transpose({key})" if self.transpose else key
+        text = f"concat({', '.join((key, *self.join))}, dim=0)" if self.join else key
+        text = f"transpose({text})" if self.transpose else text
         if self.sizes is not None:
             text = f"split({text}, dim=0, sizes={list(self.sizes)}, index={self.index})"
         return text
