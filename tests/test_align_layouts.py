@@ -13,7 +13,15 @@ from torch import nn
 
 import torchgraft as tg
 from torchgraft.align import align
-from torchgraft.align.layouts import Layout, fused_order, is_transpose, layer_scope, orient, transposed_modules
+from torchgraft.align.layouts import (
+    Layout,
+    fused_name,
+    fused_order,
+    is_transpose,
+    layer_scope,
+    orient,
+    transposed_modules,
+)
 from torchgraft.transforms import reverse
 
 D = 8
@@ -99,12 +107,23 @@ def test_siblings_whose_order_names_do_not_say_are_not_split():
 
 def test_two_fused_candidates_in_one_layer_are_ambiguous():
     model = [("h.0.attn.q.weight", (D, D)), ("h.0.attn.k.weight", (D, D)), ("h.0.attn.v.weight", (D, D))]
-    ckpt = [("blk.0.qkv.weight", (3 * D, D)), ("blk.0.other.weight", (3 * D, D))]
+    ckpt = [("blk.0.qkv_a.weight", (3 * D, D)), ("blk.0.qkv_b.weight", (3 * D, D))]
     a = _align(model, ckpt)
     assert not a.pairs
     assert a.ambiguous[0]["targets"] == ["h.0.attn.q.weight", "h.0.attn.k.weight", "h.0.attn.v.weight"]
-    assert set(a.ambiguous[0]["candidates"]) == {"blk.0.qkv.weight", "blk.0.other.weight"}
+    assert set(a.ambiguous[0]["candidates"]) == {"blk.0.qkv_a.weight", "blk.0.qkv_b.weight"}
     assert "nothing tells which" in a.ambiguous[0]["reason"]
+
+
+def test_a_tensor_named_for_something_else_is_never_a_fused_one():
+    # the only [3D, D] tensor in the layer, but an MLP's: not the attention's q, k, v whatever its shape
+    model = [("h.0.attn.q.weight", (D, D)), ("h.0.attn.k.weight", (D, D)), ("h.0.attn.v.weight", (D, D))]
+    ckpt = [("blk.0.mlp.gate_proj.weight", (3 * D, D))]
+    assert not _align(model, ckpt).pairs
+    assert fused_name("blk.0.mlp.gate_proj", "h.0.attn", ["q", "k", "v"]) is None
+    why = fused_name("h.0.attn.c_attn", "layer.0.attention.attention", ["query", "key", "value"])
+    assert why == "c_attn ~ attention"
+    assert fused_name("x.query_key_value", "x", ["v", "k", "q"]) == "query_key_value names q, k, v"
 
 
 def test_fused_order_and_helpers():

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..keys import natural_key
-from .layouts import Layout, fused_order, transposed_modules
+from .layouts import Layout, fused_name, fused_order, transposed_modules
 from .units import (
     NUM_BATCHES_TRACKED,
     Node,
@@ -633,10 +633,15 @@ class _Aligner:
             return False if shape == (rows, cols) else True if rows != cols and shape == (cols, rows) else None
 
         numbers = [p for p in module.split(".") if p.isdigit()]
+        piece_names = [u.path.rpartition(".")[2] for u in group]
         same_layer = [
-            c for c in others if fits(c) is not None and [p for p in c.path.split(".") if p.isdigit()] == numbers
+            c
+            for c in others
+            if fits(c) is not None
+            and [p for p in c.path.split(".") if p.isdigit()] == numbers
+            and fused_name(c.path, module, piece_names) is not None
         ]
-        names = ", ".join(u.path.rpartition(".")[2] for u in group)
+        names = ", ".join(piece_names)
         side = "checkpoint" if pieces_in_model else "model"
         if len(same_layer) != 1:
             if same_layer:
@@ -657,7 +662,8 @@ class _Aligner:
         where = f"layer {'.'.join(numbers)}" if numbers else f"the {side}"
         reason = (
             f"{whole.path} has {rows} rows = {' + '.join(map(str, sizes))} of {names} in {module or '<root>'}, "
-            f"in the order their names say; the only such {side} tensor in {where}"
+            f"in the order their names say ({fused_name(whole.path, module, piece_names)}); "
+            f"the only such {side} tensor in {where}"
         )
         if transposed:
             reason += f" (stored [in, out]: {format_shape(_stored(got['weight']))})"

@@ -29,13 +29,14 @@ from typing import Any
 
 from ..keys import split_key
 from .units import format_shape, parent
-from .vocabulary import tokens
+from .vocabulary import GENERIC, conflict, role, tokens
 
 __all__ = [
     "FUSED_PARTS",
     "TRANSPOSED_TYPES",
     "Layout",
     "Orientation",
+    "fused_name",
     "fused_order",
     "is_transpose",
     "layer_scope",
@@ -169,7 +170,11 @@ def fused_order(names: Iterable[str]) -> list[int] | None:
 
     Every name must say exactly one part of one :data:`FUSED_PARTS` group, each part once.
     """
-    names = list(names)
+    found = _fused_parts(list(names))
+    return None if found is None else found[1]
+
+
+def _fused_parts(names: list[str]) -> tuple[tuple[frozenset[str], ...], list[int]] | None:
     for group in FUSED_PARTS:
         positions = []
         for name in names:
@@ -180,7 +185,34 @@ def fused_order(names: Iterable[str]) -> list[int] | None:
             positions.append(hits[0])
         else:
             if len(set(positions)) == len(positions):
-                return positions
+                return group, positions
+    return None
+
+
+def fused_name(whole: str, pieces_parent: str, pieces: list[str]) -> str | None:
+    """Why module ``whole`` may be the fused tensor of sibling modules ``pieces`` (under ``pieces_parent``), or None.
+
+    Its own name names every piece (``qkv``, ``query_key_value``, ``gate_up``), or it agrees with
+    the pieces' parent (``c_attn`` with ``attention``). A module named for something else
+    (``gate_proj`` for ``wq``, ``wk``, ``wv``) is never their fused tensor, whatever its shape.
+
+    Example:
+        >>> fused_name("blocks.0.attn.qkv", "layer.0.attention", ["query", "key", "value"])
+        'qkv names q, k, v'
+    """
+    name = whole.rpartition(".")[2]
+    words = tokens(name)
+    found = _fused_parts(pieces)
+    if found is None:
+        return None
+    group, order = found
+    parts = [group[i] for i in sorted(order)]
+    letters = "".join(next((w for w in p if len(w) == 1), "?") for p in parts)
+    if all(any(w in p for w in words) for p in parts) or letters in words:
+        return f"{name} names {', '.join(n for _, n in sorted(zip(order, pieces, strict=True)))}"
+    mine, theirs = role(whole), role(pieces_parent)
+    if [w for w in theirs if w not in GENERIC] and not conflict(mine, theirs):
+        return f"{whole.rpartition('.')[2]} ~ {pieces_parent.rpartition('.')[2]}"
     return None
 
 
