@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,6 +217,29 @@ def fused_name(whole: str, pieces_parent: str, pieces: list[str]) -> str | None:
     return None
 
 
+def _scopes(key: str, kind: str | None) -> list[tuple[str, str | None, str | None]]:
+    """Where evidence for ``key`` is looked for, nearest first: its module's siblings, its layer pattern, its type.
+
+    Each scope holds only modules of the same type (``kind``) when types are known.
+    """
+    out = [("siblings", parent(split_key(key)[0]), kind)]
+    layer = layer_scope(key)
+    if layer is not None:
+        out.append(("layer", layer, kind))
+    if kind in TRANSPOSED_TYPES:
+        out.append(("type", None, kind))
+    return out
+
+
+def _scope_words(scope: tuple[str, str | None, str | None]) -> tuple[str, float]:
+    what, where, kind = scope
+    if what == "siblings":
+        return f"its siblings in {where or '<root>'}", TRANSPOSE_BY_SIBLINGS
+    if what == "layer":
+        return f"the layers {where}", TRANSPOSE_BY_LAYER
+    return f"the model's other {(kind or '').rpartition('.')[2]} modules", TRANSPOSE_BY_TYPE
+
+
 @dataclass
 class Orientation:
     """What :func:`orient` decided: ``transposed`` (target -> ``(confidence, reason)``) and ``ambiguous`` records."""
@@ -273,36 +297,22 @@ def orient(
     if not any(evidence.values()):
         return out  # nothing anywhere is transposed: a square pair is what it looks like
 
-    def type_of(key: str) -> str | None:
-        return types.get(split_key(key)[0])
-
-    def scopes(key: str) -> list[tuple[str, float, Any]]:
-        module = split_key(key)[0]
-        kind = type_of(key)
-        same_type = (lambda k: type_of(k) == kind) if kind is not None else (lambda k: True)
-        found = [
-            (
-                f"its siblings in {parent(module) or '<root>'}",
-                TRANSPOSE_BY_SIBLINGS,
-                lambda k: parent(split_key(k)[0]) == parent(module) and same_type(k),
-            )
-        ]
-        layer = layer_scope(key)
-        if layer is not None:
-            found.append(
-                (f"the layers {layer}", TRANSPOSE_BY_LAYER, lambda k: layer_scope(k) == layer and same_type(k))
-            )
-        if kind in TRANSPOSED_TYPES:
-            found.append((f"the model's other {kind.rpartition('.')[2]} modules", TRANSPOSE_BY_TYPE, same_type))
-        return found
+    # evidence indexed by scope: (kind of scope, scope, module type) -> [(target, transposed?)]
+    index: dict[tuple[str, str | None, str | None], list[tuple[str, bool]]] = defaultdict(list)
+    for key, flip in evidence.items():
+        kind = types.get(split_key(key)[0])
+        for scope in _scopes(key, kind):
+            index[scope].append((key, flip))
 
     def decide(target: str, mshape: tuple[int, ...]) -> tuple[float, str] | str | None:
         """``(confidence, reason)`` to transpose, ``None`` to keep, or why it is ambiguous."""
-        for words, confidence, member in scopes(target):
-            votes = {k: v for k, v in evidence.items() if member(k)}
+        kind = types.get(split_key(target)[0])
+        for scope in _scopes(target, kind):
+            votes = index.get(scope)
             if not votes:
                 continue
-            flips = sorted(k for k, v in votes.items() if v)
+            words, confidence = _scope_words(scope)
+            flips = sorted(k for k, v in votes if v)
             if not flips:
                 return None
             if len(flips) < len(votes):
