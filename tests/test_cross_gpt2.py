@@ -167,6 +167,19 @@ def test_aligned_transposes_export_as_rules_that_reproduce_the_plan(hf_gpt2):
         torch.testing.assert_close(model(_ids()), hf(_ids()).logits, rtol=0, atol=1e-5)
 
 
+def test_saved_plan_keeps_the_aligned_transforms(hf_gpt2, tmp_path):
+    hf, path = hf_gpt2
+    plan = tg.plan(NanoGPT(), path, align=True)
+    plan.save(tmp_path / "plan.json")
+    loaded = tg.Plan.load(tmp_path / "plan.json")
+    assert loaded.transformed == plan.transformed and loaded.aligned == plan.aligned
+    model = NanoGPT()
+    report = tg.load(model, path, plan=loaded)
+    assert sorted(report.transformed) == sorted(TRANSPOSED)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()), hf(_ids()).logits, rtol=0, atol=1e-5)
+
+
 def test_nanogpt_checkpoint_into_hf_gpt2_the_other_way(hf_gpt2, tmp_path):
     hf, path = hf_gpt2
     nano = NanoGPT()

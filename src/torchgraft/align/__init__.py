@@ -33,13 +33,23 @@ How it decides:
 5. **Single tensors** whose shape occurs once in the model and once in the checkpoint are
    paired last (a ``cls_token`` moved into another module).
 
+6. **Layouts** (:mod:`.layouts`): a checkpoint module stored ``[in, out]`` (transformers'
+   ``Conv1D``) is aligned transposed when only its transposed shapes fit a model module (or its
+   layer says so); a fused checkpoint tensor (``qkv``, ``gate_up``) is split into the model's
+   sibling pieces, or a fused model tensor joined from the checkpoint's, in the order their names
+   say, the fused module named for its pieces or its parent. With the plan's name matches,
+   :func:`.layouts.orient` then transposes the pairs stored the other way round, square ones only
+   on evidence (siblings, the layer pattern, the model's ``Conv1D`` modules), else ambiguous.
+   These pairs become ``transform`` entries; ``rope_permute`` is never proposed.
+
 Every pair carries a confidence and a reason (all confidences are in one table,
 :class:`Confidences`). Pairs below :data:`MIN_CONFIDENCE` are never made; items with
 same-shaped candidates that could not be told apart are reported as ``ambiguous`` with their
 candidates, and stay missing.
 
 The package: :mod:`.vocabulary` (words in names, synonyms, similarity), :mod:`.units` (both
-sides as trees of units), :mod:`.aligner` (the algorithm and its confidences). Applying an
+sides as trees of units), :mod:`.aligner` (the algorithm and its confidences), :mod:`.layouts`
+(transposes and fused tensors). Applying an
 alignment to a plan is :func:`torchgraft.planner.align_plan`; exporting it as rules is
 :func:`torchgraft.rules.export_rules`; drawing it is :func:`torchgraft.report.alignment_renderable`.
 
@@ -54,6 +64,7 @@ from __future__ import annotations
 
 from ..rules import export_rules  # where ``align`` users have always found it
 from .aligner import CONFIDENCE, MIN_CONFIDENCE, Aligned, Alignment, Confidences, align, source_order_trusted
+from .layouts import Layout, orient
 
 __all__ = [
     "CONFIDENCE",
@@ -61,7 +72,9 @@ __all__ = [
     "Aligned",
     "Alignment",
     "Confidences",
+    "Layout",
     "align",
     "export_rules",
+    "orient",
     "source_order_trusted",
 ]
