@@ -224,6 +224,19 @@ def test_conv1d_module_type_is_evidence_for_its_own_kind_only():
     assert [a["targets"] for a in o.ambiguous] == [["head.lin.weight"]]
 
 
+def test_square_conv1d_pair_from_another_codebase_needs_evidence_even_with_nothing_transposed():
+    conv1d = "transformers.pytorch_utils.Conv1D"
+    pairs = [("h.0.c_proj.weight", "layers.0.out.weight", (D, D), (D, D))]
+    types = {"h.0.c_proj": conv1d}
+    assert not orient(pairs, module_types=types).ambiguous  # matched by name: the same codebase
+    o = orient(pairs, module_types=types, foreign={"h.0.c_proj.weight"})
+    assert not o.transposed and "Conv1D stores [in, out]" in o.ambiguous[0]["reason"]
+    # a straight non-square sibling says the checkpoint stores [in, out] too: kept as it is
+    sibling = ("h.0.c_fc.weight", "layers.0.fc.weight", (D, 4 * D), (D, 4 * D))
+    o = orient([*pairs, sibling], module_types={**types, "h.0.c_fc": conv1d}, foreign={"h.0.c_proj.weight"})
+    assert not o.transposed and not o.ambiguous
+
+
 def test_pieces_of_a_transposed_fused_tensor_are_evidence():
     pairs = [
         ("l.0.attn.q.weight", "l.0.attn.qkv.weight", (D, D), (D, 3 * D)),

@@ -268,3 +268,33 @@ def test_model_with_only_square_layers_and_no_transposes_loads_as_before():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     plan = tg.plan(model, dict(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).state_dict()), align=True)
     assert not plan.transformed and not plan.ambiguous and not plan.missing
+
+
+class Conv1DOnly(nn.Module):
+    """transformers' Conv1D layers, all square: no shape anywhere says which way a checkpoint stores them."""
+
+    def __init__(self, d: int = N_EMBD):
+        super().__init__()
+        conv1d = transformers.pytorch_utils.Conv1D
+        self.h = nn.ModuleList(nn.ModuleDict({"c_proj": conv1d(d, d)}) for _ in range(2))
+
+
+class LinearOnly(nn.Module):
+    def __init__(self, d: int = N_EMBD):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"out": nn.Linear(d, d)}) for _ in range(2))
+
+
+def test_model_with_only_square_conv1d_layers_aligned_to_another_codebase_is_ambiguous():
+    torch.manual_seed(0)
+    ckpt = dict(LinearOnly().state_dict())  # another codebase's names; Linear [out, in] or not: unknowable
+    plan = tg.plan(Conv1DOnly(), ckpt, align=True)
+    assert not plan.transformed
+    assert sorted(a["targets"][0] for a in plan.ambiguous) == ["h.0.c_proj.weight", "h.1.c_proj.weight"]
+    amb = plan.ambiguous[0]
+    assert amb["candidates"] == ["layers.0.out.weight"] and "Conv1D stores [in, out]" in amb["reason"]
+    assert {"h.0.c_proj.weight", "h.1.c_proj.weight"} <= set(plan.missing)
+    assert plan.entries["h.0.c_proj.bias"].action == "copy"  # 1-D: no layout question
+    # its own checkpoint, same names: nothing is suspected, a plain copy
+    own = tg.plan(Conv1DOnly(), dict(Conv1DOnly().state_dict()), align=True)
+    assert not own.ambiguous and not own.missing

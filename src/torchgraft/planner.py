@@ -632,7 +632,8 @@ def align_plan(
                 taken.add(key)
             metadata_map.setdefault(split_key(p.target)[0], split_key(p.source)[0])
         ambiguous += result.ambiguous
-    ambiguous += _orient(view, source, entries, flipped, unused, renamed)
+    foreign = {k for k, e in entries.items() if e.aligned}  # paired by structure, across naming schemes
+    ambiguous += _orient(view, source, entries, flipped, unused, renamed, foreign=foreign)
     unused[:] = [k for k in unused if k not in taken]
     return ambiguous
 
@@ -663,8 +664,13 @@ def _orient(
     flipped: dict[str, bool],
     unused: list[str],
     renamed: dict[str, str],
+    *,
+    foreign: set[str],
 ) -> list[dict[str, Any]]:
-    """Transpose the pairs whose weights are stored the other way round; square ones by evidence only."""
+    """Transpose the pairs whose weights are stored the other way round; square ones by evidence only.
+
+    ``foreign``: the targets alignment paired across naming schemes (see :func:`.layouts.orient`).
+    """
     pairs = [
         (k, e.source, tuple(e.shape), tuple(e.source_shape))
         for k, e in entries.items()
@@ -678,7 +684,7 @@ def _orient(
     if not pairs:
         return []
     types = {path: f"{type(m).__module__}.{type(m).__qualname__}" for path, m in view.modules.items()}
-    found = orient(pairs, module_types=types, flipped=flipped)
+    found = orient(pairs, module_types=types, flipped=flipped, foreign=foreign)
     for k, (confidence, reason) in found.transposed.items():
         e = entries[k]
         if e.aligned:

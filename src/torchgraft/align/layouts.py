@@ -260,6 +260,7 @@ def orient(
     *,
     module_types: Mapping[str, str] | None = None,
     flipped: Mapping[str, bool] | None = None,
+    foreign: Iterable[str] = (),
 ) -> Orientation:
     """Decide which 2-D pairs are transposed: the non-square ones by their shapes, the square ones by evidence.
 
@@ -269,6 +270,10 @@ def orient(
         module_types: model module path -> the module's type (``module.qualname``), where known.
         flipped: targets whose orientation is already decided elsewhere (a fused tensor's pieces):
             ``True`` transposed, ``False`` not. They count as evidence and are not decided again.
+        foreign: targets paired by structure across naming schemes (another codebase). Such a
+            square pair into a model module of a :data:`TRANSPOSED_TYPES` type (``Conv1D``) needs
+            evidence even when nothing else is transposed: the model stores ``[in, out]``, most
+            other codebases ``[out, in]``, and the shapes cannot tell.
 
     Returns:
         An :class:`Orientation`: the pairs to transpose, with a confidence and a reason, and an
@@ -294,7 +299,12 @@ def orient(
             )
         elif tuple(cshape) == mshape:
             evidence[target] = False
-    if not any(evidence.values()):
+    foreign = set(foreign)
+
+    def suspect(target: str) -> bool:  # a square pair whose layout differs by default
+        return target in foreign and types.get(split_key(target)[0]) in TRANSPOSED_TYPES
+
+    if not any(evidence.values()) and not any(suspect(t) for t, *_ in pairs):
         return out  # nothing anywhere is transposed: a square pair is what it looks like
 
     # evidence indexed by scope: (kind of scope, scope, module type) -> [(target, transposed?)]
@@ -320,10 +330,13 @@ def orient(
             names = ", ".join(split_key(k)[0] for k in flips[:3]) + (", ..." if len(flips) > 3 else "")
             shape = format_shape(mshape)
             return confidence, f"square {shape}: the non-square weights of {words} are all transposed ({names})"
-        return (
-            "nothing near it (its module, its layer) has a non-square weight that says which way, "
-            "and other weights of this checkpoint are transposed"
-        )
+        if not any(evidence.values()) and not suspect(target):
+            return None
+        why = "nothing near it (its module, its layer) has a non-square weight that says which way"
+        if suspect(target):
+            kind = types[split_key(target)[0]].rpartition(".")[2]
+            return f"{why}; the model's {kind} stores [in, out], a checkpoint of another codebase may not"
+        return f"{why}, and other weights of this checkpoint are transposed"
 
     for target, source, mshape, cshape in pairs:
         if target in decided or not _square(mshape) or tuple(cshape) != mshape:
