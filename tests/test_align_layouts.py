@@ -381,3 +381,21 @@ def test_separate_q_k_v_checkpoint_into_fused_qkv_and_back(kv, conv, tmp_path):
     assert set(back) == set(saved) and all(torch.equal(back[k], v) for k, v in saved.items())
     again = tg.plan(Stack(lambda: FusedAttention(D, kv, conv)), path, rules=plan.aligned_rules())
     assert again.transformed == plan.transformed
+
+
+def test_export_transform_rules_templates_only_what_every_layer_shares():
+    from torchgraft.rules import export_transform_rules
+    from torchgraft.transforms import source, transpose
+
+    trees = {f"h.{i}.fc.weight": transpose(source(f"h.{i}.c_fc.weight")).to_dict() for i in (0, 1)}
+    got = export_transform_rules(trees, targets=["h.0.fc.weight", "h.1.fc.weight"])
+    assert {k: str(v) for k, v in got.items()} == {"h.{}.fc.weight": "transpose(h.{}.c_fc.weight)"}
+    # a third layer the transforms do not cover: a template would transform it too, so literals
+    got = export_transform_rules(trees, targets=["h.0.fc.weight", "h.1.fc.weight", "h.2.fc.weight"])
+    assert list(got) == ["h.0.fc.weight", "h.1.fc.weight"]
+    # layers that take another layer's tensor: literals
+    shifted = {f"h.{i}.fc.weight": transpose(source(f"h.{i + 1}.c_fc.weight")).to_dict() for i in (0, 1)}
+    assert {k: str(v) for k, v in export_transform_rules(shifted).items()} == {
+        "h.0.fc.weight": "transpose(h.1.c_fc.weight)",
+        "h.1.fc.weight": "transpose(h.2.c_fc.weight)",
+    }

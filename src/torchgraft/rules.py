@@ -439,16 +439,19 @@ def plan_rules(plan: Plan) -> dict[str, Any]:
         keys = [e.source for e in plan.entries.values() if e.source] + list(plan.unexpected) + list(plan.ignored)
         by_name = [s for k, e in plan.entries.items() if k not in pairs.values() for s in e.sources]
         table.update(export_rules(pairs, keys, loaded_by_name=by_name, targets=plan.entries))
-    table.update(export_transform_rules(transformed))
+    table.update(export_transform_rules(transformed, targets=plan.entries))
     return table
 
 
-def export_transform_rules(transforms: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def export_transform_rules(
+    transforms: Mapping[str, Mapping[str, Any]], *, targets: Iterable[str] | None = None
+) -> dict[str, Any]:
     """Transform rules (model template -> :class:`~torchgraft.transforms.Expr`) for model entries and their trees.
 
     A model key's layer numbers become ``{}`` where every entry of that template has the same
     transform with the same numbers in its checkpoint names (filled in order, as ``rules=`` fills
-    them); otherwise the entries are exported one by one, literally.
+    them) and, when ``targets`` (every model entry) is given, the template matches no other model
+    entry; otherwise the entries are exported one by one, literally.
 
     Example:
         >>> from torchgraft.transforms import transpose, source
@@ -477,10 +480,18 @@ def export_transform_rules(transforms: Mapping[str, Mapping[str, Any]]) -> dict[
             groups[_template(key)].append((key, expr.map_sources(templated)))
         except ValueError:
             groups[_template(key)].append((key, None))
+    all_targets = None if targets is None else list(targets)
+
+    def covers(template: str, members: list[tuple[str, Expr | None]]) -> bool:
+        if all_targets is None:
+            return True
+        regex = re.compile(r"(\d+)".join(re.escape(part) for part in template.split("{}")))
+        return {t for t in all_targets if regex.fullmatch(t)} == {k for k, _ in members}
+
     out: dict[str, Any] = {}
     for template, members in groups.items():
         shapes = {str(e) if e is not None else None for _, e in members}
-        if "{}" in template and len(shapes) == 1 and None not in shapes:
+        if "{}" in template and len(shapes) == 1 and None not in shapes and covers(template, members):
             out[template] = members[0][1]
         else:
             out.update((key, literal[key]) for key, _ in members)
