@@ -22,7 +22,8 @@ from torchgraft.align.layouts import (
     orient,
     transposed_modules,
 )
-from torchgraft.transforms import reverse
+from torchgraft.rules import export_transform_rules
+from torchgraft.transforms import reverse, source, transpose
 
 D = 8
 
@@ -384,9 +385,6 @@ def test_separate_q_k_v_checkpoint_into_fused_qkv_and_back(kv, conv, tmp_path):
 
 
 def test_export_transform_rules_templates_only_what_every_layer_shares():
-    from torchgraft.rules import export_transform_rules
-    from torchgraft.transforms import source, transpose
-
     trees = {f"h.{i}.fc.weight": transpose(source(f"h.{i}.c_fc.weight")).to_dict() for i in (0, 1)}
     got = export_transform_rules(trees, targets=["h.0.fc.weight", "h.1.fc.weight"])
     assert {k: str(v) for k, v in got.items()} == {"h.{}.fc.weight": "transpose(h.{}.c_fc.weight)"}
