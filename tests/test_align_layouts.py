@@ -99,11 +99,21 @@ def test_fused_gate_up_is_split():
     assert pairs["mlp.down_proj.weight"].source == "ffn.down.weight"
 
 
-def test_siblings_whose_order_names_do_not_say_are_not_split():
+def test_siblings_whose_order_names_do_not_say_are_not_split_but_reported():
     model = [("attn.a.weight", (D, D)), ("attn.b.weight", (D, D)), ("attn.c.weight", (D, D))]
     ckpt = [("attn.abc.weight", (3 * D, D))]
     a = _align(model, ckpt)
     assert not a.pairs
+    assert a.ambiguous == [
+        {
+            "targets": ["attn.a.weight", "attn.b.weight", "attn.c.weight"],
+            "candidates": ["attn.abc.weight"],
+            "reason": "attn.abc has the rows of a, b, c of attn stacked, but their names do not say in which order",
+        }
+    ]
+    # the other way round too: a fused model tensor, unnamed pieces in the checkpoint
+    b = _align(ckpt, model)
+    assert not b.pairs and b.ambiguous[0]["targets"] == ["attn.abc.weight"]
 
 
 def test_two_fused_candidates_in_one_layer_are_ambiguous():

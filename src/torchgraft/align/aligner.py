@@ -9,6 +9,7 @@ side and the *checkpoint* side (``ckpt``); an *item* is a unit or a subtree (nod
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from itertools import combinations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -206,6 +207,7 @@ class _Aligner:
             complete = Counter(u.sig for u in model_units) == Counter(u.sig for u in ckpt_units)
             self._region(_Region("", "", model_units, ckpt_units, complete))
         self._single_tensors()
+        self._unnamed_fused()
         self._record_ambiguous()
         self.result.ambiguous.sort(key=lambda a: natural_key(a["targets"][0]))
         return self.result
@@ -687,6 +689,67 @@ class _Aligner:
             self.paired_model.add(x.key)
             self.paired_ckpt.update(y.key for y in ys)
             self.result.pairs.append(Aligned(x.key, ys[0].key, confidence, reason, True, layout))
+
+    def _unnamed_fused(self) -> None:
+        """Report (never pair) fused tensors whose pieces' names do not say their order.
+
+        A module left unpaired whose rows are the sum of 2-3 unpaired sibling modules' rows in the
+        same layer on the other side: the split is plausible, but which rows belong to which piece
+        cannot be told, so it is ambiguous.
+        """
+        for pieces_in_model in (True, False):
+            pieces_side, whole_side = (self.model, self.ckpt) if pieces_in_model else (self.ckpt, self.model)
+            done = self.model_to_ckpt if pieces_in_model else self.ckpt_to_model
+            whole_done = self.ckpt_to_model if pieces_in_model else self.model_to_ckpt
+            paired, whole_paired = (
+                (self.paired_model, self.paired_ckpt) if pieces_in_model else (self.paired_ckpt, self.paired_model)
+            )
+            free = [
+                u for u in pieces_side.seq if u.leftover and u not in done and not any(t.key in paired for t in u.body)
+            ]
+            by_parent: dict[str, list[Unit]] = defaultdict(list)
+            for u in free:
+                w = next((t for t in u.body if t.attr == "weight" and len(t.shape) == 2 and not t.transposed), None)
+                if w is not None and w.kind == "f":
+                    by_parent[parent(u.path)].append(u)
+            for whole in whole_side.seq:
+                if not whole.leftover or whole in whole_done or any(t.key in whole_paired for t in whole.body):
+                    continue
+                w = next((t for t in whole.body if t.attr == "weight" and len(t.shape) == 2), None)
+                if w is None or w.kind != "f":
+                    continue
+                numbers = [p for p in whole.path.split(".") if p.isdigit()]
+                shapes = {_stored(w), _stored(w)[::-1]}  # as stored, or stored [in, out]
+                for module, siblings in by_parent.items():
+                    if [p for p in module.split(".") if p.isdigit()] != numbers or len(siblings) > 4:
+                        continue
+                    hits = [
+                        group
+                        for size in (2, 3)
+                        for group in combinations(siblings, size)
+                        if any(self._stacks(group, shape) for shape in shapes)
+                    ]
+                    if len(hits) != 1:
+                        continue
+                    group = hits[0]
+                    pieces = [t.key for u in group for t in u.body]
+                    wholes = [t.key for t in whole.body]
+                    names = ", ".join(u.path.rpartition(".")[2] for u in group)
+                    self.result.ambiguous.append(
+                        {
+                            "targets": pieces if pieces_in_model else wholes,
+                            "candidates": wholes if pieces_in_model else pieces,
+                            "reason": f"{whole.path} has the rows of {names} of {module or '<root>'} stacked, "
+                            "but their names do not say in which order",
+                        }
+                    )
+
+    @staticmethod
+    def _stacks(group: tuple[Unit, ...], shape: tuple[int, ...]) -> bool:
+        """Do the 2-D weights of ``group`` stack by rows into ``shape``?"""
+        weights = [next(t for t in u.body if t.attr == "weight") for u in group]
+        rows = sum(w.shape[0] for w in weights)
+        return len({w.shape[1] for w in weights}) == 1 and shape == (rows, weights[0].shape[1])
 
     def _single_tensors(self) -> None:
         """Tensors whose shape occurs once in the model and once in the checkpoint, still unpaired."""
