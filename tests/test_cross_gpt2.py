@@ -294,6 +294,8 @@ def test_model_with_only_square_conv1d_layers_aligned_to_another_codebase_is_amb
     amb = plan.ambiguous[0]
     assert amb["candidates"] == ["layers.0.out.weight"] and "Conv1D stores [in, out]" in amb["reason"]
     assert {"h.0.c_proj.weight", "h.1.c_proj.weight"} <= set(plan.missing)
+    assert {"layers.0.out.weight", "layers.1.out.weight"} <= set(plan.unexpected)  # not loaded, still reported
+    assert "layers.0.out.weight" not in plan.renamed
     assert plan.entries["h.0.c_proj.bias"].action == "copy"  # 1-D: no layout question
     # its own checkpoint, same names: nothing is suspected, a plain copy
     own = tg.plan(Conv1DOnly(), dict(Conv1DOnly().state_dict()), align=True)

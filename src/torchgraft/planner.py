@@ -628,13 +628,14 @@ def align_plan(
                 if len(e.shape) == 2:  # evidence for the square weights next to it
                     flipped[p.target] = p.layout.transpose
             for key in (p.source, *(p.layout.join if p.layout is not None else ())):
-                renamed.setdefault(key, p.target)
+                if key not in taken:  # a fused tensor is renamed to its first piece
+                    renamed[key] = p.target
                 taken.add(key)
             metadata_map.setdefault(split_key(p.target)[0], split_key(p.source)[0])
         ambiguous += result.ambiguous
+    unused[:] = [k for k in unused if k not in taken]
     foreign = {k for k, e in entries.items() if e.aligned}  # paired by structure, across naming schemes
     ambiguous += _orient(view, source, entries, flipped, unused, renamed, foreign=foreign)
-    unused[:] = [k for k in unused if k not in taken]
     return ambiguous
 
 
