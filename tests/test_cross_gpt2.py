@@ -256,6 +256,7 @@ def test_square_c_proj_without_sibling_evidence_is_ambiguous_not_guessed():
     plan = tg.plan(model, ckpt, align=True)
     assert sorted(plan.transformed) == ["h.0.c_fc.weight", "h.1.c_fc.weight"]
     assert "head.c_proj.weight" in plan.missing and "head.c_proj.weight" not in plan.aligned
+    assert "head.c_proj.weight" in plan.unexpected  # the checkpoint's tensor: not loaded, reported
     amb = next(a for a in plan.ambiguous if a["targets"] == ["head.c_proj.weight"])
     assert amb["candidates"] == ["head.c_proj.weight"] and "could be transposed or not" in amb["reason"]
     assert any("head.c_proj.weight" in p and "ambiguous" in p for p in plan.problems())
