@@ -141,6 +141,8 @@ def test_fused_order_and_helpers():
     assert fused_order(["v_proj", "q_proj", "k_proj"]) == [2, 0, 1]
     assert fused_order(["wq", "wk", "wv"]) == [0, 1, 2]
     assert fused_order(["up_proj", "gate_proj"]) == [1, 0]
+    assert fused_order(["w3", "w1"]) == [1, 0]  # Meta's names: w1 gate, w3 up (w2 is the down projection)
+    assert fused_order(["w1", "w2"]) is None
     assert fused_order(["q", "q"]) is None
     assert fused_order(["a", "b"]) is None
     assert is_transpose((96, 32), (32, 96)) and not is_transpose((32, 32), (32, 32)) and not is_transpose((3,), (3,))

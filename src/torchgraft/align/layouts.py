@@ -175,11 +175,16 @@ def fused_order(names: Iterable[str]) -> list[int] | None:
     return None if found is None else found[1]
 
 
+def _words(name: str) -> set[str]:
+    """Words of a module name, with and without their numbers (``w1`` is Meta's gate: ``{"w1", "w"}``)."""
+    return set(tokens(name)) | {w for w in re.split(r"[._\-]", name.lower()) if w}
+
+
 def _fused_parts(names: list[str]) -> tuple[tuple[frozenset[str], ...], list[int]] | None:
     for group in FUSED_PARTS:
         positions = []
         for name in names:
-            words = set(tokens(name))
+            words = _words(name)
             hits = [i for i, part in enumerate(group) if words & part]
             if len(hits) != 1:
                 break
@@ -202,7 +207,7 @@ def fused_name(whole: str, pieces_parent: str, pieces: list[str]) -> str | None:
         'qkv names q, k, v'
     """
     name = whole.rpartition(".")[2]
-    words = tokens(name)
+    words = _words(name)
     found = _fused_parts(pieces)
     if found is None:
         return None
