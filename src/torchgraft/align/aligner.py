@@ -9,9 +9,9 @@ side and the *checkpoint* side (``ckpt``); an *item* is a unit or a subtree (nod
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from itertools import combinations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import combinations
 from typing import TYPE_CHECKING, Any
 
 from ..keys import natural_key
@@ -71,9 +71,9 @@ class Confidences:
         attribute_by_order: inside a paired module, attributes with other names and equal shapes
             paired by their order in the (trusted) file.
         single_tensor: the only tensor of its shape in the model and in the checkpoint, big or named alike.
-        fused_in_layer: a checkpoint tensor whose rows are the sum of 2-3 sibling model modules' rows
-            (``qkv`` for ``q``, ``k``, ``v``), their order told by their names, the only such tensor in
-            the same layer (same numbers in the path).
+        fused_in_layer: a tensor whose rows are the sum of 2-3 sibling modules' rows on the other side
+            (``qkv`` for ``q``, ``k``, ``v``; either side fused), their order told by their names, the
+            fused module named for them, the only such tensor in the same layer (same numbers in the path).
     """
 
     minimum: float = 0.5
@@ -113,8 +113,10 @@ class Aligned:
     """One pair: model entry ``target`` receives checkpoint entry ``source``.
 
     ``exact`` is false when the shapes differ (a shape mismatch for ``adapt=`` to handle).
-    ``layout`` says how the checkpoint tensor becomes the model's when it is one piece of a fused
-    tensor (``None``: as it is; transposes of pairs are decided by :func:`.layouts.orient`).
+    ``layout`` says how the checkpoint tensor becomes the model's when it is not as it is: stored
+    transposed (a ``Conv1D`` module), one piece of a fused tensor, or the first of the pieces a fused
+    model tensor is joined from (``None``: as it is; square pairs are decided later, by
+    :func:`.layouts.orient`).
     """
 
     target: str
