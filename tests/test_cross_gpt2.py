@@ -301,3 +301,20 @@ def test_model_with_only_square_conv1d_layers_aligned_to_another_codebase_is_amb
     # its own checkpoint, same names: nothing is suspected, a plain copy
     own = tg.plan(Conv1DOnly(), dict(Conv1DOnly().state_dict()), align=True)
     assert not own.ambiguous and not own.missing
+
+
+def test_the_caller_decides_an_ambiguous_square_with_a_rule():
+    torch.manual_seed(0)
+    src = SquareOnly()
+    ckpt = {k: (v.t().contiguous() if v.dim() == 2 else v) for k, v in src.state_dict().items()}
+    plan = tg.plan(SquareOnly(), ckpt, align=True)
+    reason = next(a["reason"] for a in plan.ambiguous if a["targets"] == ["head.c_proj.weight"])
+    assert "rules={'head.c_proj.weight': tg.transpose('head.c_proj.weight')}" in reason
+    for rule, expected in ((tg.transpose("head.c_proj.weight"), ckpt["head.c_proj.weight"].t()),
+                           (tg.transforms.source("head.c_proj.weight"), ckpt["head.c_proj.weight"])):  # fmt: skip
+        model = SquareOnly()
+        plan = tg.plan(model, ckpt, align=True, rules={"head.c_proj.weight": rule})
+        assert not plan.ambiguous and not plan.missing, plan.problems()
+        tg.load(model, ckpt, plan=plan)
+        assert torch.equal(model.head.c_proj.weight, expected)
+        assert torch.equal(model.h[1].c_fc.weight, ckpt["h.1.c_fc.weight"].t())

@@ -678,6 +678,7 @@ def _orient(
         if e.source is not None
         and e.source_shape is not None
         and (e.action == "copy" or (e.mismatched and e.action == "init"))
+        and not e.note.startswith("rule ")  # the caller's tg.source(...) rule: decided, as it is
         and len(e.shape) == 2
         and _floating(e.dtype)
         and _floating(e.source_dtype or "")
@@ -696,6 +697,10 @@ def _orient(
         e.note = f"aligned ({confidence:.2f}): {reason}"
     for record in found.ambiguous:
         e = entries[record["targets"][0]]
+        record["reason"] += (
+            f"; decide with rules={{{e.target!r}: tg.transpose({e.source!r})}}, "
+            f"or tg.transforms.source({e.source!r}) for as it is"
+        )
         src = e.source
         e.action, e.source, e.source_shape, e.source_dtype, e.aligned = "init", None, None, None, None
         e.note = ""
