@@ -212,10 +212,12 @@ class Plan:
         """Model name -> ``{"source", "confidence", "reason"}`` for entries ``align=True`` paired by structure."""
         return {k: {"source": e.source, **e.aligned} for k, e in self.entries.items() if e.aligned}
 
-    def aligned_rules(self) -> dict[str, str]:
+    def aligned_rules(self) -> dict[str, Any]:
         """The pairs ``align=True`` made, as a rules table to paste into ``rules=`` (``{}`` = layer number).
 
-        Loading with these rules (and without ``align=True``) gives the same pairs.
+        Loading with these rules (and without ``align=True``) gives the same pairs. Pairs aligned
+        with a transform are rules keyed by the model's template, their value the transform
+        (``{"h.{}.attn.c_attn.weight": tg.transpose("h.{}.attn.c_attn.weight")}``).
 
         Example:
             >>> tg.plan(model, ckpt, align=True).aligned_rules()

@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import transforms as tg_transforms
 from .align import align, source_order_trusted
+from .align.layouts import Layout, orient
 from .align.trace import ExampleInputs, ExecutionOrder, check_example_inputs, trace_order
 from .errors import PlanError
 from .integrations import hf
@@ -625,32 +627,124 @@ def align_plan(
     ``copy`` (or a shape mismatch with their source set, for ``adapt=``) with ``aligned =
     {"confidence", "reason"}``; their sources leave ``unused`` and join ``renamed``. With
     ``order`` (a traced forward), the model's entries are aligned in execution order.
+
+    Then layouts (:mod:`torchgraft.align.layouts`): a piece of a fused checkpoint tensor, and every
+    pair (by name or by alignment) whose weight is stored transposed, becomes a ``transform`` entry
+    (``Entry.transform``: ``split`` / ``transpose`` over the checkpoint entry) with ``aligned`` set;
+    a square pair that could be transposed or not, with nothing to decide it, is left missing and
+    reported ambiguous.
     """
     unused_set = {k for k in unused if not skip(k)}
     left_t = {k for k, e in entries.items() if e.action == "init" and not e.mismatched and k not in view.tied}
-    if not left_t or not unused_set:
-        return []
-    anchors: dict[str, str] = {}
-    for k, e in entries.items():
-        if e.loads and e.source is not None and e.source in names:
-            anchors.setdefault(split_key(k)[0], split_key(names[e.source])[0])
-    model_keys = order.sort(view.entries) if order is not None else list(view.entries)
-    result = align(
-        ((k, view.entries[k].shape, view.entries[k].dtype, k in left_t) for k in model_keys),
-        ((k, names[k], source[k].shape, source[k].dtype, k in unused_set) for k in source if k in names),
-        source_ordered=source_order_trusted(source),
-        anchors=anchors,
-        model_order="execution" if order is not None else "registration",
-    )
+    ambiguous: list[dict[str, Any]] = []
+    flipped: dict[str, bool] = {}
     taken: set[str] = set()
-    for p in result.pairs:
-        e, ref = entries[p.target], source[p.source]
-        e.source, e.source_shape, e.source_dtype = p.source, ref.shape, ref.dtype
-        e.action, e.mismatched = ("copy", False) if p.exact else ("init", True)
-        e.aligned = {"confidence": p.confidence, "reason": p.reason}
-        e.note = f"aligned ({p.confidence:.2f}): {p.reason}"
-        renamed[p.source] = p.target
-        metadata_map.setdefault(split_key(p.target)[0], split_key(p.source)[0])
-        taken.add(p.source)
+    if left_t and unused_set:
+        anchors: dict[str, str] = {}
+        for k, e in entries.items():
+            if e.loads and e.source is not None and e.source in names:
+                anchors.setdefault(split_key(k)[0], split_key(names[e.source])[0])
+        model_keys = order.sort(view.entries) if order is not None else list(view.entries)
+        result = align(
+            ((k, view.entries[k].shape, view.entries[k].dtype, k in left_t) for k in model_keys),
+            ((k, names[k], source[k].shape, source[k].dtype, k in unused_set) for k in source if k in names),
+            source_ordered=source_order_trusted(source),
+            anchors=anchors,
+            model_order="execution" if order is not None else "registration",
+        )
+        for p in result.pairs:
+            e, ref = entries[p.target], source[p.source]
+            e.source, e.source_shape, e.source_dtype = p.source, ref.shape, ref.dtype
+            e.action, e.mismatched = ("copy", False) if p.exact else ("init", True)
+            e.aligned = {"confidence": p.confidence, "reason": p.reason}
+            e.note = f"aligned ({p.confidence:.2f}): {p.reason}"
+            if p.layout is not None:
+                _set_transform(e, source, p.layout)
+                if len(e.shape) == 2:  # evidence for the square weights next to it
+                    flipped[p.target] = p.layout.transpose
+            for key in (p.source, *(p.layout.join if p.layout is not None else ())):
+                if key not in taken:  # a fused tensor is renamed to its first piece
+                    renamed[key] = p.target
+                taken.add(key)
+            metadata_map.setdefault(split_key(p.target)[0], split_key(p.source)[0])
+        ambiguous += result.ambiguous
     unused[:] = [k for k in unused if k not in taken]
-    return result.ambiguous
+    foreign = {k for k, e in entries.items() if e.aligned}  # paired by structure, across naming schemes
+    ambiguous += _orient(view, source, entries, flipped, unused, renamed, foreign=foreign)
+    return ambiguous
+
+
+def _set_transform(e: Entry, source: Source, layout: Layout) -> None:
+    """Make ``e`` a ``transform`` entry: its source through ``layout`` (a transpose, a split piece, a concat)."""
+
+    def leaf(key: str) -> Expr:
+        return Expr(source=key, shape=tuple(source[key].shape), dtype=source[key].dtype)
+
+    expr = leaf(e.source)
+    if layout.join:
+        expr = tg_transforms.concat(expr, *(leaf(k) for k in layout.join), dim=0)
+    if layout.transpose:
+        expr = tg_transforms.transpose(expr)
+    if layout.sizes is not None:
+        expr = tg_transforms.split(expr, dim=0, sizes=list(layout.sizes), index=layout.index)
+    shape = infer_shape(expr)
+    if shape != tuple(e.shape):  # the aligner proposed it from these shapes: a bug, never a silent load
+        raise PlanError(f"alignment proposed {expr} for {e.target!r}: it gives {list(shape)}, not {list(e.shape)}")
+    e.action, e.mismatched, e.transform = "transform", False, expr.to_dict()
+
+
+def _orient(
+    view: TargetView,
+    source: Source,
+    entries: dict[str, Entry],
+    flipped: dict[str, bool],
+    unused: list[str],
+    renamed: dict[str, str],
+    *,
+    foreign: set[str],
+) -> list[dict[str, Any]]:
+    """Transpose the pairs whose weights are stored the other way round; square ones by evidence only.
+
+    ``foreign``: the targets alignment paired across naming schemes (see :func:`.layouts.orient`).
+    """
+    pairs = [
+        (k, e.source, tuple(e.shape), tuple(e.source_shape))
+        for k, e in entries.items()
+        if e.source is not None
+        and e.source_shape is not None
+        and (e.action == "copy" or (e.mismatched and e.action == "init"))
+        and not e.note.startswith("rule ")  # the caller's tg.source(...) rule: decided, as it is
+        and len(e.shape) == 2
+        and _floating(e.dtype)
+        and _floating(e.source_dtype or "")
+    ]
+    if not pairs:
+        return []
+    types = {path: f"{type(m).__module__}.{type(m).__qualname__}" for path, m in view.modules.items()}
+    found = orient(pairs, module_types=types, flipped=flipped, foreign=foreign)
+    for k, (confidence, reason) in found.transposed.items():
+        e = entries[k]
+        if e.aligned:
+            confidence = min(confidence, e.aligned["confidence"])
+            reason = f"{e.aligned['reason']}; {reason}"
+        e.aligned = {"confidence": round(confidence, 2), "reason": reason}
+        _set_transform(e, source, Layout(transpose=True))
+        e.note = f"aligned ({confidence:.2f}): {reason}"
+    for record in found.ambiguous:
+        e = entries[record["targets"][0]]
+        record["reason"] += (
+            f"; decide with rules={{{e.target!r}: tg.transpose({e.source!r})}}, "
+            f"or tg.transforms.source({e.source!r}) for as it is"
+        )
+        src = e.source
+        e.action, e.source, e.source_shape, e.source_dtype, e.aligned = "init", None, None, None, None
+        e.note = ""
+        if src is not None and src not in unused:
+            unused.append(src)
+        if src is not None and renamed.get(src) == e.target:
+            del renamed[src]
+    return found.ambiguous
+
+
+def _floating(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat"))

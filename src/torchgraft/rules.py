@@ -39,6 +39,7 @@ __all__ = [
     "apply_rules",
     "compile_rules",
     "export_rules",
+    "export_transform_rules",
     "invert_rules",
     "plan_rules",
     "select_layers",
@@ -424,11 +425,74 @@ def export_rules(
     return ordered(dict(pairs))
 
 
-def plan_rules(plan: Plan) -> dict[str, str]:
-    """``plan.aligned_rules()``: the aligned pairs of ``plan`` as a rules table (see :func:`export_rules`)."""
-    pairs = {e.source: k for k, e in plan.entries.items() if e.aligned and e.source}
-    if not pairs:
-        return {}
-    keys = [e.source for e in plan.entries.values() if e.source] + list(plan.unexpected) + list(plan.ignored)
-    by_name = [e.source for e in plan.entries.values() if e.source and not e.aligned]
-    return export_rules(pairs, keys, loaded_by_name=by_name, targets=plan.entries)
+def plan_rules(plan: Plan) -> dict[str, Any]:
+    """``plan.aligned_rules()``: the aligned pairs of ``plan`` as a rules table (see :func:`export_rules`).
+
+    Pairs that alignment made with a transform (a transpose, a piece of a fused tensor) are rules
+    keyed by the model's template whose value is the transform over checkpoint templates
+    (:func:`export_transform_rules`); the others are renames.
+    """
+    transformed = {k: e.transform for k, e in plan.entries.items() if e.aligned and e.transform is not None}
+    pairs = {e.source: k for k, e in plan.entries.items() if e.aligned and e.source and e.transform is None}
+    table: dict[str, Any] = {}
+    if pairs:
+        keys = [e.source for e in plan.entries.values() if e.source] + list(plan.unexpected) + list(plan.ignored)
+        by_name = [s for k, e in plan.entries.items() if k not in pairs.values() for s in e.sources]
+        table.update(export_rules(pairs, keys, loaded_by_name=by_name, targets=plan.entries))
+    table.update(export_transform_rules(transformed, targets=plan.entries))
+    return table
+
+
+def export_transform_rules(
+    transforms: Mapping[str, Mapping[str, Any]], *, targets: Iterable[str] | None = None
+) -> dict[str, Any]:
+    """Transform rules (model template -> :class:`~torchgraft.transforms.Expr`) for model entries and their trees.
+
+    A model key's layer numbers become ``{}`` where every entry of that template has the same
+    transform with the same numbers in its checkpoint names (filled in order, as ``rules=`` fills
+    them) and, when ``targets`` (every model entry) is given, the template matches no other model
+    entry; otherwise the entries are exported one by one, literally.
+
+    Example:
+        >>> from torchgraft.transforms import transpose, source
+        >>> trees = {f"h.{i}.fc.weight": transpose(source(f"h.{i}.c_fc.weight")).to_dict() for i in (0, 1)}
+        >>> {k: str(v) for k, v in export_transform_rules(trees).items()}
+        {'h.{}.fc.weight': 'transpose(h.{}.c_fc.weight)'}
+    """
+    from .transforms import Expr
+
+    def bare(leaf: Expr) -> Expr:
+        return Expr(source=leaf.source)
+
+    literal = {k: Expr.from_dict(tree).map_sources(bare) for k, tree in transforms.items()}
+    groups: dict[str, list[tuple[str, Expr | None]]] = defaultdict(list)
+    for key, expr in literal.items():
+        numbers = _numbers(key)
+
+        def templated(leaf: Expr, numbers: list[str] = numbers) -> Expr:
+            assert leaf.source is not None
+            own = _numbers(leaf.source)
+            if own != numbers[: len(own)] or "{" in leaf.source or "}" in leaf.source:
+                raise ValueError(leaf.source)
+            return Expr(source=_template(leaf.source))
+
+        try:
+            groups[_template(key)].append((key, expr.map_sources(templated)))
+        except ValueError:
+            groups[_template(key)].append((key, None))
+    all_targets = None if targets is None else list(targets)
+
+    def covers(template: str, members: list[tuple[str, Expr | None]]) -> bool:
+        if all_targets is None:
+            return True
+        regex = re.compile(r"(\d+)".join(re.escape(part) for part in template.split("{}")))
+        return {t for t in all_targets if regex.fullmatch(t)} == {k for k, _ in members}
+
+    out: dict[str, Any] = {}
+    for template, members in groups.items():
+        shapes = {str(e) if e is not None else None for _, e in members}
+        if "{}" in template and len(shapes) == 1 and None not in shapes and covers(template, members):
+            out[template] = members[0][1]
+        else:
+            out.update((key, literal[key]) for key, _ in members)
+    return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))

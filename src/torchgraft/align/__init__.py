@@ -34,14 +34,24 @@ How it decides:
 5. **Single tensors** whose shape occurs once in the model and once in the checkpoint are
    paired last (a ``cls_token`` moved into another module).
 
+6. **Layouts** (:mod:`.layouts`): a checkpoint module stored ``[in, out]`` (transformers'
+   ``Conv1D``) is aligned transposed when only its transposed shapes fit a model module (or its
+   layer says so); a fused checkpoint tensor (``qkv``, ``gate_up``) is split into the model's
+   sibling pieces, or a fused model tensor joined from the checkpoint's, in the order their names
+   say, the fused module named for its pieces or its parent. With the plan's name matches,
+   :func:`.layouts.orient` then transposes the pairs stored the other way round, square ones only
+   on evidence (siblings, the layer pattern, the model's ``Conv1D`` modules), else ambiguous.
+   These pairs become ``transform`` entries; ``rope_permute`` is never proposed.
+
 Every pair carries a confidence and a reason (all confidences are in one table,
 :class:`Confidences`). Pairs below :data:`MIN_CONFIDENCE` are never made; items with
 same-shaped candidates that could not be told apart are reported as ``ambiguous`` with their
 candidates, and stay missing.
 
 The package: :mod:`.vocabulary` (words in names, synonyms, similarity), :mod:`.units` (both
-sides as trees of units), :mod:`.aligner` (the algorithm and its confidences), :mod:`.trace` (the
-model's execution order, from one forward on a meta copy). Applying an
+sides as trees of units), :mod:`.aligner` (the algorithm and its confidences), :mod:`.layouts`
+(transposes and fused tensors), :mod:`.trace` (the model's execution order, from one forward on a
+meta copy). Applying an
 alignment to a plan is :func:`torchgraft.planner.align_plan`; exporting it as rules is
 :func:`torchgraft.rules.export_rules`; drawing it is :func:`torchgraft.report.alignment_renderable`.
 
@@ -56,6 +66,7 @@ from __future__ import annotations
 
 from ..rules import export_rules  # where ``align`` users have always found it
 from .aligner import CONFIDENCE, MIN_CONFIDENCE, Aligned, Alignment, Confidences, align, source_order_trusted
+from .layouts import Layout, orient
 from .trace import ExecutionOrder, trace_order
 
 __all__ = [
@@ -65,8 +76,10 @@ __all__ = [
     "Alignment",
     "Confidences",
     "ExecutionOrder",
+    "Layout",
     "align",
     "export_rules",
+    "orient",
     "source_order_trusted",
     "trace_order",
 ]

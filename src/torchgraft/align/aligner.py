@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import combinations
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..keys import natural_key
+from .layouts import Layout, fused_name, fused_order, transposed_modules
 from .units import (
     NUM_BATCHES_TRACKED,
     Node,
@@ -69,6 +71,9 @@ class Confidences:
         attribute_by_order: inside a paired module, attributes with other names and equal shapes
             paired by their order in the (trusted) file.
         single_tensor: the only tensor of its shape in the model and in the checkpoint, big or named alike.
+        fused_in_layer: a tensor whose rows are the sum of 2-3 sibling modules' rows on the other side
+            (``qkv`` for ``q``, ``k``, ``v``; either side fused), their order told by their names, the
+            fused module named for them, the only such tensor in the same layer (same numbers in the path).
     """
 
     minimum: float = 0.5
@@ -90,6 +95,7 @@ class Confidences:
     gap_other_shapes: float = 0.6
     attribute_by_order: float = 0.75
     single_tensor: float = 0.8
+    fused_in_layer: float = 0.8
 
 
 #: The confidences the aligner uses (see :class:`Confidences` for why each is what it is).
@@ -107,6 +113,10 @@ class Aligned:
     """One pair: model entry ``target`` receives checkpoint entry ``source``.
 
     ``exact`` is false when the shapes differ (a shape mismatch for ``adapt=`` to handle).
+    ``layout`` says how the checkpoint tensor becomes the model's when it is not as it is: stored
+    transposed (a ``Conv1D`` module), one piece of a fused tensor, or the first of the pieces a fused
+    model tensor is joined from (``None``: as it is; square pairs are decided later, by
+    :func:`.layouts.orient`).
     """
 
     target: str
@@ -114,6 +124,7 @@ class Aligned:
     confidence: float
     reason: str
     exact: bool = True
+    layout: Layout | None = None
 
 
 @dataclass
@@ -194,12 +205,14 @@ class _Aligner:
 
     # Regions ---------------------------------------------------------------
     def run(self) -> Alignment:
+        self._fused()
         model_units = [u for u in self.model.seq if u.leftover and u not in self.model_to_ckpt]
         ckpt_units = [u for u in self.ckpt.seq if u.leftover and u not in self.ckpt_to_model]
         if model_units and ckpt_units:
             complete = Counter(u.sig for u in model_units) == Counter(u.sig for u in ckpt_units)
             self._region(_Region("", "", model_units, ckpt_units, complete))
         self._single_tensors()
+        self._unnamed_fused()
         self._record_ambiguous()
         self.result.ambiguous.sort(key=lambda a: natural_key(a["targets"][0]))
         return self.result
@@ -581,7 +594,187 @@ class _Aligner:
         self.paired_model.add(x.key)
         self.paired_ckpt.add(y.key)
         exact = x.shape == y.shape or (x.shape == () and y.shape == (1,))
-        self.result.pairs.append(Aligned(x.key, y.key, round(confidence, 2), reason, exact))
+        layout = None
+        if y.transposed:
+            layout = Layout(transpose=True)
+            reason += f"; stored transposed ({format_shape(y.shape[::-1])}), as its module's other weights"
+        self.result.pairs.append(Aligned(x.key, y.key, round(confidence, 2), reason, exact, layout))
+
+    # Fused tensors -----------------------------------------------------------
+    def _fused(self) -> None:
+        """2-3 sibling modules on one side, one module holding them stacked by rows on the other (``qkv``, ``gate_up``).
+
+        A fused checkpoint tensor is split into the model's pieces; fused model tensors are joined
+        from the checkpoint's pieces. The pieces' order in the fused tensor comes from their names
+        (``q``, ``k``, ``v``; ``gate``, ``up``), never from shapes; a fused tensor is taken only when
+        it is the only one of its shape in the same layer (same numbers in the path). ``[in, out]``
+        layouts (``Conv1D``) are seen in the fused tensor's non-square shape.
+        """
+        for pieces_in_model in (True, False):
+            model_free = [u for u in self.model.seq if u.leftover and u not in self.model_to_ckpt]
+            ckpt_free = [u for u in self.ckpt.seq if u.leftover and u not in self.ckpt_to_model]
+            by_parent: dict[str, list[Unit]] = defaultdict(list)
+            for u in model_free if pieces_in_model else ckpt_free:
+                by_parent[parent(u.path)].append(u)
+            for module, siblings in by_parent.items():
+                for group in self._fused_groups(siblings):
+                    self._fused_group(module, group, ckpt_free if pieces_in_model else model_free, pieces_in_model)
+
+    @staticmethod
+    def _fused_groups(siblings: list[Unit]) -> list[list[Unit]]:
+        """Sets of 2-3 siblings named as parts of one fused tensor, in the fused tensor's order."""
+        out: list[list[Unit]] = []
+        named = [u for u in siblings if fused_order([u.path.rpartition(".")[2]]) is not None]
+        for size in (3, 2):
+            for start in range(len(named) - size + 1):
+                group = named[start : start + size]
+                order = fused_order(u.path.rpartition(".")[2] for u in group)
+                if order is None or any(u in g for g in out for u in group):
+                    continue
+                group = [u for _, u in sorted(zip(order, group, strict=True), key=lambda p: p[0])]
+                layouts = {tuple(sorted((t.attr, len(t.shape), t.kind) for t in u.body)) for u in group}
+                weights = [next((t for t in u.body if t.attr == "weight" and len(t.shape) == 2), None) for u in group]
+                if (
+                    len(layouts) == 1
+                    and all(w is not None and w.kind == "f" and not w.transposed for w in weights)
+                    and len({w.shape[1] for w in weights}) == 1
+                ):
+                    out.append(group)
+        return out
+
+    def _fused_group(self, module: str, group: list[Unit], others: list[Unit], pieces_in_model: bool) -> None:
+        """Pair ``group`` (pieces, on one side) with the one module in ``others`` that holds them stacked."""
+        weights = [next(t for t in u.body if t.attr == "weight") for u in group]
+        sizes = tuple(w.shape[0] for w in weights)
+        rows, cols = sum(sizes), weights[0].shape[1]
+        attrs = sorted(t.attr for t in group[0].body)
+        paired = self.ckpt_to_model if pieces_in_model else self.model_to_ckpt
+
+        def fits(c: Unit) -> bool | None:  # transposed?, or None when it does not fit
+            if c in paired or sorted(t.attr for t in c.body) != attrs:
+                return None
+            got = {t.attr: t for t in c.body}
+            if got["weight"].kind != "f" or any(got[a].shape != (rows,) for a in attrs if a != "weight"):
+                return None
+            shape = _stored(got["weight"])
+            return False if shape == (rows, cols) else True if rows != cols and shape == (cols, rows) else None
+
+        numbers = [p for p in module.split(".") if p.isdigit()]
+        piece_names = [u.path.rpartition(".")[2] for u in group]
+        same_layer = [
+            c
+            for c in others
+            if fits(c) is not None
+            and [p for p in c.path.split(".") if p.isdigit()] == numbers
+            and fused_name(c.path, module, piece_names) is not None
+        ]
+        names = ", ".join(piece_names)
+        side = "checkpoint" if pieces_in_model else "model"
+        if len(same_layer) != 1:
+            if same_layer:
+                pieces = [t.key for u in group for t in u.body]
+                wholes = [t.key for c in same_layer for t in c.body]
+                self.result.ambiguous.append(
+                    {
+                        "targets": pieces if pieces_in_model else wholes,
+                        "candidates": wholes if pieces_in_model else pieces,
+                        "reason": f"{len(same_layer)} {side} tensors of {rows} rows could hold {names} of "
+                        f"{module or '<root>'}; nothing tells which",
+                    }
+                )
+            return
+        whole = same_layer[0]
+        transposed = bool(fits(whole))
+        got = {t.attr: t for t in whole.body}
+        where = f"layer {'.'.join(numbers)}" if numbers else f"the {side}"
+        reason = (
+            f"{whole.path} has {rows} rows = {' + '.join(map(str, sizes))} of {names} in {module or '<root>'}, "
+            f"in the order their names say ({fused_name(whole.path, module, piece_names)}); "
+            f"the only such {side} tensor in {where}"
+        )
+        if transposed:
+            reason += f" (stored [in, out]: {format_shape(_stored(got['weight']))})"
+        confidence = CONFIDENCE.fused_in_layer
+        if pieces_in_model:
+            self.model_to_ckpt.update((u, whole) for u in group)
+            self.ckpt_to_model[whole] = group[0]
+            for index, u in enumerate(group):
+                for x in u.body:
+                    y = got[x.attr]
+                    layout = Layout(transpose=transposed and x.attr == "weight", sizes=sizes, index=index)
+                    self.paired_model.add(x.key)
+                    self.paired_ckpt.add(y.key)
+                    self.result.pairs.append(Aligned(x.key, y.key, confidence, reason, True, layout))
+            return
+        self.ckpt_to_model.update((u, whole) for u in group)
+        self.model_to_ckpt[whole] = group[0]
+        for x in whole.body:
+            ys = [next(t for t in u.body if t.attr == x.attr) for u in group]
+            layout = Layout(transpose=transposed and x.attr == "weight", join=tuple(y.key for y in ys[1:]))
+            self.paired_model.add(x.key)
+            self.paired_ckpt.update(y.key for y in ys)
+            self.result.pairs.append(Aligned(x.key, ys[0].key, confidence, reason, True, layout))
+
+    def _unnamed_fused(self) -> None:
+        """Report (never pair) fused tensors whose pieces' names do not say their order.
+
+        A module left unpaired whose rows are the sum of 2-3 unpaired sibling modules' rows in the
+        same layer on the other side: the split is plausible, but which rows belong to which piece
+        cannot be told, so it is ambiguous.
+        """
+        for pieces_in_model in (True, False):
+            pieces_side, whole_side = (self.model, self.ckpt) if pieces_in_model else (self.ckpt, self.model)
+            done = self.model_to_ckpt if pieces_in_model else self.ckpt_to_model
+            whole_done = self.ckpt_to_model if pieces_in_model else self.model_to_ckpt
+            paired, whole_paired = (
+                (self.paired_model, self.paired_ckpt) if pieces_in_model else (self.paired_ckpt, self.paired_model)
+            )
+            free = [
+                u for u in pieces_side.seq if u.leftover and u not in done and not any(t.key in paired for t in u.body)
+            ]
+            by_parent: dict[str, list[Unit]] = defaultdict(list)
+            for u in free:
+                w = next((t for t in u.body if t.attr == "weight" and len(t.shape) == 2 and not t.transposed), None)
+                if w is not None and w.kind == "f":
+                    by_parent[parent(u.path)].append(u)
+            for whole in whole_side.seq:
+                if not whole.leftover or whole in whole_done or any(t.key in whole_paired for t in whole.body):
+                    continue
+                w = next((t for t in whole.body if t.attr == "weight" and len(t.shape) == 2), None)
+                if w is None or w.kind != "f":
+                    continue
+                numbers = [p for p in whole.path.split(".") if p.isdigit()]
+                shapes = {_stored(w), _stored(w)[::-1]}  # as stored, or stored [in, out]
+                for module, siblings in by_parent.items():
+                    if [p for p in module.split(".") if p.isdigit()] != numbers or len(siblings) > 4:
+                        continue
+                    hits = [
+                        group
+                        for size in (2, 3)
+                        for group in combinations(siblings, size)
+                        if any(self._stacks(group, shape) for shape in shapes)
+                    ]
+                    if len(hits) != 1:
+                        continue
+                    group = hits[0]
+                    pieces = [t.key for u in group for t in u.body]
+                    wholes = [t.key for t in whole.body]
+                    names = ", ".join(u.path.rpartition(".")[2] for u in group)
+                    self.result.ambiguous.append(
+                        {
+                            "targets": pieces if pieces_in_model else wholes,
+                            "candidates": wholes if pieces_in_model else pieces,
+                            "reason": f"{whole.path} has the rows of {names} of {module or '<root>'} stacked, "
+                            "but their names do not say in which order",
+                        }
+                    )
+
+    @staticmethod
+    def _stacks(group: tuple[Unit, ...], shape: tuple[int, ...]) -> bool:
+        """Do the 2-D weights of ``group`` stack by rows into ``shape``?"""
+        weights = [next(t for t in u.body if t.attr == "weight") for u in group]
+        rows = sum(w.shape[0] for w in weights)
+        return len({w.shape[1] for w in weights}) == 1 and shape == (rows, weights[0].shape[1])
 
     def _single_tensors(self) -> None:
         """Tensors whose shape occurs once in the model and once in the checkpoint, still unpaired."""
@@ -642,6 +835,11 @@ class _Aligner:
                 )
 
 
+def _stored(t: Tensor) -> tuple[int, ...]:
+    """A checkpoint tensor's shape as stored (the aligner sees ``[in, out]`` ones transposed)."""
+    return t.shape[::-1] if t.transposed else t.shape
+
+
 # ---------------------------------------------------------------------------
 # Entry points
 
@@ -690,7 +888,11 @@ def align(
     targets = list(targets)
     sources = list(sources)
     model = Side(((k, k, shape, dtype, left) for k, shape, dtype, left in targets), trusted=True)
-    ckpt = Side(sources, trusted=source_ordered)
+    flip = transposed_modules(
+        [(k, shape, dtype) for k, shape, dtype, left in targets if left],
+        [(name, shape, dtype) for _k, name, shape, dtype, left in sources if left],
+    )
+    ckpt = Side(sources, trusted=source_ordered, transposed=flip)
     model_leftover = frozenset(k for k, _shape, _dtype, left in targets if left)
     ckpt_leftover = frozenset(k for k, _name, _shape, _dtype, left in sources if left)
     if model_order not in ("registration", "execution"):

@@ -44,6 +44,7 @@ class Tensor:
     attr: str
     shape: tuple[int, ...]
     kind: str  # "f" floating point / complex, "i" integer / bool
+    transposed: bool = False  # a checkpoint tensor stored [in, out]: ``shape`` is the one it has transposed
 
     @property
     def numel(self) -> int:
@@ -134,10 +135,17 @@ class Side:
     """One side (model or checkpoint): units in order, signature counts, order trust.
 
     ``rows`` are ``(key, name, shape, dtype, leftover)``: ``name`` places the entry in the
-    module tree (the checkpoint key after rules), ``key`` is what pairs report.
+    module tree (the checkpoint key after rules), ``key`` is what pairs report. The 2-D floating
+    point tensors of the modules in ``transposed`` are taken transposed (stored ``[in, out]``).
     """
 
-    def __init__(self, rows: Iterable[tuple[str, str, tuple[int, ...], str, bool]], *, trusted: bool):
+    def __init__(
+        self,
+        rows: Iterable[tuple[str, str, tuple[int, ...], str, bool]],
+        *,
+        trusted: bool,
+        transposed: frozenset[str] = frozenset(),
+    ):
         self.trusted = trusted
         self.units: dict[str, Unit] = {}
         self.tensor_count: Counter[tuple] = Counter()
@@ -146,7 +154,8 @@ class Side:
             unit = self.units.get(module)
             if unit is None:
                 unit = self.units[module] = Unit(module, len(self.units))
-            t = Tensor(key, attr, tuple(shape), _kind(dtype))
+            flip = module in transposed and len(shape) == 2 and _kind(dtype) == "f"
+            t = Tensor(key, attr, tuple(shape)[::-1] if flip else tuple(shape), _kind(dtype), flip)
             unit.tensors.append(t)
             unit.leftover = unit.leftover and leftover
             self.tensor_count[(t.shape, t.kind)] += 1
