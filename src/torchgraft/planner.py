@@ -229,6 +229,17 @@ def _template_regex(template: str) -> re.Pattern[str]:
     return re.compile(r"(\d+)".join(re.escape(part) for part in template.split("{}")))
 
 
+def _template_hit(regex: re.Pattern[str], name: str, pfx: Prefix) -> re.Match[str] | None:
+    """A model name matched by a transform rule's template, as it is or up to the resolved base-model prefix."""
+    if m := regex.fullmatch(name):
+        return m
+    if pfx.mode == "add" and name.startswith(pfx.prefix):  # a recipe for the base model, a model with a head
+        return regex.fullmatch(name[len(pfx.prefix) :])
+    if pfx.mode == "strip":  # a recipe in the checkpoint's prefixed names, the base model
+        return regex.fullmatch(pfx.prefix + name)
+    return None
+
+
 def _transform(draft: _Draft, view: TargetView, src: Source, options: PlanOptions) -> None:
     """Transform rules: model entries computed from checkpoint entries; shapes checked on meta, nothing read.
 
@@ -246,7 +257,7 @@ def _transform(draft: _Draft, view: TargetView, src: Source, options: PlanOption
     for label, expr in rules:
         template = label.split(" -> ")[-1]
         regex = _template_regex(template)
-        hits = [(name, m.groups()) for name in targets if (m := regex.fullmatch(name))]
+        hits = [(name, m.groups()) for name in targets if (m := _template_hit(regex, name, draft.prefix))]
         if not hits:
             draft.notes.append(f"transform rule {label!r} matches no entry of the model")
             continue

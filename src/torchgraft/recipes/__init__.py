@@ -49,7 +49,10 @@ class Recipe:
 
 
 #: Recipe modules of this package, one line each.
-_MODULES: tuple[str, ...] = ()
+_MODULES: tuple[str, ...] = (
+    "timm_vit_hf",
+    "moe_experts",
+)
 
 
 def _load_all() -> dict[str, Recipe]:
