@@ -144,6 +144,17 @@ def test_per_expert_checkpoint_into_stacked_mixtral(per_expert, per_expert_dir, 
     torch.testing.assert_close(logits(model, ids), logits(per_expert, ids), rtol=0, atol=1e-5)
 
 
+def test_per_expert_checkpoint_into_the_base_model_strips_the_prefix(per_expert, per_expert_dir):
+    """The recipe names ``model.layers.{}``; a ``MixtralModel`` (no ``model.`` prefix) takes it all the same."""
+    model = transformers.MixtralModel(config()).eval()
+    report = tg.load(model, per_expert_dir, rules=tg.recipe(RECIPE, num_experts=EXPERTS))
+    assert report.missing == [] and report.unexpected == ["lm_head.weight"]
+    assert sorted(report.transformed) == sorted(f"layers.{i}.mlp.experts.{p}" for i in range(LAYERS)
+                                                for p in ("gate_up_proj", "down_proj"))  # fmt: skip
+    w2 = [per_expert.model.layers[1].block_sparse_moe.experts[e].w2.weight for e in range(EXPERTS)]
+    assert torch.equal(model.layers[1].mlp.experts.down_proj, torch.stack(w2))
+
+
 def test_stacked_back_to_per_expert_bit_identical(per_expert, per_expert_dir, ids, tmp_path):
     plan = tg.plan(stacked_model(), per_expert_dir, rules=tg.recipe(RECIPE, num_experts=EXPERTS))
     # per-expert -> stacked -> per-expert: the same tensors, bit for bit
@@ -209,3 +220,21 @@ def test_the_recipe_for_more_experts_than_the_checkpoint_has_names_the_absent_ex
 def test_the_recipe_wants_a_positive_number_of_experts(bad):
     with pytest.raises(ValueError, match="num_experts must be a positive int"):
         tg.recipe(RECIPE, num_experts=bad)
+
+
+def test_a_saved_plan_loads_and_reverses_like_the_recipe(per_expert, per_expert_dir, tmp_path):
+    plan = tg.plan(stacked_model(), per_expert_dir, rules=tg.recipe(RECIPE, num_experts=EXPERTS))
+    plan.save(tmp_path / "plan.json")
+    saved = tg.Plan.load(tmp_path / "plan.json")
+    assert saved.transformed == plan.transformed
+    model = stacked_model()
+    tg.load(model, per_expert_dir, plan=saved, strict=True)
+    back = reverse(saved, model.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in per_expert.state_dict().items())
+
+
+def test_the_registry_describes_the_recipe_and_asks_for_its_number():
+    r = tg.recipes.RECIPES[RECIPE]
+    assert r.params == ("num_experts",) and "w1/w2/w3" in r.source and "gate_up_proj" in r.target
+    with pytest.raises(tg.PlanError, match="recipe 'mixtral-experts-to-stacked' needs num_experts"):
+        tg.recipe(RECIPE)
