@@ -117,7 +117,6 @@ class Entry:
         d = asdict(self)
         d["shape"] = list(self.shape)
         d["source_shape"] = None if self.source_shape is None else list(self.source_shape)
-        d["transform"] = self.transform  # asdict copies; the tree is already plain JSON data
         return {k: v for k, v in d.items() if v not in (None, False, "")}
 
     @classmethod

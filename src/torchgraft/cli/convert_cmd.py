@@ -32,6 +32,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--container", default=None, help="where the state dict sits in a training checkpoint (e.g. state_dict_ema)"
     )
+    p.add_argument(
+        "--plan",
+        default=None,
+        metavar="PLAN.json",
+        help="with --reverse: the plan that loaded SRC's tensors (torchgraft plan --save)",
+    )
+    p.add_argument(
+        "--reverse",
+        action="store_true",
+        help="SRC holds a model's weights; write them in the checkpoint's names and layout (the plan run backwards)",
+    )
     add_allow_globals(p)
     add_json(p)
 
@@ -45,6 +56,13 @@ def run(args: argparse.Namespace) -> int:
         destination_path(args.dst)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.reverse != (args.plan is not None):
+        raise UsageError("--reverse and --plan PLAN.json go together: the plan that loaded SRC, run backwards")
+    plan = None
+    if args.plan is not None:
+        from ..plan import Plan
+
+        plan = Plan.load(args.plan)
     with progress(args, "converting") as bar:
         result = convert(
             args.src,
@@ -56,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
             container=args.container,
             allow_globals=args.allow_globals or None,
             progress=bar,
+            plan=plan,
+            reverse=args.reverse,
         )
     if args.json:
         print_json(result.to_dict())
@@ -89,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
 COMMAND = Command(
     "convert",
     "write any readable checkpoint as safetensors (single file or shards + index), atomically",
-    "torchgraft convert mobilenet_v2-b0353104.pth out/model.safetensors --dtype bf16 --max-shard-size 2GB",
+    "torchgraft convert mobilenet_v2-b0353104.pth out/model.safetensors --dtype bf16 --max-shard-size 2GB\n"
+    "  torchgraft convert grafted/model.safetensors back/ --plan plan.json --reverse",
     configure,
     run,
 )

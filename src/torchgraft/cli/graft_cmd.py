@@ -77,7 +77,20 @@ def _configure_common(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="OLD=NEW|RULES.json",
         help="rename checkpoint names before matching: 'old.{}.name=new.{}.name' ({} = layer number), "
-        "'drop.me=' to drop, or a JSON file with {old: new or null}; repeatable",
+        "'drop.me=' to drop, or a JSON file with {old: new or null, or model template: transform object}; repeatable",
+    )
+    p.add_argument(
+        "--recipe",
+        default=None,
+        metavar="NAME",
+        help="a cross-codebase recipe (renames and transforms), e.g. gpt2-to-nanogpt; see torchgraft.recipes",
+    )
+    p.add_argument(
+        "--recipe-param",
+        action="append",
+        default=[],
+        metavar="KEY=INT",
+        help="a number the recipe needs (n_layer=12); repeatable",
     )
     p.add_argument(
         "--container", default=None, help="where the state dict sits in a training checkpoint (e.g. state_dict_ema)"
@@ -167,8 +180,11 @@ def adapt_option(items: list[str]) -> Any:
     return explicit
 
 
-def rules_option(items: list[str]) -> dict[str, str | None] | None:
+def rules_option(items: list[str]) -> dict[str, Any] | None:
     """``["a.{}.x=b.{}.y", "drop.me=", "rules.json"]`` -> ``{"a.{}.x": "b.{}.y", "drop.me": None, ...}``.
+
+    A JSON file may also hold transforms: ``{"blocks.{}.attn.{q,k,v}.weight": {"op": "split", "args":
+    {"dim": 0}, "inputs": [{"source": "h.{}.attn.c_attn.weight"}]}}`` (the form ``Expr.to_dict()`` writes).
 
     Raises:
         UsageError: an item that is neither ``OLD=NEW`` nor a readable JSON object of ``{old: new or null}``.
@@ -188,10 +204,45 @@ def rules_option(items: list[str]) -> dict[str, str | None] | None:
                 f"--rules {item!r}: write OLD=NEW ('encoder.{{}}.attn=layer.{{}}.attention', 'drop.me=') "
                 f"or name a JSON file of {{old: new or null}} ({e})"
             ) from None
-        if not isinstance(data, dict) or not all(isinstance(v, (str, type(None))) for v in data.values()):
+        if not isinstance(data, dict) or not all(isinstance(v, (str, type(None), dict)) for v in data.values()):
             raise UsageError(f"--rules {item!r}: the JSON file must hold one object of {{old: new or null}}")
-        rules.update(data)
+        from ..errors import PlanError
+        from ..transforms import Expr
+
+        for key, value in data.items():
+            try:
+                rules[key] = Expr.from_dict(value) if isinstance(value, dict) else value
+            except PlanError as e:
+                raise UsageError(f"--rules {item!r}: {key!r}: {e}") from None
     return rules
+
+
+def recipe_option(name: str | None, params: list[str]) -> dict[str, Any] | None:
+    """``--recipe NAME --recipe-param n_layer=12`` -> the recipe's rules table.
+
+    Raises:
+        UsageError: a parameter that is not ``KEY=INT``, an unknown recipe or missing parameters.
+    """
+    if name is None:
+        if params:
+            raise UsageError("--recipe-param needs --recipe NAME")
+        return None
+    values: dict[str, int] = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        try:
+            values[key.strip()] = int(value)
+        except ValueError:
+            raise UsageError(f"--recipe-param {item!r}: write KEY=INT (n_layer=12)") from None
+        if not sep or not key.strip():
+            raise UsageError(f"--recipe-param {item!r}: write KEY=INT (n_layer=12)")
+    from ..errors import PlanError
+    from ..recipes import recipe
+
+    try:
+        return recipe(name, **values)
+    except PlanError as e:
+        raise UsageError(f"--recipe {name}: {e}") from None
 
 
 def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -200,7 +251,7 @@ def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
         "ignore_missing": args.ignore_missing,
         "ignore_unexpected": args.ignore_unexpected,
     }
-    rules = rules_option(getattr(args, "rules", []))
+    rules = {**(recipe_option(args.recipe, args.recipe_param) or {}), **(rules_option(getattr(args, "rules", [])) or {})}
     if rules:
         options["rules"] = rules
     if args.align:
