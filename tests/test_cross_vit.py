@@ -189,6 +189,22 @@ def test_hf_vit_back_into_timm_layout_by_the_reversed_plan(timm_model, timm_file
     assert all(torch.equal(written[k], timm_sd[k]) for k in timm_sd)
 
 
+def test_hf_vit_into_a_timm_model_with_no_timm_file(images):
+    """transformers -> timm needs no timm file: a timm model on the meta device gives the layout to plan against."""
+    with torch.device("meta"):
+        layout = TimmViT()
+    hf = hf_vit(seed=11)
+    plan = tg.plan(hf_vit(), layout.state_dict(), rules=tg.recipe("timm-vit-to-hf-vit"))
+    assert plan.missing == [] and sorted(plan.transformed) == sorted(QKV)
+    timm_sd = reverse(plan, hf.state_dict())
+    assert {k: tuple(v.shape) for k, v in timm_sd.items()} == {
+        k: tuple(v.shape) for k, v in layout.state_dict().items() if not k.startswith("head.")
+    }
+    fresh = TimmViT().eval()
+    fresh.load_state_dict(timm_sd, strict=False)
+    torch.testing.assert_close(features(fresh, images), features(hf, images), rtol=0, atol=1e-5)
+
+
 def test_a_wrong_recipe_q_and_k_swapped_loads_and_differs_largely(timm_model, timm_file, images):
     rules = tg.recipe("timm-vit-to-hf-vit")
     del rules["layers.{}.attention.{q,k,v}_proj.weight"]
