@@ -176,6 +176,17 @@ def test_stacked_back_to_per_expert_bit_identical(per_expert, per_expert_dir, id
     torch.testing.assert_close(logits(fresh, ids), logits(other, ids), rtol=0, atol=1e-5)
 
 
+def test_stacked_weights_to_per_expert_with_no_per_expert_file(ids):
+    """The layout to reverse into can come from a per-expert model on the meta device: no checkpoint needed."""
+    with torch.device("meta"):
+        layout = per_expert_model()
+    other = stacked_model(seed=4)
+    plan = tg.plan(stacked_model(), layout.state_dict(), rules=tg.recipe(RECIPE, num_experts=EXPERTS))
+    fresh = per_expert_model(seed=8)
+    fresh.load_state_dict(reverse(plan, other.state_dict()), strict=True)
+    torch.testing.assert_close(logits(fresh, ids), logits(other, ids), rtol=0, atol=1e-5)
+
+
 def test_bfloat16_per_expert_checkpoint_round_trips_in_its_dtype(per_expert, tmp_path):
     path = str(tmp_path / "bf16.safetensors")
     sd = {k: v.to(torch.bfloat16).contiguous() for k, v in per_expert.state_dict().items()}
