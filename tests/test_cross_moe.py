@@ -133,6 +133,9 @@ def test_per_expert_checkpoint_into_stacked_mixtral(per_expert, per_expert_dir, 
     stacked = [f"model.layers.{i}.mlp.experts.{p}" for i in range(LAYERS) for p in ("gate_up_proj", "down_proj")]
     assert sorted(plan.transformed) == sorted(stacked)
     assert "block_sparse_moe.experts.3.w3.weight" in plan.transformed["model.layers.1.mlp.experts.gate_up_proj"]
+    assert not [n for n in plan.notes if "MergeModulelist" in n]  # the recipe runs what transformers' table would
+    without = tg.plan(stacked_model(), per_expert_dir)
+    assert [n for n in without.notes if "MergeModulelist" in n and "stay unused" in n]  # said when nothing runs it
     report = tg.load(model, per_expert_dir, plan=plan, strict=True)
     assert report.missing == [] and report.unexpected == []
     assert sorted(report.transformed) == sorted(stacked)

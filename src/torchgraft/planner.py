@@ -194,7 +194,8 @@ def _rename(model: nn.Module, view: TargetView, src: Source, options: PlanOption
         raise PlanError(str(e)) from None
     expected = set(view.entries) | set(view.nonpersistent)
     renames = apply_rules(src.keys(), user_rules, is_expected=suffix_matcher(expected))
-    table_notes = _model_table_renames(model, renames, expected)
+    read = [_template_regex(k) for _, e in _transform_rules(options.rules) for k in e.sources()]
+    table_notes = _model_table_renames(model, renames, expected, read=lambda k: any(r.fullmatch(k) for r in read))
     live = {orig: new for orig, new in renames.mapping.items() if new is not None}
     pfx = resolve_prefix(set(live.values()), expected, option=options.prefix, declared=hf.base_model_prefix(model))
     draft = _Draft(renames, live, pfx)
@@ -298,11 +299,13 @@ def _transform(draft: _Draft, view: TargetView, src: Source, options: PlanOption
     draft.unused[:] = [k for k in draft.unused if k not in used] + freed
 
 
-def _model_table_renames(model: nn.Module, renames: RenameResult, expected: set[str]) -> list[str]:
+def _model_table_renames(
+    model: nn.Module, renames: RenameResult, expected: set[str], *, read: Callable[[str], bool] = lambda k: False
+) -> list[str]:
     """Apply the model's own checkpoint conversion table (transformers) to names the rules left alone.
 
     Changes ``renames`` in place (reported like any rename); returns plan notes for names the table
-    would convert with a tensor operation, which a rename cannot do.
+    would convert with a tensor operation, which a rename cannot do, except those a transform rule reads (``read``).
     """
     names = {new: orig for orig, new in renames.mapping.items() if new is not None}
     table = hf.conversion_renames(model, names, expected)
@@ -312,7 +315,8 @@ def _model_table_renames(model: nn.Module, renames: RenameResult, expected: set[
         renames.reasons.setdefault(orig, []).append(table.reasons[new])
     by_operation: dict[str, list[str]] = defaultdict(list)
     for new, operation in table.unsupported.items():
-        by_operation[operation].append(names[new])
+        if not read(names[new]):
+            by_operation[operation].append(names[new])
     return [
         f"transformers converts {len(keys)} checkpoint entries of {type(model).__name__} with {operation} "
         f"({', '.join(collapse_keys(keys)[:3])}): torchgraft renames but does not yet run tensor conversions, "
