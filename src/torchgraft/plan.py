@@ -426,10 +426,21 @@ class Plan:
             elif e.transform is not None:
                 from .transforms import Expr
 
-                for leaf in Expr.from_dict(e.transform).leaves():
+                from .transforms import infer_shape
+
+                tree = Expr.from_dict(e.transform)
+                for leaf in tree.leaves():
                     if leaf.source not in source or tuple(source[leaf.source].shape) != leaf.shape:
                         wrong.append(f"{name!r} (its transform input {leaf.source!r} is not in the checkpoint with that shape)")
                         break
+                else:  # the tree must give the entry's shape, checked on meta before anything is allocated
+                    try:
+                        shape = infer_shape(tree)
+                    except PlanError as err:
+                        shape, why = None, str(err)
+                    if shape != tuple(e.shape):
+                        why = why if shape is None else f"gives {list(shape)}"
+                        wrong.append(f"{name!r} (its transform {why})")
         if wrong:
             raise PlanError(
                 f"the plan does not fit: {', '.join(wrong[:5])}. Make a new one with tg.plan(model, source)."

@@ -564,7 +564,16 @@ def infer_shape(expr: Expr) -> Shape:
             raise PlanError(f"transform input {leaf.source!r} has no shape")
         return torch.empty(leaf.shape, dtype=_torch_dtype(leaf.dtype), device="meta")
 
-    return tuple(evaluate(expr, load).shape)
+    cache: dict[Expr, torch.Tensor] = {}
+    result = evaluate(expr, load, cache)
+    sizes = {leaf.source: math.prod(leaf.shape or ()) for leaf in expr.leaves()}
+    for sub, value in cache.items():  # no step may hold more than it reads (concat(x, x, ...) would)
+        if sub.source is None and value.numel() > sum(sizes[k] for k in sub.sources()):
+            raise PlanError(
+                f"{sub.op} makes {value.numel()} elements from {sum(sizes[k] for k in sub.sources())}: a transform "
+                "may not produce more elements than the checkpoint entries it reads"
+            )
+    return tuple(result.shape)
 
 
 def _torch_dtype(name: str | None) -> torch.dtype:

@@ -1848,6 +1848,29 @@ _plan_case("plan_unknown_action", lambda d: _entry(d, "layer.weight").update(act
 _plan_case("plan_entries_not_a_list", lambda d: d.update(entries={"a": 1}), r"'entries' must be a list")
 
 
+def _transformed(d: dict[str, Any], tree: dict[str, Any]) -> None:
+    _entry(d, "layer.weight").update(action="transform", transform=tree)
+
+
+_LEAF = {"source": "layer.weight", "shape": [3, 4], "dtype": "float32"}
+# 100,000 copies of one tensor, then a slice of the model's shape: refused on meta before allocating
+_plan_case("plan_transform_blowup", lambda d: _transformed(d, {"op": "slice", "args": {"dim": 0, "stop": 3}, "inputs": [
+    {"op": "concat", "args": {"dim": 0}, "inputs": [_LEAF] * 99_990}]}), r"concat makes 1199880 elements from 12")  # fmt: skip
+_plan_case("plan_transform_leaf_forged", lambda d: _transformed(d, {"op": "transpose", "args": {}, "inputs": [
+    {**_LEAF, "shape": [4, 3]}]}), r"its transform input 'layer\.weight' is not in the checkpoint with that shape")  # fmt: skip
+_plan_case("plan_transform_wrong_shape", lambda d: _transformed(d, {"op": "transpose", "args": {}, "inputs": [_LEAF]}),
+           r"'layer\.weight' \(its transform gives \[4, 3\]\)")  # fmt: skip
+_plan_case("plan_transform_unknown_op", lambda d: _transformed(d, {"op": "system", "args": {}, "inputs": [_LEAF]}),
+           r"not a valid transform: unknown op")  # fmt: skip
+_plan_case("plan_transform_deep", lambda d: _transformed(d, _deep(_LEAF, 200)), r"nested deeper than 64 levels")
+
+
+def _deep(tree: dict[str, Any], n: int) -> dict[str, Any]:
+    for _ in range(n):
+        tree = {"op": "transpose", "args": {}, "inputs": [tree]}
+    return tree
+
+
 @case("plan_control_ok", "ok", "plan_ok.safetensors", "ok", mode="plan", options={"plan": "plan_ok.json"})
 def _(root: Path, c: Case) -> None:  # the same writer, unedited: proves the cases above fail for their one edit
     import torchgraft as tg

@@ -251,7 +251,8 @@ def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
         "ignore_missing": args.ignore_missing,
         "ignore_unexpected": args.ignore_unexpected,
     }
-    rules = {**(recipe_option(args.recipe, args.recipe_param) or {}), **(rules_option(getattr(args, "rules", [])) or {})}
+    recipe = recipe_option(getattr(args, "recipe", None), getattr(args, "recipe_param", []))
+    rules = {**(recipe or {}), **(rules_option(getattr(args, "rules", [])) or {})}
     if rules:
         options["rules"] = rules
     if args.align:
