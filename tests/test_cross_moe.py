@@ -275,3 +275,21 @@ def test_command_line_round_trip_is_bit_identical(per_expert_dir, tmp_path):
     original, written = load_file(str(per_expert_dir / "model.safetensors")), load_file(str(back / "model.safetensors"))
     assert sorted(written) == sorted(original)
     assert all(torch.equal(written[k], v) for k, v in original.items())
+
+
+def test_verify_names_the_experts_of_the_first_layer_when_gate_and_up_are_swapped(per_expert, per_expert_dir, ids):
+    if not hasattr(tg, "verify"):
+        pytest.skip("tg.verify (issue 14.6) is not in this tree")
+    right = stacked_model()
+    tg.load(right, per_expert_dir, rules=tg.recipe(RECIPE, num_experts=EXPERTS))
+    assert tg.verify(right, per_expert, ids).ok
+    rules = tg.recipe(RECIPE, num_experts=EXPERTS)
+    up = [f"model.layers.{{}}.block_sparse_moe.experts.{e}.w3.weight" for e in range(EXPERTS)]
+    gate = [f"model.layers.{{}}.block_sparse_moe.experts.{e}.w1.weight" for e in range(EXPERTS)]
+    rules["model.layers.{}.mlp.experts.gate_up_proj"] = tg.concat(tg.stack(*up), tg.stack(*gate), dim=1)
+    model = stacked_model()
+    tg.load(model, per_expert_dir, rules=rules)
+    result = tg.verify(model, per_expert, ids)
+    assert not result.ok and result.max_abs > 0.03
+    first = result.first_divergence
+    assert (first.model, first.reference) == ("model.layers.0.mlp", "model.layers.0.block_sparse_moe")

@@ -244,3 +244,21 @@ def test_the_registry_describes_the_recipe():
     assert r.params == () and "qkv" in r.source and "ViTModel" in r.target
     with pytest.raises(tg.PlanError, match="recipe 'timm-vit-to-hf-vit' takes no parameters, not heads"):
         tg.recipe("timm-vit-to-hf-vit", heads=4)
+
+
+def test_verify_tells_the_right_recipe_from_q_and_k_swapped(timm_model, timm_file, images):
+    """``tg.verify`` against the timm model's own forward: ok for the recipe, a large difference for the swap."""
+    if not hasattr(tg, "verify"):
+        pytest.skip("tg.verify (issue 14.6) is not in this tree")
+    wrong = tg.recipe("timm-vit-to-hf-vit")
+    del wrong["layers.{}.attention.{q,k,v}_proj.weight"]
+    wrong["layers.{}.attention.{k,q,v}_proj.weight"] = tg.split("blocks.{}.attn.qkv.weight", dim=0)
+    results = []
+    for rules in (tg.recipe("timm-vit-to-hf-vit"), wrong):
+        model = transformers.ViTForImageClassification(hf_config(num_labels=CLASSES)).eval()
+        tg.load(model, timm_file, rules=rules)
+        results.append(tg.verify(model, timm_model, images))
+    right, swapped = results
+    assert right.ok and right.max_abs < 1e-5 and right.first_divergence is None
+    assert not swapped.ok and swapped.max_abs > 0.1
+    assert swapped.first_divergence.model.startswith("vit.layers.0.attention.")  # the first layer, where q and k are
