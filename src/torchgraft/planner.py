@@ -209,7 +209,8 @@ def _rename(model: nn.Module, view: TargetView, src: Source, options: PlanOption
         raise PlanError(str(e)) from None
     expected = set(view.entries) | set(view.nonpersistent)
     renames = apply_rules(src.keys(), user_rules, is_expected=suffix_matcher(expected))
-    table_notes = _model_table_renames(model, renames, expected)
+    read = [_template_regex(k) for _, e in _transform_rules(options.rules) for k in e.sources()]
+    table_notes = _model_table_renames(model, renames, expected, read=lambda k: any(r.fullmatch(k) for r in read))
     live = {orig: new for orig, new in renames.mapping.items() if new is not None}
     pfx = resolve_prefix(set(live.values()), expected, option=options.prefix, declared=hf.base_model_prefix(model))
     draft = _Draft(renames, live, pfx)
@@ -244,6 +245,17 @@ def _template_regex(template: str) -> re.Pattern[str]:
     return re.compile(r"(\d+)".join(re.escape(part) for part in template.split("{}")))
 
 
+def _template_hit(regex: re.Pattern[str], name: str, pfx: Prefix) -> re.Match[str] | None:
+    """A model name matched by a transform rule's template, as it is or up to the resolved base-model prefix."""
+    if m := regex.fullmatch(name):
+        return m
+    if pfx.mode == "add" and name.startswith(pfx.prefix):  # a recipe for the base model, a model with a head
+        return regex.fullmatch(name[len(pfx.prefix) :])
+    if pfx.mode == "strip":  # a recipe in the checkpoint's prefixed names, the base model
+        return regex.fullmatch(pfx.prefix + name)
+    return None
+
+
 def _transform(draft: _Draft, view: TargetView, src: Source, options: PlanOptions) -> None:
     """Transform rules: model entries computed from checkpoint entries; shapes checked on meta, nothing read.
 
@@ -261,7 +273,7 @@ def _transform(draft: _Draft, view: TargetView, src: Source, options: PlanOption
     for label, expr in rules:
         template = label.split(" -> ")[-1]
         regex = _template_regex(template)
-        hits = [(name, m.groups()) for name in targets if (m := regex.fullmatch(name))]
+        hits = [(name, m.groups()) for name in targets if (m := _template_hit(regex, name, draft.prefix))]
         if not hits:
             draft.notes.append(f"transform rule {label!r} matches no entry of the model")
             continue
@@ -302,11 +314,13 @@ def _transform(draft: _Draft, view: TargetView, src: Source, options: PlanOption
     draft.unused[:] = [k for k in draft.unused if k not in used] + freed
 
 
-def _model_table_renames(model: nn.Module, renames: RenameResult, expected: set[str]) -> list[str]:
+def _model_table_renames(
+    model: nn.Module, renames: RenameResult, expected: set[str], *, read: Callable[[str], bool] = lambda k: False
+) -> list[str]:
     """Apply the model's own checkpoint conversion table (transformers) to names the rules left alone.
 
     Changes ``renames`` in place (reported like any rename); returns plan notes for names the table
-    would convert with a tensor operation, which a rename cannot do.
+    would convert with a tensor operation, which a rename cannot do, except those a transform rule reads (``read``).
     """
     names = {new: orig for orig, new in renames.mapping.items() if new is not None}
     table = hf.conversion_renames(model, names, expected)
@@ -316,7 +330,8 @@ def _model_table_renames(model: nn.Module, renames: RenameResult, expected: set[
         renames.reasons.setdefault(orig, []).append(table.reasons[new])
     by_operation: dict[str, list[str]] = defaultdict(list)
     for new, operation in table.unsupported.items():
-        by_operation[operation].append(names[new])
+        if not read(names[new]):
+            by_operation[operation].append(names[new])
     return [
         f"transformers converts {len(keys)} checkpoint entries of {type(model).__name__} with {operation} "
         f"({', '.join(collapse_keys(keys)[:3])}): torchgraft renames but does not yet run tensor conversions, "

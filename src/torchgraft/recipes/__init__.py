@@ -51,6 +51,8 @@ class Recipe:
 #: Recipe modules of this package, one line each.
 _MODULES: tuple[str, ...] = (
     "meta_llama_hf",
+    "timm_vit_hf",
+    "moe_experts",
 )
 
 
@@ -101,5 +103,5 @@ def recipe(name: str, /, **params: Any) -> dict[str, Any]:
         raise PlanError(f"recipe {name!r} needs {', '.join(missing)} (it takes {', '.join(r.params)})")
     accepted = inspect.signature(r.build).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()) and (unknown := sorted(set(params) - set(accepted))):
-        raise PlanError(f"recipe {name!r} takes {', '.join(accepted)}, not {', '.join(unknown)}")
+        raise PlanError(f"recipe {name!r} takes {', '.join(accepted) or 'no parameters'}, not {', '.join(unknown)}")
     return r.build(**params)
