@@ -502,3 +502,12 @@ def test_command_line_loads_the_shards_with_the_recipe(original, shards, tmp_pat
     written = load_file(tmp_path / "hf.safetensors")
     assert written.keys() == original.state_dict().keys()
     assert all(torch.equal(written[k], w) for k, w in original.state_dict().items())
+
+
+def test_alignment_alone_never_pairs_pieces_of_shards(shards):
+    """Each shard holds a piece of a tensor: alignment must not take a piece for a whole (it once paired
+    k_proj with shard 0's wq); it leaves them to the recipe, which the plan names."""
+    plan = tg.plan(hf_llama(1), shards, align=True)
+    assert plan.aligned == {} and plan.transformed == {}
+    assert "model.layers.0.self_attn.k_proj.weight" in plan.missing
+    assert any("meta-llama-to-hf-llama" in n for n in plan.notes)
