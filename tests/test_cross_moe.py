@@ -278,8 +278,6 @@ def test_command_line_round_trip_is_bit_identical(per_expert_dir, tmp_path):
 
 
 def test_verify_names_the_experts_of_the_first_layer_when_gate_and_up_are_swapped(per_expert, per_expert_dir, ids):
-    if not hasattr(tg, "verify"):
-        pytest.skip("tg.verify (issue 14.6) is not in this tree")
     right = stacked_model()
     tg.load(right, per_expert_dir, rules=tg.recipe(RECIPE, num_experts=EXPERTS))
     assert tg.verify(right, per_expert, ids).ok
