@@ -119,6 +119,70 @@ def test_concat_stack_same_and_their_pieces(parts, cols):
     _round_trip({f"s{i}": T.slice("x", start=rows[i], stop=rows[i + 1]) for i in range(len(parts))}, {"x": x})
 
 
+def _nested(draw, depth: int, shape: tuple[int, ...], dtypes, tensors: dict[str, torch.Tensor]):
+    """A random concat / stack tree giving ``shape`` (leaves are fresh tensors) and torch's own result for it."""
+    if depth == 0 or not shape or 0 in shape or draw(st.booleans()):
+        name = f"x{len(tensors)}"
+        tensors[name] = t = torch.randn(shape).to(draw(st.sampled_from(dtypes)))
+        leaf = T.transpose(name, dim0=0, dim1=-1) if len(shape) > 1 and draw(st.booleans()) else T.source(name)
+        if leaf.op:  # the leaf is stored transposed: the tree transposes it back
+            tensors[name] = t.transpose(0, -1).contiguous()
+        return leaf, t
+    dim = draw(st.integers(0, len(shape) - 1))
+    if draw(st.booleans()):  # stack along dim: children have shape without it
+        inner = shape[:dim] + shape[dim + 1 :]
+        kids = [_nested(draw, depth - 1, inner, dtypes, tensors) for _ in range(shape[dim])]
+        return T.stack(*(k[0] for k in kids), dim=dim), torch.stack([k[1] for k in kids], dim=dim)
+    cuts = sorted(draw(st.lists(st.integers(0, shape[dim]), min_size=1, max_size=3)))
+    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, shape[dim]], strict=True)]
+    kids = [_nested(draw, depth - 1, shape[:dim] + (n,) + shape[dim + 1 :], dtypes, tensors) for n in sizes]
+    return T.concat(*(k[0] for k in kids), dim=dim), torch.cat([k[1] for k in kids], dim=dim)
+
+
+@FAST
+@given(data=st.data(), shape=st.lists(st.integers(1, 3), min_size=1, max_size=3).map(tuple),
+       dtypes=st.sampled_from([(torch.float32,), (torch.float16, torch.float32), (torch.bfloat16, torch.int64)]))  # fmt: skip
+def test_nested_concats_and_stacks_are_written_into_one_result_bit_identical(data, shape, dtypes):
+    """A tree of concat / stack (per-expert weights into a fused gate_up) gives torch's result, dtype included."""
+    tensors: dict[str, torch.Tensor] = {}
+    expr, expected = _nested(data.draw, 3, shape, dtypes, tensors)
+    got = T.evaluate(expr, lambda leaf: tensors[leaf.source])
+    assert got.dtype == expected.dtype and got.shape == expected.shape and torch.equal(got, expected)
+    assert T.infer_shape(expr.map_sources(lambda leaf: T.Expr(
+        source=leaf.source, shape=tuple(tensors[leaf.source].shape),
+        dtype=str(tensors[leaf.source].dtype).removeprefix("torch.")))) == tuple(expected.shape)  # fmt: skip
+
+
+def test_a_concat_of_stacks_holds_no_inner_stack(monkeypatch):
+    """Mixtral's gate_up = concat(stack(w1 of each expert), stack(w3 of each expert), dim=1): one copy of each."""
+    w1 = {f"e{i}.w1": torch.randn(5, 3) for i in range(4)}
+    w3 = {f"e{i}.w3": torch.randn(5, 3) for i in range(4)}
+    expr = T.concat(T.stack(*w1), T.stack(*w3), dim=1)
+    expected = torch.cat([torch.stack(list(w1.values())), torch.stack(list(w3.values()))], dim=1)
+    run, made = T.OPS["stack"].run, []
+
+    def counted(inputs, **kwargs):
+        out = run(inputs, **kwargs)
+        if not out.is_meta:  # the result's shape is worked out on meta; a real stack is an intermediate
+            made.append(out.shape)
+        return out
+
+    monkeypatch.setitem(T.OPS, "stack", T.Op("stack", "merge", counted, T.OPS["stack"].args, T.OPS["stack"].invert))
+    got = T.evaluate(expr, lambda leaf: {**w1, **w3}[leaf.source])
+    assert torch.equal(got, expected) and made == []
+    assert torch.equal(T.evaluate(T.stack(*w1), lambda leaf: w1[leaf.source]), expected[:, :5]) and len(made) == 1
+
+
+def test_concat_skips_a_legacy_empty_input_like_torch():
+    xs = {"a": torch.randn(2, 3), "e": torch.empty(0), "b": torch.randn(1, 3)}
+    expr = T.concat(T.stack("a", dim=0), "e", T.stack("b", dim=0), dim=0)  # [1, 2, 3] + [0] + [1, 1, 3]?
+    with pytest.raises(PlanError, match="concat cannot apply to shapes"):
+        T.evaluate(expr, lambda leaf: xs[leaf.source])  # [1, 2, 3] and [1, 1, 3] differ in dim 1: torch says so
+    expr = T.concat(T.stack("a", "a"), "e", T.stack("a"), dim=0)
+    expected = torch.cat([torch.stack([xs["a"], xs["a"]]), xs["e"], torch.stack([xs["a"]])])
+    assert torch.equal(T.evaluate(expr, lambda leaf: xs[leaf.source]), expected)
+
+
 @FAST
 @given(heads=st.integers(1, 4), half=st.integers(1, 4), cols=st.sampled_from([(), (3,), (2, 2)]))
 def test_rope_permute_is_metas_permutation_and_inverts(heads, half, cols):
@@ -301,6 +365,24 @@ def test_a_fused_tensor_is_read_once_and_transformed_once(fused_file, monkeypatc
     assert len(transposes) == 2  # c_attn once for q, k, v; c_fc once
 
 
+def test_a_shared_result_is_held_only_until_its_last_piece_is_read(fused_file):
+    """The reader keeps transpose(c_attn.weight) for q, k and v, then lets it go; unshared results are never kept."""
+    from torchgraft.staging import EntryReader
+
+    _, path = fused_file
+    plan = tg.plan(Separate(), path, rules=RULES)
+    with tg.open(path) as src:
+        reader = EntryReader(plan.entries.values(), src)
+        held = []
+        for name in ("q.weight", "k.weight", "fc.weight", "v.weight"):
+            piece = reader.read(plan.entries[name])
+            alone = T.evaluate(T.Expr.from_dict(plan.entries[name].transform), lambda leaf: src[leaf.source].load())
+            assert torch.equal(piece, alone) and piece.is_contiguous()
+            held.append(sorted(str(x) for x in reader._cache))
+    shared = ["c_attn.weight", "transpose(c_attn.weight)"]
+    assert held == [shared, shared, shared, []]  # fc's transpose is read by fc alone: never held
+
+
 def test_plan_shows_transforms_round_trips_and_reverses(fused_file, tmp_path):
     source, path = fused_file
     model = Separate()
@@ -317,6 +399,33 @@ def test_plan_shows_transforms_round_trips_and_reverses(fused_file, tmp_path):
     result = tg.convert(model.state_dict(), tmp_path / "back.safetensors", plan=again, reverse=True)
     written = load_file(result.files[0])
     assert all(torch.equal(written[k], original[k]) for k in original) and sorted(written) == sorted(original)
+
+
+def test_convert_reverse_does_not_call_the_pieces_of_one_tensor_shared(tmp_path, capsys):
+    """Unstacked experts are views of the model's stacked tensor, replicated copies one tensor: the plan's doing."""
+    from torchgraft.cli import main
+
+    model = nn.Module()
+    model.experts = nn.Parameter(torch.zeros(3, 2, 2))
+    model.norm = nn.Parameter(torch.zeros(2))
+    norm = torch.randn(2)
+    checkpoint = {f"e{i}": torch.randn(2, 2) for i in range(3)} | {"s0.norm": norm, "s1.norm": norm.clone()}
+    plan = tg.plan(model, checkpoint, rules={"experts": tg.stack("e0", "e1", "e2"), "norm": tg.same("s0.norm", "s1.norm")})
+    tg.load(model, checkpoint, plan=plan, strict=True)
+    views = T.reverse(plan, model.state_dict())
+    assert views["e1"].untyped_storage().data_ptr() == model.experts.untyped_storage().data_ptr()  # shared indeed
+    result = tg.convert(model.state_dict(), tmp_path / "back.safetensors", plan=plan, reverse=True)
+    assert result.shared == {}
+    written = load_file(result.files[0])
+    assert sorted(written) == sorted(checkpoint) and all(torch.equal(written[k], v) for k, v in checkpoint.items())
+    plan.save(tmp_path / "plan.json")
+    save_file(dict(model.state_dict()), str(tmp_path / "model.safetensors"))
+    capsys.readouterr()
+    args = ["convert", str(tmp_path / "model.safetensors"), str(tmp_path / "cli.safetensors"), "--plan", str(tmp_path / "plan.json")]
+    assert main([*args, "--reverse"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "shared memory" not in out
+    assert torch.equal(load_file(str(tmp_path / "cli.safetensors"))["e2"], checkpoint["e2"])
 
 
 def test_shape_errors_come_at_plan_time_before_any_read(fused_file, monkeypatch):

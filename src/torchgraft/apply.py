@@ -49,6 +49,7 @@ from .sources import open as open_source
 from .sources.base import EXTRA_STATE
 from .staging import (
     UNWRITTEN,
+    EntryReader,
     ModuleGroups,
     count_nonfinite,
     initialise_entries,
@@ -56,7 +57,6 @@ from .staging import (
     nonfinite_error,
     retie,
     slot,
-    read_entry,
     stage_entry,
     strict_error,
     tie_groups,
@@ -375,14 +375,14 @@ def _stage(
         if current.is_meta or _final_dtype(current.dtype, dtype) != current.dtype:
             assign_modules.add(groups.module[name])
     staged: dict[str, torch.Tensor] = {}
-    cache: dict = {}  # tensors several entries read (a fused qkv), read and transformed once
+    reader = EntryReader(plan.entries.values(), src)  # a fused qkv read and transformed once for its pieces
     for name, e in plan.entries.items():
         if not e.loads:
             continue
         assert e.source is not None
         current = live[name]
         shape = e.shape if is_lazy(current) else tuple(current.shape)
-        tensor = stage_entry(name, e, read_entry(e, src, cache), shape=shape, source=src)
+        tensor = stage_entry(name, e, reader.read(e), shape=shape, source=src)
         if groups.module[name] in assign_modules:
             target_dtype = _final_dtype(current.dtype, dtype)
             target_device = materialise_on if current.is_meta else current.device

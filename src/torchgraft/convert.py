@@ -103,7 +103,9 @@ class ConvertResult:
         bytes: total tensor bytes written.
         dtype: the dtype floating-point tensors were cast to, or ``None``.
         metadata: the safetensors header metadata written to every file.
-        shared: names whose tensor shared memory with another name's; written as their own copy.
+        shared: names whose tensor shared memory with another name's; written as their own copy. With
+            ``reverse=True`` it is empty: names sharing memory there are the plan's own doing (the
+            pieces of one model tensor, such as unstacked experts; the copies of a replicated tensor).
         aliases: with ``dedupe_tied``: name left out -> the name it is identical to.
         skipped: non-tensor entries of the source that safetensors cannot hold (name -> type).
         removed: stale files of an earlier conversion to the same name, removed with ``force``.
@@ -208,10 +210,17 @@ def convert(
 
     try:
         with sigterm_as_interrupt():  # a kill -TERM removes the temporary files, as Ctrl-C does
-            return _convert(src, dest, out_dtype, shard_limit, force, dedupe_tied, metadata, progress)
+            result = _convert(src, dest, out_dtype, shard_limit, force, dedupe_tied, metadata, progress)
     finally:
         if opened_here:
             src.close()
+    if plan is not None:  # pieces of one model tensor, copies of a replicated one: shared by construction
+        result.shared = {}
+    return result
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr(), a.shape, a.stride(), a.dtype) == (b.data_ptr(), b.shape, b.stride(), b.dtype)
 
 
 def _convert(
@@ -357,8 +366,7 @@ def _sharing(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, str], dict[
         if owner == name:
             continue
         shared[name] = owner
-        o = tensors[owner]
-        if (o.data_ptr(), o.shape, o.stride(), o.dtype) == (t.data_ptr(), t.shape, t.stride(), t.dtype):
+        if _same_view(tensors[owner], t):
             aliases[name] = owner
     return aliases, shared
 

@@ -298,6 +298,12 @@ class Expr:
         for x in self.inputs:
             yield from x.leaves()
 
+    def nodes(self) -> Iterator[Expr]:
+        """Every subtree, this one first (a subtree used twice appears twice)."""
+        yield self
+        for x in self.inputs:
+            yield from x.nodes()
+
     def sources(self) -> list[str]:
         """The checkpoint entries this transform reads, in order, each once."""
         return list(dict.fromkeys(leaf.source for leaf in self.leaves() if leaf.source is not None))
@@ -587,11 +593,18 @@ def evaluate(
     expr: Expr,
     load: Callable[[Expr], torch.Tensor],
     cache: dict[Expr, torch.Tensor] | None = None,
+    *,
+    keep: Callable[[Expr], bool] | None = None,
 ) -> torch.Tensor:
     """The tensor ``expr`` computes; ``load(leaf)`` gives a checkpoint tensor. Subtrees in ``cache`` are reused.
 
     Pass one ``cache`` for a whole load: a fused ``qkv`` is read and transposed once, and its three
-    pieces are views of that one result.
+    pieces are views of that one result. ``keep(subtree)`` says which results go into ``cache``
+    (default: all of them); a load keeps only those another entry still needs.
+
+    A ``concat`` of ``stack``s (per-expert weights into one fused ``gate_up``), or any tree of the two,
+    is written straight into one result: each checkpoint tensor is copied once, no inner ``stack`` is
+    held on its own.
 
     Raises:
         PlanError: an op cannot apply to these shapes (``RuntimeError`` from torch, with the op named).
@@ -603,22 +616,81 @@ def evaluate(
         return hit
     if expr.source is not None:
         value = load(expr)
+    elif expr.op in _GATHER and any(x.op in _GATHER and x not in cache for x in expr.inputs):
+        value = _gather(expr, load, cache, keep)
     else:
-        inputs = [evaluate(x, load, cache) for x in expr.inputs]
-        try:
-            value = OPS[expr.op or ""].run(inputs, **expr.kwargs)
-        except PlanError as e:
-            raise PlanError(f"{expr}: {e}") from None
-        except _NotSame as e:
-            raise LoadError(
-                "Replicated copies differ:",
-                [f"{expr.inputs[e.index]} is not equal to {expr.inputs[0]} (same() takes one copy of equal tensors)"],
-            ) from None
-        except (RuntimeError, IndexError, TypeError, ValueError) as e:
-            shapes = ", ".join(str(list(t.shape)) for t in inputs)
-            raise PlanError(f"{expr.op} cannot apply to shapes {shapes}: {e}") from None
-    cache[expr] = value
+        value = _apply(expr, [evaluate(x, load, cache, keep=keep) for x in expr.inputs])
+    if keep is None or keep(expr):
+        cache[expr] = value
     return value
+
+
+def _apply(expr: Expr, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """One op on its input values; torch's errors named with the op and the shapes."""
+    try:
+        return OPS[expr.op or ""].run(inputs, **expr.kwargs)
+    except PlanError as e:
+        raise PlanError(f"{expr}: {e}") from None
+    except _NotSame as e:
+        raise LoadError(
+            "Replicated copies differ:",
+            [f"{expr.inputs[e.index]} is not equal to {expr.inputs[0]} (same() takes one copy of equal tensors)"],
+        ) from None
+    except (RuntimeError, IndexError, TypeError, ValueError) as e:
+        shapes = ", ".join(str(list(t.shape)) for t in inputs)
+        raise PlanError(f"{expr.op} cannot apply to shapes {shapes}: {e}") from None
+
+
+#: Ops whose nested trees are written into one result (:func:`_gather`), not op by op.
+_GATHER = frozenset({"concat", "stack"})
+
+
+def _gather(expr: Expr, load: Callable[[Expr], torch.Tensor], cache: dict, keep: Callable[[Expr], bool] | None):
+    """A tree of ``concat`` / ``stack`` nodes as one tensor, each other input copied once into its place.
+
+    The result's shape and dtype come from the same ops run on meta (torch's own shape checks and type
+    promotion); then every input is copied into its view of the result (``narrow`` for concat,
+    ``select`` for stack). Bit-identical to running the ops one by one, without their intermediates.
+    """
+    import torch
+
+    def collect(e: Expr):  # a gather node's children, other subtrees evaluated (each once, as usual)
+        if e.op in _GATHER and e not in cache:
+            return (e, [collect(x) for x in e.inputs])
+        return evaluate(e, load, cache, keep=keep)
+
+    def on_meta(tree) -> torch.Tensor:
+        if isinstance(tree, torch.Tensor):
+            return torch.empty_like(tree, device="meta")
+        e, children = tree
+        return _apply(e, [on_meta(c) for c in children])
+
+    def write(tree, out: torch.Tensor) -> None:
+        if isinstance(tree, torch.Tensor):
+            out.copy_(tree)
+            return
+        e, children = tree
+        dim = e.kwargs.get("dim", 0)
+        if e.op == "stack":
+            for i, c in enumerate(children):
+                write(c, out.select(dim, i))
+            return
+        start = 0
+        for c in children:
+            shape = on_meta(c).shape
+            if len(shape) == 1 and shape[0] == 0 and out.dim() > 1:
+                continue  # torch.cat skips a legacy empty [0] input of another rank
+            write(c, out.narrow(dim, start, shape[dim]))
+            start += shape[dim]
+
+    def first(tree) -> torch.Tensor:
+        return tree if isinstance(tree, torch.Tensor) else first(tree[1][0])
+
+    tree = collect(expr)
+    spec = on_meta(tree)
+    out = torch.empty(spec.shape, dtype=spec.dtype, device=first(tree).device)
+    write(tree, out)
+    return out
 
 
 # ---------------------------------------------------------------------------
