@@ -219,10 +219,6 @@ def convert(
     return result
 
 
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.data_ptr(), a.shape, a.stride(), a.dtype) == (b.data_ptr(), b.shape, b.stride(), b.dtype)
-
-
 def _convert(
     src: Source,
     dest: Path,
@@ -366,7 +362,8 @@ def _sharing(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, str], dict[
         if owner == name:
             continue
         shared[name] = owner
-        if _same_view(tensors[owner], t):
+        o = tensors[owner]
+        if (o.data_ptr(), o.shape, o.stride(), o.dtype) == (t.data_ptr(), t.shape, t.stride(), t.dtype):
             aliases[name] = owner
     return aliases, shared
 

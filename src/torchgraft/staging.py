@@ -118,12 +118,14 @@ class EntryReader:
         from .transforms import Expr
 
         self.source = source
-        self._exprs: dict[int, Expr] = {}
+        self._exprs: dict[int, tuple[Expr, set[Expr]]] = {}  # id(entry) -> its tree, its distinct subtrees
         uses: Counter = Counter()
         for e in entries:
             if e.loads and e.transform is not None:
-                expr = self._exprs[id(e)] = Expr.from_dict(e.transform)
-                uses.update(set(expr.nodes()))
+                expr = Expr.from_dict(e.transform)
+                nodes = set(expr.nodes())
+                self._exprs[id(e)] = expr, nodes
+                uses.update(nodes)
         self._left = {x: n for x, n in uses.items() if n > 1}  # shared subtrees -> readers still to come
         self._cache: dict = {}
 
@@ -138,9 +140,9 @@ class EntryReader:
             return self.source[entry.source].load()
         from .transforms import Expr, evaluate
 
-        expr = self._exprs.get(id(entry)) or Expr.from_dict(entry.transform)
+        expr, nodes = self._exprs.get(id(entry)) or (Expr.from_dict(entry.transform), set())
         value = evaluate(expr, lambda leaf: self.source[leaf.source].load(), self._cache, keep=self._left.__contains__)
-        for x in set(expr.nodes()) & self._left.keys():
+        for x in nodes & self._left.keys():
             self._left[x] -= 1
             if not self._left[x]:
                 del self._left[x]
